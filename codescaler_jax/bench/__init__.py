@@ -1,0 +1,1 @@
+"""Benchmarks: each runs our code and a reference side by side and writes JSON."""

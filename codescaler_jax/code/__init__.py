@@ -1,0 +1,1 @@
+"""Host-side code handling: fenced-block extraction, syntax validity, the execution sandbox."""

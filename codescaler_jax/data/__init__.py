@@ -1,0 +1,1 @@
+"""Problems, preference pairs, tokenization with the RM chat template, Grain pipelines."""

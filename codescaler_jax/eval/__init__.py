@@ -1,0 +1,1 @@
+"""Evaluation: pairwise accuracy, RM-Bench, Avg@k, best-of-N."""

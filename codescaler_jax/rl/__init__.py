@@ -1,0 +1,1 @@
+"""Reinforcement learning: sampler, rewards, GRPO advantages and policy loss."""

@@ -1,0 +1,1 @@
+"""Reward-model training (Bradley-Terry loss, train step) and reward shaping."""
