@@ -58,7 +58,9 @@ def load_tokenizer(name_or_path: str = BUNDLED_QWEN3):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     if not getattr(tok, "chat_template", None):
-        raise ValueError(f"tokenizer at {name_or_path!r} has no chat template; the RM input needs one")
+        raise ValueError(
+            f"tokenizer at {name_or_path!r} has no chat template (the RM input needs one)"
+        )
     return tok
 
 
@@ -93,7 +95,10 @@ def bucket_length(n: int, buckets: Sequence[int]) -> int:
 def pad_right(
     seqs: Sequence[Sequence[int]], length: int, pad_id: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Right-pad (and truncate) to ``length``: ``(input_ids [B, L] int32, attention_mask [B, L] int32)``."""
+    """Right-pad (and truncate) to ``length``.
+
+    Returns ``(input_ids [B, L] int32, attention_mask [B, L] int32)``.
+    """
     ids = np.full((len(seqs), length), pad_id, dtype=np.int32)
     mask = np.zeros((len(seqs), length), dtype=np.int32)
     for i, s in enumerate(seqs):

@@ -1,0 +1,112 @@
+"""Small behaviour-changing edits of a correct program ("mutants"), to make failing candidates.
+
+Mutations are applied to token spans found with Python's ``tokenize`` module, inside a given
+character range (the solution body), so everything else in the program keeps its exact
+formatting: a positive and its mutant differ only in the mutated token. Every mutant is
+syntactically valid (``ast.parse``); whether it really fails is for the sandbox to decide.
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import random
+import tokenize
+
+_OP_SWAPS = {
+    "<": ["<=", ">"],
+    "<=": ["<", ">="],
+    ">": [">=", "<"],
+    ">=": [">", "<="],
+    "==": ["!="],
+    "!=": ["=="],
+    "+": ["-"],
+    "-": ["+"],
+    "*": ["+", "//"],
+    "//": ["%", "*"],
+    "%": ["//"],
+    "+=": ["-="],
+    "-=": ["+="],
+}
+_NAME_SWAPS = {
+    "True": ["False"],
+    "False": ["True"],
+    "and": ["or"],
+    "or": ["and"],
+    "min": ["max"],
+    "max": ["min"],
+}
+
+
+def _edits(code: str, lo: int, hi: int) -> list[tuple[int, int, str]]:
+    """Candidate edits ``(start, end, replacement)`` on tokens inside ``[lo, hi)``."""
+    lines = code.splitlines(keepends=True)
+    offsets = [0]
+    for line in lines:
+        offsets.append(offsets[-1] + len(line))
+
+    def pos(rc: tuple[int, int]) -> int:
+        return offsets[rc[0] - 1] + rc[1]
+
+    out: list[tuple[int, int, str]] = []
+    try:
+        toks = list(tokenize.generate_tokens(io.StringIO(code).readline))
+    except (tokenize.TokenError, SyntaxError, IndentationError):
+        return out
+    for i, t in enumerate(toks):
+        s, e = pos(t.start), pos(t.end)
+        if s < lo or e > hi:
+            continue
+        if t.type == tokenize.OP and t.string in _OP_SWAPS:
+            out.extend((s, e, r) for r in _OP_SWAPS[t.string])
+        elif t.type == tokenize.NAME and t.string in _NAME_SWAPS:
+            out.extend((s, e, r) for r in _NAME_SWAPS[t.string])
+        elif t.type == tokenize.NAME and t.string == "not":
+            out.append((s, e + 1 if code[e : e + 1] == " " else e, ""))
+        elif t.type == tokenize.NUMBER and t.string.isdigit():
+            v = int(t.string)
+            out.append((s, e, str(v + 1)))
+            if v > 0:
+                out.append((s, e, str(v - 1)))
+        elif t.type == tokenize.NAME and t.string == "return":
+            # `return <expr>` -> `return None` when the expression sits on this line
+            nxt = toks[i + 1] if i + 1 < len(toks) else None
+            if nxt is not None and nxt.type not in (tokenize.NEWLINE, tokenize.COMMENT):
+                line_end = code.find("\n", e)
+                line_end = len(code) if line_end < 0 else line_end
+                if line_end <= hi and "\\" not in code[e:line_end]:
+                    out.append((e, line_end, " None"))
+    return out
+
+
+def _valid(code: str) -> bool:
+    try:
+        ast.parse(code)
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        return False
+    return True
+
+
+def make_mutants(
+    code: str, *, n: int, seed: int = 0, lo: int = 0, hi: int | None = None
+) -> list[str]:
+    """Up to ``n`` distinct, syntactically valid single-edit mutants of ``code``.
+
+    Only tokens inside the character range ``[lo, hi)`` are edited (e.g. the solution body,
+    not the signature and docstring). Deterministic for a given seed.
+    """
+    hi = len(code) if hi is None else hi
+    edits = _edits(code, lo, hi)
+    random.Random(seed).shuffle(edits)
+    seen = {code.strip()}
+    out: list[str] = []
+    for s, e, r in edits:
+        if len(out) >= n:
+            break
+        m = code[:s] + r + code[e:]
+        key = m.strip()
+        if key in seen or not _valid(m):
+            continue
+        seen.add(key)
+        out.append(m)
+    return out

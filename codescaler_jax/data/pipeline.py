@@ -1,0 +1,148 @@
+"""Grain input pipeline for RM training: tokenized pairs -> shuffled, bucketed, per-process batches.
+
+Pairs are tokenized once on the host (RM chat template, right truncation). The Grain pipeline
+then works on indices: shuffle with a seed (reshuffled each epoch), batch the *global* batch,
+and give each JAX process its own contiguous rows of every global batch, so processes read
+disjoint parts of the data and, together, all of it; the padded length (a bucket) is chosen
+from the whole global batch so that every process builds arrays of the same shape.
+Iterator state (``get_state`` / ``set_state``) is a small dict saved with each checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import grain
+import numpy as np
+from tqdm.auto import tqdm
+
+from codescaler_jax.data.pairs import Pair
+from codescaler_jax.data.tokenizer import bucket_length, encode_rm_inputs, pad_right
+
+
+@dataclasses.dataclass
+class TokenizedPairs:
+    """Token ids of each pair's chosen and rejected RM input (int32 arrays, ragged)."""
+
+    chosen: list[np.ndarray]
+    rejected: list[np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.chosen)
+
+    def lengths(self) -> np.ndarray:
+        """``[N]`` the longer side of each pair, in tokens."""
+        return np.array(
+            [max(len(c), len(r)) for c, r in zip(self.chosen, self.rejected)], dtype=np.int64
+        )
+
+
+def tokenize_pairs(
+    pairs: Sequence[Pair],
+    tokenizer,
+    max_length: int,
+    *,
+    chunk: int = 256,
+    progress: bool = True,
+) -> TokenizedPairs:
+    """Render and tokenize both sides of every pair (user=problem, assistant=code)."""
+    chosen: list[np.ndarray] = []
+    rejected: list[np.ndarray] = []
+    bar = tqdm(total=len(pairs), desc="tokenize", unit="pair", disable=not progress, leave=False)
+    for start in range(0, len(pairs), chunk):
+        part = pairs[start : start + chunk]
+        probs = [p.problem for p in part]
+        c = encode_rm_inputs(tokenizer, probs, [p.chosen for p in part], max_length)
+        r = encode_rm_inputs(tokenizer, probs, [p.rejected for p in part], max_length)
+        chosen.extend(np.asarray(x, np.int32) for x in c)
+        rejected.extend(np.asarray(x, np.int32) for x in r)
+        bar.update(len(part))
+    bar.close()
+    return TokenizedPairs(chosen, rejected)
+
+
+def make_buckets(max_length: int, smallest: int = 64) -> tuple[int, ...]:
+    """Power-of-two buckets from ``smallest`` up to ``max_length`` (which is always the last)."""
+    out = []
+    b = smallest
+    while b < max_length:
+        out.append(b)
+        b *= 2
+    out.append(max_length)
+    return tuple(out)
+
+
+class _Collate:
+    """Global batch of pair indices -> this process's padded arrays (module-level: picklable)."""
+
+    def __init__(self, data: TokenizedPairs, buckets, pad_id, process_index, process_count):
+        self.data = data
+        self.lengths = data.lengths()
+        self.buckets = tuple(sorted(buckets))
+        self.pad_id = pad_id
+        self.process_index = process_index
+        self.process_count = process_count
+
+    def __call__(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        idx = np.asarray(idx)
+        length = bucket_length(int(self.lengths[idx].max()), self.buckets)
+        per = len(idx) // self.process_count
+        mine = idx[self.process_index * per : (self.process_index + 1) * per]
+        c_ids, c_mask = pad_right([self.data.chosen[i] for i in mine], length, self.pad_id)
+        r_ids, r_mask = pad_right([self.data.rejected[i] for i in mine], length, self.pad_id)
+        return {
+            "chosen_ids": c_ids,
+            "chosen_mask": c_mask,
+            "rejected_ids": r_ids,
+            "rejected_mask": r_mask,
+            "index": mine.astype(np.int64),
+        }
+
+
+def pair_batches(
+    data: TokenizedPairs,
+    *,
+    global_batch_size: int,
+    buckets: Sequence[int],
+    pad_id: int,
+    seed: int,
+    num_epochs: int | None = 1,
+    shuffle: bool = True,
+    drop_remainder: bool = True,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.MapDataset:
+    """Grain ``MapDataset`` of this process's batches (global_batch_size / process_count rows).
+
+    Each element: ``chosen_ids, chosen_mask, rejected_ids, rejected_mask`` ``[b, L]`` int32 with
+    ``L`` the bucket of the longest pair in the global batch, and ``index [b]`` (pair indices).
+    """
+    if global_batch_size % process_count:
+        raise ValueError(
+            f"global_batch_size={global_batch_size} is not divisible by {process_count} processes"
+        )
+    if len(data) == 0:
+        raise ValueError("no pairs to batch")
+    ds = grain.MapDataset.range(len(data))
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    if num_epochs != 1:
+        ds = ds.repeat(num_epochs)
+    ds = ds.batch(global_batch_size, drop_remainder=drop_remainder, batch_fn=np.asarray)
+    return ds.map(_Collate(data, buckets, pad_id, process_index, process_count))
+
+
+def eval_batches(data: TokenizedPairs, *, batch_size: int, buckets, pad_id: int):
+    """Held-out batches in order, the last one padded with repeats and a ``weight`` of 0."""
+    n = len(data)
+    collate = _Collate(data, buckets, pad_id, 0, 1)
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, min(start + batch_size, n))
+        weight = np.ones(batch_size, np.float32)
+        if len(idx) < batch_size:
+            weight[len(idx) :] = 0.0
+            idx = np.concatenate([idx, np.full(batch_size - len(idx), idx[-1])])
+        batch = collate(idx)
+        batch["weight"] = weight
+        yield batch
