@@ -53,7 +53,7 @@ def environment() -> dict[str, Any]:
 
 
 def write_json(name: str, payload: dict[str, Any], out: str | os.PathLike | None = None) -> Path:
-    """Write ``payload`` and an ``environment`` block to ``out`` (default bench_results/NAME.json)."""
+    """Write ``payload`` plus an ``environment`` block to ``out`` (default: bench_results/)."""
     path = Path(out) if out else Path("bench_results") / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {"benchmark": name, "environment": environment(), **payload}
