@@ -40,8 +40,8 @@ def _reference(rewards, g, estimator, scale):
 
 
 def test_grpo_group_hand_values():
-    # Group [0, 1]: mean 0.5, unbiased std sqrt(0.5); A = +-0.5 / (0.70710678 + 1e-6) = +-0.70710578.
-    # Group [3, 1]: mean 2, unbiased std sqrt(2);    A = +-1 / (1.41421356 + 1e-6) = +-0.70710628.
+    # Group [0, 1]: mean 0.5, std sqrt(0.5); A = +-0.5 / (0.70710678 + 1e-6) = +-0.70710578.
+    # Group [3, 1]: mean 2, std sqrt(2);    A = +-1 / (1.41421356 + 1e-6) = +-0.70710628.
     adv = compute_advantages(jnp.array([0.0, 1.0, 3.0, 1.0]), num_generations=2)
     np.testing.assert_allclose(
         np.asarray(adv), [-0.70710578, 0.70710578, 0.70710628, -0.70710628], rtol=3e-7
