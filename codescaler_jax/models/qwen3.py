@@ -1,0 +1,675 @@
+"""Qwen3 decoder in Flax NNX, with a scalar reward head and a causal-LM head.
+
+The maths follows Hugging Face ``transformers``' Qwen3 (``modeling_qwen3.py``): token
+embedding; per layer RMSNorm -> attention (q/k/v projections, per-head RMSNorm on q and k
+*before* RoPE, grouped-query attention, causal + padding mask) -> residual -> RMSNorm ->
+SwiGLU MLP -> residual; final RMSNorm. No biases anywhere. Norms, softmax and RoPE run in
+float32 whatever the compute dtype.
+
+Two heads:
+
+- ``Qwen3RewardModel``: ``score`` Linear(hidden -> 1, no bias) read at the last real token
+  (right padding), = HF ``Qwen3ForSequenceClassification(num_labels=1)``.
+- ``Qwen3ForCausalLM``: ``lm_head`` (tied to the embedding or not), logits in float32.
+
+Positions are computed from the attention mask (``cumsum(mask) - 1``), so right-padded
+(reward model, training) and left-padded (sampler) batches both get positions 0, 1, ... on
+their real tokens.
+
+KV cache (for samplers; every function is pure and jittable with static shapes)::
+
+    cache = lm.init_cache(batch, max_len)        # KVCache: empty slots, index 0
+    # Prefill: a left-padded prompt [B, P]; mask 0 on the padding.
+    logits, cache = lm.decode(prompt_ids, prompt_mask, cache, last_only=True)   # [B, V]
+    # Steps: one token per row; mask 1 (or 0 for rows that are already finished).
+    logits, cache = lm.decode(tok[:, None], jnp.ones((B, 1), jnp.int32), cache, last_only=True)
+
+``decode`` writes a chunk of ``C`` tokens into slots ``[cache.index, cache.index + C)`` of
+every row and attends over all ``max_len`` slots with a mask (a slot is visible if it holds a
+real token and is not in the future), so shapes never change between steps. Each row keeps
+its own next RoPE position (``cache.next_pos``), so left padding costs nothing but slots.
+The caller keeps ``cache.index + C <= max_len`` (``dynamic_update_slice`` would clamp).
+``KVCache.logical_axes()`` gives its sharding (batch over data/fsdp, KV heads over tensor).
+
+For per-token log-probs (GRPO) use ``lm.hidden_states(...)`` then
+``lm.token_logprobs(hidden, targets, chunk_size=...)``, which never materialises more than
+``[B, chunk, V]`` logits (recomputed in the backward pass).
+
+Parameters carry logical axis names (``out_sharding`` metadata) that
+``codescaler_jax.models.sharding`` maps onto the mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from codescaler_jax.models.sharding import shard_activation
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+REMAT_POLICIES = (
+    "nothing_saveable",
+    "everything_saveable",
+    "dots_saveable",
+    "dots_with_no_batch_dims_saveable",
+)
+# HF config.json keys that carry no meaning for a dense, full-attention Qwen3 in JAX; any
+# other key we do not read draws a warning, and _HF_UNSUPPORTED_KEYS an error.
+_HF_IGNORED_KEYS = {
+    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "use_cache",
+    "initializer_range", "attention_dropout", "id2label", "label2id", "num_labels",
+    "problem_type", "_name_or_path", "bos_token_id", "max_window_layers", "sliding_window",
+    "output_attentions", "output_hidden_states", "return_dict", "tie_word_embeddings",
+    "classifier_dropout", "_attn_implementation_autoset", "keys_to_ignore_at_inference",
+    "pretraining_tp", "is_decoder", "chunk_size_feed_forward", "finetuning_task",
+    "tokenizer_class", "prefix", "sep_token_id", "decoder_start_token_id", "task_specific_params",
+}
+_HF_READ_KEYS = {
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "rope_theta", "rope_scaling", "rope_parameters",
+    "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings", "pad_token_id",
+    "eos_token_id", "bos_token_id", "use_sliding_window", "layer_types", "hidden_act",
+    "attention_bias",
+}
+_HF_UNSUPPORTED_KEYS = {
+    "quantization_config": "quantized checkpoints are not supported",
+    "auto_map": "custom remote code is not supported",
+}
+SUPPORTED_ARCHITECTURES = (
+    "Qwen3ForCausalLM",
+    "Qwen3ForSequenceClassification",
+    "Qwen3ForTokenClassification",
+    "Qwen3Model",
+)
+_NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: fully masked rows stay NaN-free
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen3Config:
+    """Qwen3 architecture plus our compute knobs.
+
+    Attributes:
+        vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
+        num_key_value_heads, head_dim, rope_theta, rms_norm_eps, max_position_embeddings,
+        tie_word_embeddings, pad_token_id, eos_token_id, bos_token_id: as in HF config.json.
+        param_dtype: storage dtype of the parameters, "float32" or "bfloat16".
+        dtype: compute dtype of matmuls and activations ("float32" or "bfloat16"); norms,
+            softmax and RoPE always run in float32, logits and scores are returned in float32.
+        remat: rematerialise each decoder layer in the backward pass: False, True (recompute
+            everything) or a ``jax.checkpoint_policies`` name from ``REMAT_POLICIES``.
+    """
+
+    vocab_size: int = 151936
+    hidden_size: int = 1024
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 8
+    head_dim: int = 128
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 40960
+    tie_word_embeddings: bool = True
+    pad_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    bos_token_id: int | None = None
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+    remat: bool | str = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.eos_token_id, list):
+            # Hashable: the config is static data of the NNX graph (jit cache key).
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        for name in ("param_dtype", "dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(
+                    f"Qwen3Config.{name}={getattr(self, name)!r}; use one of {list(DTYPES)}"
+                )
+        if not (isinstance(self.remat, bool) or self.remat in REMAT_POLICIES):
+            raise ValueError(
+                f"Qwen3Config.remat={self.remat!r}; use a bool or one of {REMAT_POLICIES}"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+
+    # ---- named sizes (numbers from the Qwen/Qwen3-* config.json files) -------------------
+    @classmethod
+    def tiny(cls, **overrides: Any) -> Qwen3Config:
+        """A few-hundred-thousand-parameter config for CPU tests (GQA, untied head)."""
+        base = dict(
+            vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=10000.0,
+            max_position_embeddings=512, tie_word_embeddings=False, pad_token_id=0,
+            eos_token_id=1,
+        )
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def _qwen3(cls, **kw: Any) -> Qwen3Config:
+        base = dict(
+            vocab_size=151936, num_key_value_heads=8, head_dim=128, rope_theta=1_000_000.0,
+            rms_norm_eps=1e-6, max_position_embeddings=40960, bos_token_id=151643,
+            eos_token_id=151645, pad_token_id=151643,  # the Qwen3 tokenizer's pad token
+        )
+        return cls(**{**base, **kw})
+
+    @classmethod
+    def qwen3_0_6b(cls, **overrides: Any) -> Qwen3Config:
+        return cls._qwen3(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                          num_attention_heads=16, tie_word_embeddings=True, **overrides)
+
+    @classmethod
+    def qwen3_1_7b(cls, **overrides: Any) -> Qwen3Config:
+        return cls._qwen3(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                          num_attention_heads=16, tie_word_embeddings=True, **overrides)
+
+    @classmethod
+    def qwen3_4b(cls, **overrides: Any) -> Qwen3Config:
+        return cls._qwen3(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                          num_attention_heads=32, tie_word_embeddings=True, **overrides)
+
+    @classmethod
+    def qwen3_8b(cls, **overrides: Any) -> Qwen3Config:
+        return cls._qwen3(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                          num_attention_heads=32, tie_word_embeddings=False, **overrides)
+
+    # ---- Hugging Face config.json ---------------------------------------------------------
+    @classmethod
+    def from_hf(cls, config: dict[str, Any] | str | os.PathLike, **overrides: Any) -> Qwen3Config:
+        """Read an HF ``config.json`` (a dict, the file, or its directory).
+
+        Raises ``ValueError`` naming the key for what this implementation does not support:
+        non-Qwen3 architectures, sliding-window attention, non-default RoPE scaling, attention
+        biases, activations other than SiLU.
+        """
+        if not isinstance(config, dict):
+            path = os.fspath(config)
+            if os.path.isdir(path):
+                path = os.path.join(path, "config.json")
+            with open(path) as f:
+                config = json.load(f)
+        c = dict(config)
+        if c.get("model_type") != "qwen3":
+            raise ValueError(
+                f"config.json model_type={c.get('model_type')!r}: only 'qwen3' is supported"
+            )
+        for arch in c.get("architectures") or []:
+            if arch not in SUPPORTED_ARCHITECTURES:
+                raise ValueError(
+                    f"config.json architectures: {arch!r} is not supported (use one of "
+                    f"{SUPPORTED_ARCHITECTURES})"
+                )
+        for key, why in _HF_UNSUPPORTED_KEYS.items():
+            if key in c:
+                raise ValueError(f"config.json key {key!r}: {why}")
+        unknown = set(c) - _HF_READ_KEYS - _HF_IGNORED_KEYS
+        if unknown:
+            warnings.warn(f"config.json: ignoring unknown keys {sorted(unknown)}", stacklevel=2)
+        if c.get("use_sliding_window"):
+            raise ValueError(
+                "config.json use_sliding_window=true: sliding-window attention is not supported"
+            )
+        layer_types = c.get("layer_types")
+        if layer_types and any(t != "full_attention" for t in layer_types):
+            raise ValueError(
+                f"config.json layer_types={layer_types}: only 'full_attention' is supported"
+            )
+        if c.get("hidden_act", "silu") != "silu":
+            raise ValueError(
+                f"config.json hidden_act={c['hidden_act']!r}: only 'silu' is supported"
+            )
+        if c.get("attention_bias", False):
+            raise ValueError("config.json attention_bias=true: Qwen3 attention has no biases here")
+        rope_theta = c.get("rope_theta", 10000.0)
+        for key in ("rope_scaling", "rope_parameters"):
+            rope = c.get(key)
+            if rope is None:
+                continue
+            kind = rope.get("rope_type", rope.get("type", "default"))
+            if kind != "default":
+                raise ValueError(
+                    f"config.json {key}: rope type {kind!r} is not supported (only 'default')"
+                )
+            extra = set(rope) - {"rope_type", "type", "rope_theta"}
+            if extra:
+                raise ValueError(f"config.json {key}: unsupported keys {sorted(extra)}")
+            rope_theta = rope.get("rope_theta", rope_theta)
+        n_heads = c["num_attention_heads"]
+        kw = dict(
+            vocab_size=c["vocab_size"],
+            hidden_size=c["hidden_size"],
+            intermediate_size=c["intermediate_size"],
+            num_hidden_layers=c["num_hidden_layers"],
+            num_attention_heads=n_heads,
+            num_key_value_heads=c.get("num_key_value_heads") or n_heads,
+            head_dim=c.get("head_dim") or c["hidden_size"] // n_heads,
+            rope_theta=float(rope_theta),
+            rms_norm_eps=c.get("rms_norm_eps", 1e-6),
+            max_position_embeddings=c.get("max_position_embeddings", 32768),
+            tie_word_embeddings=c.get("tie_word_embeddings", False),
+            pad_token_id=c.get("pad_token_id"),
+            eos_token_id=c.get("eos_token_id"),
+            bos_token_id=c.get("bos_token_id"),
+        )
+        kw.update(overrides)
+        return cls(**kw)
+
+    def to_hf_dict(self, architecture: str = "Qwen3ForCausalLM") -> dict[str, Any]:
+        """An HF ``config.json`` dict that ``transformers`` loads as ``architecture``."""
+        if architecture not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(f"architecture {architecture!r} not in {SUPPORTED_ARCHITECTURES}")
+        eos = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
+        d: dict[str, Any] = {
+            "architectures": [architecture],
+            "model_type": "qwen3",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "use_sliding_window": False,
+            "sliding_window": None,
+            "max_window_layers": self.num_hidden_layers,
+            "layer_types": ["full_attention"] * self.num_hidden_layers,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "initializer_range": 0.02,
+            "use_cache": True,
+            "pad_token_id": self.pad_token_id,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": eos,
+            "dtype": self.param_dtype,
+        }
+        if architecture in ("Qwen3ForSequenceClassification", "Qwen3ForTokenClassification"):
+            d["id2label"] = {"0": "LABEL_0"}
+            d["label2id"] = {"LABEL_0": 0}
+        return d
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(DTYPES[self.dtype])
+
+    @property
+    def weight_dtype(self) -> jnp.dtype:
+        return jnp.dtype(DTYPES[self.param_dtype])
+
+
+# ---- building blocks ------------------------------------------------------------------------
+
+_init_normal = nnx.initializers.normal(0.02)  # HF initializer_range
+
+
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype: Any,
+           init: Any = _init_normal) -> nnx.Param:
+    # eager_sharding=False: the logical names are mapped to the mesh by models.sharding, not
+    # by Flax at construction time (which would demand an active mesh).
+    return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes, eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+    """``weight * x / sqrt(mean(x^2) + eps)``, statistics in float32 (as HF Qwen3RMSNorm)."""
+
+    def __init__(self, dim: int, eps: float, axis: str, dtype: Any):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype), out_sharding=(axis,), eager_sharding=False)
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``[..., dim] -> [..., dim]`` in ``x.dtype``."""
+        x32 = x.astype(jnp.float32)
+        var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+        y = (x32 * jax.lax.rsqrt(var + self.eps)).astype(x.dtype)
+        return self.weight[...].astype(x.dtype) * y
+
+
+class Linear(nnx.Module):
+    """Bias-free projection with a (possibly multi-dimensional) ``kernel[in..., out...]``."""
+
+    def __init__(self, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype: Any, *,
+                 rngs: nnx.Rngs):
+        self.kernel = _param(rngs, shape, axes, dtype)
+
+
+class Embed(nnx.Module):
+    """Token embedding table ``embedding[vocab, hidden]``."""
+
+    def __init__(self, vocab: int, hidden: int, dtype: Any, *, rngs: nnx.Rngs):
+        self.embedding = _param(rngs, (vocab, hidden), ("vocab", "embed"), dtype)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        """``ids [B, T]`` -> ``[B, T, hidden]`` in the parameter dtype."""
+        return jnp.take(self.embedding[...], ids, axis=0)
+
+
+def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """RoPE cos/sin ``[batch, seq, head_dim]`` (float32) for integer ``positions [batch, seq]``."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate ``x [batch, seq, heads, head_dim]`` by the tables (HF "rotate_half" layout)."""
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    out = x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return out.astype(x.dtype)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query softmax attention.
+
+    Args:
+        q: ``[batch, q_len, heads, head_dim]``.
+        k, v: ``[batch, kv_len, kv_heads, head_dim]``; query head ``h`` reads KV head
+            ``h // (heads // kv_heads)`` (HF ``repeat_kv`` order).
+        mask: ``[batch, q_len, kv_len]`` bool, True where the query may attend.
+
+    Returns:
+        ``[batch, q_len, heads, head_dim]`` in ``q.dtype``.
+    """
+    b, t, n, d = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, t, kv, n // kv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (d ** -0.5)
+    scores = jnp.where(mask[:, None, None, :, :], scores, _NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, n, d)
+
+
+class Attention(nnx.Module):
+    """Qwen3 self-attention: q/k/v projections, q/k RMSNorm, RoPE, GQA, output projection."""
+
+    def __init__(self, cfg: Qwen3Config, *, rngs: nnx.Rngs):
+        h, n, k, d, pdt = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+                           cfg.head_dim, cfg.weight_dtype)
+        self.q_proj = Linear((h, n, d), ("embed", "heads", "head_dim"), pdt, rngs=rngs)
+        self.k_proj = Linear((h, k, d), ("embed", "kv_heads", "head_dim"), pdt, rngs=rngs)
+        self.v_proj = Linear((h, k, d), ("embed", "kv_heads", "head_dim"), pdt, rngs=rngs)
+        self.o_proj = Linear((n, d, h), ("heads", "head_dim", "embed"), pdt, rngs=rngs)
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps, "head_dim", pdt)
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps, "head_dim", pdt)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+                 kv_cache: tuple[jax.Array, jax.Array] | None = None,
+                 index: jax.Array | None = None):
+        """``x [B, T, H]`` -> ``([B, T, H], (k, v))``.
+
+        Without ``kv_cache`` the keys/values are this chunk's (``mask [B, T, T]``); with it
+        they are written at slot ``index`` of ``kv_cache`` (``[B, S, K, D]`` each) and the
+        attention runs over all ``S`` slots (``mask [B, T, S]``).
+        """
+        dt = x.dtype
+        q = jnp.einsum("bth,hnd->btnd", x, self.q_proj.kernel[...].astype(dt))
+        k = jnp.einsum("bth,hkd->btkd", x, self.k_proj.kernel[...].astype(dt))
+        v = jnp.einsum("bth,hkd->btkd", x, self.v_proj.kernel[...].astype(dt))
+        q = apply_rope(self.q_norm(q), cos, sin)
+        k = apply_rope(self.k_norm(k), cos, sin)
+        q = shard_activation(q, ("batch", "seq", "heads", "head_dim"))
+        if kv_cache is not None:
+            ck, cv = kv_cache
+            k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
+            v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
+        k = shard_activation(k, ("batch", "seq", "kv_heads", "head_dim"))
+        v = shard_activation(v, ("batch", "seq", "kv_heads", "head_dim"))
+        out = attention(q, k.astype(dt), v.astype(dt), mask)
+        y = jnp.einsum("btnd,ndh->bth", out, self.o_proj.kernel[...].astype(dt))
+        return y, (k, v)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, cfg: Qwen3Config, *, rngs: nnx.Rngs):
+        h, i, pdt = cfg.hidden_size, cfg.intermediate_size, cfg.weight_dtype
+        self.gate_proj = Linear((h, i), ("embed", "mlp"), pdt, rngs=rngs)
+        self.up_proj = Linear((h, i), ("embed", "mlp"), pdt, rngs=rngs)
+        self.down_proj = Linear((i, h), ("mlp", "embed"), pdt, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``[B, T, H] -> [B, T, H]``."""
+        dt = x.dtype
+        gate = x @ self.gate_proj.kernel[...].astype(dt)
+        up = x @ self.up_proj.kernel[...].astype(dt)
+        hidden = shard_activation(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))
+        return hidden @ self.down_proj.kernel[...].astype(dt)
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm residual block: attention then MLP."""
+
+    def __init__(self, cfg: Qwen3Config, *, rngs: nnx.Rngs):
+        pdt = cfg.weight_dtype
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "norm", pdt)
+        self.self_attn = Attention(cfg, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "norm", pdt)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x, cos, sin, mask, kv_cache=None, index=None):
+        """``x [B, T, H]`` -> ``([B, T, H], (k, v))``; see ``Attention``."""
+        attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, index)
+        x = x + attn
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return shard_activation(x, ("batch", "seq", "act_embed")), kv
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Static-shape KV cache (a pytree).
+
+    Attributes:
+        k, v: one ``[batch, max_len, kv_heads, head_dim]`` array per layer.
+        mask: ``[batch, max_len]`` bool, True where a slot holds a real token.
+        next_pos: ``[batch]`` int32, RoPE position of each row's next real token.
+        index: ``[]`` int32, the next slot to write (shared by all rows).
+    """
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+    mask: jax.Array
+    next_pos: jax.Array
+    index: jax.Array
+
+    def logical_axes(self) -> KVCache:
+        """The same tree with logical axis names in place of arrays (for ``tree_shardings``)."""
+        kv = ("batch", "cache_seq", "kv_heads", "head_dim")
+        return KVCache(k=tuple(kv for _ in self.k), v=tuple(kv for _ in self.v),
+                       mask=("batch", "cache_seq"), next_pos=("batch",), index=())
+
+
+class Qwen3Model(nnx.Module):
+    """Embedding, decoder layers and final norm: ``input_ids -> hidden states``."""
+
+    def __init__(self, cfg: Qwen3Config, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, cfg.weight_dtype, rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "norm", cfg.weight_dtype)
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array,
+                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+        """Final-normed hidden states.
+
+        Args:
+            input_ids: ``[B, T]`` int.
+            attention_mask: ``[B, T]`` int/bool, 1 on real tokens (padding left or right).
+            cache: if given, the ``T`` tokens continue it (see the module docstring).
+
+        Returns:
+            ``(hidden [B, T, H] in the compute dtype, updated cache or None)``.
+        """
+        cfg = self.cfg
+        dt = cfg.compute_dtype
+        valid = attention_mask.astype(bool)
+        t = input_ids.shape[1]
+        steps = jnp.cumsum(valid.astype(jnp.int32), axis=-1) - 1
+        if cache is None:
+            positions = jnp.maximum(steps, 0)
+            causal = jnp.tril(jnp.ones((t, t), bool))
+            mask = causal[None] & valid[:, None, :]
+        else:
+            positions = jnp.maximum(cache.next_pos[:, None] + steps, 0)
+            kv_valid = jax.lax.dynamic_update_slice(cache.mask, valid, (0, cache.index))
+            q_slot = cache.index + jnp.arange(t)
+            k_slot = jnp.arange(cache.mask.shape[1])
+            mask = (k_slot[None, None, :] <= q_slot[None, :, None]) & kv_valid[:, None, :]
+        cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+
+        x = self.embed_tokens(input_ids).astype(dt)
+        x = shard_activation(x, ("batch", "seq", "act_embed"))
+        new_k, new_v = [], []
+        if cache is None and cfg.remat:
+            policy = None if cfg.remat is True else getattr(jax.checkpoint_policies, cfg.remat)
+
+            def run(layer: DecoderLayer, x: jax.Array) -> jax.Array:
+                return layer(x, cos, sin, mask)[0]
+
+            run_remat = nnx.remat(run, policy=policy)
+            for layer in self.layers:
+                x = run_remat(layer, x)
+        else:
+            for i, layer in enumerate(self.layers):
+                kv = None if cache is None else (cache.k[i], cache.v[i])
+                x, (k, v) = layer(x, cos, sin, mask, kv, None if cache is None else cache.index)
+                new_k.append(k)
+                new_v.append(v)
+        x = self.norm(x)
+        if cache is None:
+            return x, None
+        new_cache = KVCache(
+            k=tuple(new_k), v=tuple(new_v), mask=kv_valid,
+            next_pos=cache.next_pos + valid.sum(-1, dtype=jnp.int32), index=cache.index + t,
+        )
+        return x, new_cache
+
+
+def last_token_index(attention_mask: jax.Array) -> jax.Array:
+    """Index of the rightmost real token per row, ``[B, T] -> [B]`` (0 for an empty row)."""
+    t = attention_mask.shape[-1]
+    return jnp.argmax(jnp.arange(t)[None, :] * attention_mask.astype(jnp.int32), axis=-1)
+
+
+class Qwen3RewardModel(nnx.Module):
+    """Qwen3 decoder + scalar ``score`` head (HF ``Qwen3ForSequenceClassification``, 1 label)."""
+
+    def __init__(self, cfg: Qwen3Config, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.model = Qwen3Model(cfg, rngs=rngs)
+        self.score = Linear((cfg.hidden_size, 1), ("embed", "classes"), cfg.weight_dtype, rngs=rngs)
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        """Scores ``[B]`` float32 for ``input_ids [B, T]``, read at the last real token.
+
+        ``attention_mask [B, T]`` marks the real tokens (right padding, as for HF pooling at
+        the rightmost non-pad token).
+        """
+        hidden, _ = self.model(input_ids, attention_mask)
+        last = last_token_index(attention_mask)
+        pooled = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]  # [B, H]
+        kernel = self.score.kernel[...].astype(pooled.dtype)
+        return jnp.matmul(pooled, kernel, preferred_element_type=jnp.float32)[:, 0]
+
+
+class Qwen3ForCausalLM(nnx.Module):
+    """Qwen3 decoder + language-model head (tied to the embedding per config)."""
+
+    def __init__(self, cfg: Qwen3Config, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.model = Qwen3Model(cfg, rngs=rngs)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = Linear((cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
+                                  cfg.weight_dtype, rngs=rngs)
+
+    def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        """Final-normed hidden states ``[B, T, H]`` (compute dtype) for ``[B, T]`` inputs."""
+        return self.model(input_ids, attention_mask)[0]
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """``hidden [..., H] -> logits [..., V]`` in float32."""
+        dt = hidden.dtype
+        if self.cfg.tie_word_embeddings:
+            w = self.model.embed_tokens.embedding[...].astype(dt)
+            return jnp.einsum("...h,vh->...v", hidden, w, preferred_element_type=jnp.float32)
+        w = self.lm_head.kernel[...].astype(dt)
+        return jnp.einsum("...h,hv->...v", hidden, w, preferred_element_type=jnp.float32)
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        """Logits ``[B, T, V]`` float32 for ``input_ids [B, T]`` (padding left or right)."""
+        return self.logits(self.hidden_states(input_ids, attention_mask))
+
+    def token_logprobs(self, hidden: jax.Array, targets: jax.Array,
+                       chunk_size: int | None = None) -> jax.Array:
+        """``log p(targets)`` ``[B, T]`` float32 from ``hidden [B, T, H]``, ``targets [B, T]``.
+
+        With ``chunk_size`` the sequence is processed ``chunk_size`` positions at a time and
+        each chunk's logits are recomputed in the backward pass, so at most ``[B, chunk, V]``
+        logits exist at once.
+        """
+
+        def chunk_logprobs(h: jax.Array, tgt: jax.Array) -> jax.Array:
+            logits = self.logits(h)
+            picked = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
+            return picked - jax.nn.logsumexp(logits, axis=-1)
+
+        b, t, _ = hidden.shape
+        if chunk_size is None or chunk_size >= t:
+            return chunk_logprobs(hidden, targets)
+        pad = (-t) % chunk_size
+        h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        tgt = jnp.pad(targets, ((0, 0), (0, pad)))
+        n = (t + pad) // chunk_size
+        h = h.reshape(b, n, chunk_size, -1).swapaxes(0, 1)
+        tgt = tgt.reshape(b, n, chunk_size).swapaxes(0, 1)
+        out = jax.lax.map(lambda xs: jax.checkpoint(chunk_logprobs)(*xs), (h, tgt))
+        return out.swapaxes(0, 1).reshape(b, t + pad)[:, :t]
+
+    def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> KVCache:
+        """An empty cache for ``batch`` rows of up to ``max_len`` tokens (default compute dtype)."""
+        cfg = self.cfg
+        dtype = cfg.compute_dtype if dtype is None else jnp.dtype(dtype)
+        shape = (batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+        layers = range(cfg.num_hidden_layers)
+        return KVCache(
+            k=tuple(jnp.zeros(shape, dtype) for _ in layers),
+            v=tuple(jnp.zeros(shape, dtype) for _ in layers),
+            mask=jnp.zeros((batch, max_len), bool),
+            next_pos=jnp.zeros((batch,), jnp.int32),
+            index=jnp.zeros((), jnp.int32),
+        )
+
+    def decode(self, input_ids: jax.Array, attention_mask: jax.Array, cache: KVCache, *,
+               last_only: bool = False) -> tuple[jax.Array, KVCache]:
+        """Run a chunk ``[B, C]`` against ``cache``: a (left-padded) prefill or a 1-token step.
+
+        Returns:
+            ``(logits, new_cache)``: logits ``[B, C, V]`` float32, or ``[B, V]`` for the last
+            chunk position when ``last_only`` (the next-token distribution after a prefill).
+        """
+        hidden, cache = self.model(input_ids, attention_mask, cache)
+        if last_only:
+            hidden = hidden[:, -1]
+        return self.logits(hidden), cache
