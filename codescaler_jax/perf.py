@@ -54,13 +54,25 @@ def train_flops_per_token(
 
 
 def measure_matmul_peak(
-    dtype=jnp.float32, n: int = 2048, repeat: int = 5, device: jax.Device | None = None
+    dtype=jnp.float32, n: int = 2048, repeat: int = 5, devices: list | None = None
 ) -> float:
-    """FLOP/s of the best of ``repeat`` jitted ``[n, n] @ [n, n]`` matmuls on ``device``."""
-    device = device or jax.devices()[0]
+    """Aggregate FLOP/s of the best of ``repeat`` jitted matmuls over ``devices`` (default all).
+
+    Each device multiplies its own ``[n, n]`` block by a replicated ``[n, n]`` matrix, so the
+    figure is the peak of the devices *together*: on fake CPU devices that share cores it is
+    the cores' peak, not the device count times one device's.
+    """
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    devices = list(devices or jax.devices())
+    d = len(devices)
+    mesh = Mesh(np.asarray(devices), ("d",))
     k1, k2 = jax.random.split(jax.random.key(0))
-    a = jax.device_put(jax.random.normal(k1, (n, n), dtype), device)
-    b = jax.device_put(jax.random.normal(k2, (n, n), dtype), device)
+    a = jax.device_put(
+        jax.random.normal(k1, (d * n, n), dtype), NamedSharding(mesh, PartitionSpec("d"))
+    )
+    b = jax.device_put(jax.random.normal(k2, (n, n), dtype), NamedSharding(mesh, PartitionSpec()))
     f = jax.jit(lambda x, y: x @ y)
     f(a, b).block_until_ready()
     best = float("inf")
@@ -68,4 +80,4 @@ def measure_matmul_peak(
         t0 = time.perf_counter()
         f(a, b).block_until_ready()
         best = min(best, time.perf_counter() - t0)
-    return 2.0 * n**3 / best
+    return 2.0 * d * n**3 / best

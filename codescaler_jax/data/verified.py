@@ -1,0 +1,83 @@
+"""Verified preference data: run candidate solutions in the sandbox, label pass/fail, pair them.
+
+A candidate passes when it passes *all* of its problem's tests; it fails when any test fails
+(the reference's labels). The embedded default builds candidates from the bundled HumanEval
+problems: the canonical solution, and mutants of it (single-token edits of the body).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from codescaler_jax.data.mutants import make_mutants
+from codescaler_jax.data.pairs import Candidate, Pair, PairStats, build_pairs
+from codescaler_jax.data.problems import Problem
+
+log = logging.getLogger("codescaler_jax")
+
+
+def label_candidates(
+    problems: Sequence[Problem],
+    codes: Sequence[Sequence[str]],
+    *,
+    workers: int = 2,
+    time_limit_s: float = 5.0,
+    progress: bool = True,
+) -> list[Candidate]:
+    """Run ``codes[i]`` (candidates of ``problems[i]``) against that problem's tests."""
+    from codescaler_jax.code.sandbox import Sandbox, SandboxConfig, tests_from_record
+
+    items, owners = [], []
+    for prob, cands in zip(problems, codes, strict=True):
+        tests = tests_from_record(prob.tests)
+        for code in cands:
+            items.append((code, tests))
+            owners.append((prob, code))
+    cfg = SandboxConfig(time_limit_s=time_limit_s, workers=workers, stop_on_first_failure=True)
+    with Sandbox(cfg) as sandbox:
+        results = sandbox.run_many(items, progress=progress)
+    return [
+        Candidate(prob.problem_id, prob.prompt, code, bool(res.passed))
+        for (prob, code), res in zip(owners, results, strict=True)
+    ]
+
+
+def humaneval_candidates(
+    problems: Sequence[Problem], *, mutants_per_problem: int, seed: int = 0
+) -> list[list[str]]:
+    """Per problem: the reference solution followed by up to ``mutants_per_problem`` mutants
+    edited only inside the body (the signature and docstring stay as given)."""
+    out = []
+    for i, p in enumerate(problems):
+        if p.solution is None:
+            raise ValueError(f"problem {p.problem_id} has no reference solution to mutate")
+        lo = len(p.stub) if p.solution.startswith(p.stub) else 0
+        out.append(
+            [p.solution] + make_mutants(p.solution, n=mutants_per_problem, seed=seed + i, lo=lo)
+        )
+    return out
+
+
+def verified_pairs(
+    problems: Sequence[Problem],
+    *,
+    mutants_per_problem: int = 8,
+    max_pairs_per_problem: int = 16,
+    unaligned_fraction: float = 0.0,
+    workers: int = 2,
+    time_limit_s: float = 5.0,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[list[Pair], PairStats]:
+    """Candidates -> sandbox labels -> within-problem pairs, with statistics."""
+    codes = humaneval_candidates(problems, mutants_per_problem=mutants_per_problem, seed=seed)
+    cands = label_candidates(
+        problems, codes, workers=workers, time_limit_s=time_limit_s, progress=progress
+    )
+    return build_pairs(
+        cands,
+        max_pairs_per_problem=max_pairs_per_problem,
+        unaligned_fraction=unaligned_fraction,
+        seed=seed,
+    )

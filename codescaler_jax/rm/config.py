@@ -1,0 +1,116 @@
+"""The reward-model training config: every key typed, with its default and meaning.
+
+Loaded by ``python -m codescaler_jax.train_rm --config FILE [--set key.sub=value ...]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from codescaler_jax.models.sharding import MeshConfig
+
+
+@dataclasses.dataclass
+class ModelSection:
+    """Which RM to train. ``init_from``: a Hugging Face RM directory (CodeScaler /
+    Skywork-Reward-V2 or one we exported) or ``None`` for random init of ``size`` (with the
+    explicit fields below overriding that size's values)."""
+
+    init_from: str | None = None
+    size: str = "tiny"
+    vocab_size: int | None = None
+    hidden_size: int | None = None
+    intermediate_size: int | None = None
+    num_hidden_layers: int | None = None
+    num_attention_heads: int | None = None
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    remat: bool = False
+
+
+@dataclasses.dataclass
+class DataSection:
+    """Where pairs come from and how they become tokens.
+
+    ``source``: ``humaneval`` (verified pairs built from the bundled HumanEval problems: the
+    canonical solution vs mutants the sandbox shows to fail), or a pair file/dataset in the
+    CodeScaler schema (``question_content``, ``code_pos``, ``code_neg``: .jsonl, .parquet, a
+    ``datasets`` name or a saved dataset directory).
+    """
+
+    source: str = "humaneval"
+    eval_source: str | None = None
+    eval_fraction: float = 0.2
+    tokenizer: str = "qwen3"
+    max_length: int = 512
+    min_bucket: int = 64
+    mutants_per_problem: int = 8
+    max_pairs_per_problem: int = 16
+    unaligned_fraction: float = 0.0
+    skip_bad: bool = False
+    max_record_bytes: int = 1 << 20
+    max_pairs: int | None = None
+    sandbox_workers: int = 2
+    sandbox_time_limit_s: float = 5.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.max_length < 8:
+            raise ValueError(f"data.max_length must be >= 8, got {self.max_length}")
+
+
+@dataclasses.dataclass
+class OptimSection:
+    """AdamW with linear warmup then ``schedule`` (constant, cosine or linear decay)."""
+
+    learning_rate: float = 1e-4
+    warmup_steps: int = 10
+    schedule: Literal["constant", "cosine", "linear"] = "cosine"
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+
+
+@dataclasses.dataclass
+class TrainSection:
+    """Steps, batches, loss options, evaluation and checkpoint cadence."""
+
+    global_batch_size: int = 16
+    grad_accum_steps: int = 1
+    num_epochs: int = 1
+    max_steps: int | None = None
+    margin: float = 0.0
+    center_rewards_coefficient: float | None = None
+    eval_every: int = 50
+    eval_batch_size: int = 16
+    save_every: int = 100
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    seed: int = 0
+    export_hf: bool = True
+
+    def __post_init__(self):
+        if self.global_batch_size % self.grad_accum_steps:
+            raise ValueError(
+                f"train.global_batch_size={self.global_batch_size} is not divisible by "
+                f"train.grad_accum_steps={self.grad_accum_steps}"
+            )
+
+
+@dataclasses.dataclass
+class RMTrainConfig:
+    """Top level of ``configs/rm_*.yaml``."""
+
+    run_dir: str = "runs/rm"
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    data: DataSection = dataclasses.field(default_factory=DataSection)
+    optim: OptimSection = dataclasses.field(default_factory=OptimSection)
+    train: TrainSection = dataclasses.field(default_factory=TrainSection)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)

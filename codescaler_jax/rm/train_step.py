@@ -1,0 +1,201 @@
+"""The jit-compiled RM train and eval steps, the optimizer, and the train-state shardings.
+
+The train state is a plain pytree ``{"params": <pure dict>, "opt_state": <optax state>,
+"step": int32}``: easy to checkpoint with Orbax and to give explicit shardings. Chosen and
+rejected sequences go through the model in one forward pass (``[2b, L]``). Gradient
+accumulation scans over micro-batches and divides every micro-batch loss by the *global*
+number of pairs, so the accumulated gradient equals the one-big-batch gradient exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from codescaler_jax.models.sharding import param_shardings
+from codescaler_jax.rm.config import OptimSection
+from codescaler_jax.rm.loss import bt_metrics, bt_pair_losses
+
+BATCH_KEYS = ("chosen_ids", "chosen_mask", "rejected_ids", "rejected_mask")
+
+
+def make_schedule(cfg: OptimSection, total_steps: int) -> optax.Schedule:
+    """Linear warmup to ``learning_rate``, then constant / cosine / linear decay to min ratio."""
+    warm = max(cfg.warmup_steps, 0)
+    decay = max(total_steps - warm, 1)
+    end = cfg.learning_rate * cfg.min_lr_ratio
+    if cfg.schedule == "constant":
+        after = optax.constant_schedule(cfg.learning_rate)
+    elif cfg.schedule == "cosine":
+        after = optax.cosine_decay_schedule(cfg.learning_rate, decay, alpha=cfg.min_lr_ratio)
+    else:
+        after = optax.linear_schedule(cfg.learning_rate, end, decay)
+    if warm == 0:
+        return after
+    return optax.join_schedules(
+        [optax.linear_schedule(cfg.learning_rate / warm, cfg.learning_rate, warm - 1), after],
+        [warm],
+    )
+
+
+def make_optimizer(cfg: OptimSection, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """Grad clipping then AdamW; weight decay skips 1-D parameters (norm scales)."""
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+    parts = []
+    if cfg.max_grad_norm and cfg.max_grad_norm > 0:
+        parts.append(optax.clip_by_global_norm(cfg.max_grad_norm))
+    parts.append(
+        optax.adamw(
+            schedule,
+            b1=cfg.b1,
+            b2=cfg.b2,
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            mask=decay_mask,
+        )
+    )
+    return optax.chain(*parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    """Static options of the train step."""
+
+    grad_accum_steps: int = 1
+    margin: float = 0.0
+    center_coef: float | None = None
+
+
+def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, dict, nnx.State]:
+    """``(graphdef, params as a pure dict, other state)``."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return graphdef, nnx.to_pure_dict(params), rest
+
+
+def state_shardings(
+    model_or_abstract: nnx.Module, tx: optax.GradientTransformation, mesh: Mesh
+) -> dict[str, Any]:
+    """Shardings of ``{"params", "opt_state", "step"}``: optimizer moments follow their params."""
+    _, params, _ = nnx.split(model_or_abstract, nnx.Param, ...)
+    p_shard = nnx.to_pure_dict(param_shardings(params, mesh))
+    abstract_params = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(params)
+    )
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    o_shard = optax.tree_map_params(
+        tx,
+        lambda _, s: s,
+        abstract_opt,
+        p_shard,
+        transform_non_params=lambda _: replicated,
+    )
+    return {"params": p_shard, "opt_state": o_shard, "step": replicated}
+
+
+def init_state(params: dict, tx: optax.GradientTransformation, shardings: dict) -> dict:
+    """Fresh optimizer state placed with its shardings."""
+    opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
+    step = jax.device_put(jnp.zeros((), jnp.int32), shardings["step"])
+    return {"params": params, "opt_state": opt_state, "step": step}
+
+
+def _scores_fn(graphdef: nnx.GraphDef, rest: nnx.State) -> Callable:
+    def scores(params: dict, ids: jax.Array, mask: jax.Array) -> jax.Array:
+        return nnx.merge(graphdef, params, rest)(ids, mask)
+
+    return scores
+
+
+def _micro_batches(batch: dict[str, jax.Array], n: int) -> dict[str, jax.Array]:
+    """``[B, ...]`` -> ``[n, B/n, ...]`` taking rows ``k, k+n, ...`` for micro-batch k, which keeps
+    each device's rows on that device when the batch dimension is sharded."""
+
+    def split(x: jax.Array) -> jax.Array:
+        b = x.shape[0]
+        return jnp.swapaxes(x.reshape(b // n, n, *x.shape[1:]), 0, 1)
+
+    return {k: split(batch[k]) for k in BATCH_KEYS}
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    rest: nnx.State,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    opts: StepOptions,
+) -> Callable[[dict, dict], tuple[dict, dict]]:
+    """``step(state, batch) -> (state, metrics)``; batch arrays ``[B, L]`` (chosen / rejected)."""
+    scores_fn = _scores_fn(graphdef, rest)
+
+    def micro_loss(params, mb, n_global):
+        ids = jnp.concatenate([mb["chosen_ids"], mb["rejected_ids"]], axis=0)
+        mask = jnp.concatenate([mb["chosen_mask"], mb["rejected_mask"]], axis=0)
+        s = scores_fn(params, ids, mask)
+        b = mb["chosen_ids"].shape[0]
+        chosen, rejected = s[:b], s[b:]
+        per = bt_pair_losses(
+            chosen, rejected, margin=opts.margin or None, center_coef=opts.center_coef
+        )
+        return per.sum() / n_global, (chosen, rejected, per)
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def step(state: dict, batch: dict) -> tuple[dict, dict]:
+        params = state["params"]
+        n_global = batch["chosen_ids"].shape[0]
+        a = opts.grad_accum_steps
+        if a == 1:
+            (_, (c, r, per)), grads = grad_fn(params, batch, n_global)
+        else:
+            mbs = _micro_batches(batch, a)
+
+            def body(acc, mb):
+                (_, aux), g = grad_fn(params, mb, n_global)
+                return jax.tree.map(jnp.add, acc, g), aux
+
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            grads, (c, r, per) = jax.lax.scan(body, zeros, mbs)
+            c, r, per = c.reshape(-1), r.reshape(-1), per.reshape(-1)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        sums = bt_metrics(c, r, jnp.ones_like(c))
+        sums["loss_sum"] = per.sum()
+        metrics = {
+            **sums,
+            "grad_norm": grad_norm,
+            "learning_rate": schedule(state["step"]),
+        }
+        new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}
+        return new_state, metrics
+
+    return step
+
+
+def make_eval_step(
+    graphdef: nnx.GraphDef, rest: nnx.State, opts: StepOptions
+) -> Callable[[dict, dict], dict]:
+    """``eval_step(params, batch) -> summed metrics``; ``batch["weight"]`` masks padding pairs."""
+    scores_fn = _scores_fn(graphdef, rest)
+
+    def eval_step(params: dict, batch: dict) -> dict:
+        ids = jnp.concatenate([batch["chosen_ids"], batch["rejected_ids"]], axis=0)
+        mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]], axis=0)
+        s = scores_fn(params, ids, mask)
+        b = batch["chosen_ids"].shape[0]
+        c, r = s[:b], s[b:]
+        w = batch["weight"]
+        per = bt_pair_losses(c, r, margin=opts.margin or None, center_coef=opts.center_coef)
+        sums = bt_metrics(c, r, w)
+        sums["loss_sum"] = (per * w).sum()
+        return sums
+
+    return eval_step

@@ -1,0 +1,419 @@
+"""The RM training loop: data -> jit train step on the mesh -> eval, TensorBoard, checkpoints.
+
+``RMTrainer(cfg).run()`` does everything ``python -m codescaler_jax.train_rm`` does. A run
+directory holds ``config.yaml``, ``data/`` (the pairs used, their statistics), ``tb/``
+(TensorBoard), ``checkpoints/`` (Orbax), ``hf/`` (the exported Hugging Face RM),
+``log.p<process>.txt`` and ``summary.json``. ``resume=True`` restores the latest checkpoint
+(parameters, optimizer, step, data-iterator position) and continues exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from tqdm.auto import tqdm
+
+from codescaler_jax.config import save_config, to_dict
+from codescaler_jax.data.pairs import Pair, read_pairs, split_by_problem, write_pairs_jsonl
+from codescaler_jax.data.pipeline import (
+    eval_batches,
+    make_buckets,
+    pair_batches,
+    tokenize_pairs,
+)
+from codescaler_jax.data.tokenizer import load_tokenizer, resolve_tokenizer_path
+from codescaler_jax.logging_utils import Writer
+from codescaler_jax.models.qwen3 import Qwen3Config, Qwen3RewardModel
+from codescaler_jax.models.sharding import batch_sharding, create_sharded, make_mesh
+from codescaler_jax.perf import measure_matmul_peak, train_flops_per_token
+from codescaler_jax.rm.config import RMTrainConfig
+from codescaler_jax.rm.loss import finalize_metrics
+from codescaler_jax.rm.train_step import (
+    BATCH_KEYS,
+    StepOptions,
+    init_state,
+    make_eval_step,
+    make_optimizer,
+    make_schedule,
+    make_train_step,
+    split_model,
+    state_shardings,
+)
+
+log = logging.getLogger("codescaler_jax")
+
+
+def model_config(cfg: RMTrainConfig, vocab_min: int, pad_id: int) -> Qwen3Config:
+    """Qwen3Config for a from-scratch RM: the named size, explicit overrides, dtype, remat."""
+    m = cfg.model
+    named = getattr(Qwen3Config, m.size, None)
+    if named is None:
+        raise ValueError(f"model.size: unknown size {m.size!r}")
+    base = named()
+    overrides = {
+        f.name: getattr(m, f.name)
+        for f in dataclasses.fields(m)
+        if f.name
+        in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+        )
+        and getattr(m, f.name) is not None
+    }
+    if "vocab_size" not in overrides and base.vocab_size < vocab_min:
+        overrides["vocab_size"] = -(-vocab_min // 128) * 128
+    return dataclasses.replace(
+        base,
+        **overrides,
+        pad_token_id=pad_id,
+        param_dtype=m.param_dtype,
+        dtype=m.dtype,
+        remat=m.remat,
+    )
+
+
+def _problem_key(p: Pair) -> Pair:
+    if p.problem_id:
+        return p
+    h = hashlib.sha1(p.problem.encode("utf-8", "replace")).hexdigest()[:16]
+    return dataclasses.replace(p, problem_id=h)
+
+
+class RMTrainer:
+    """Builds every piece of an RM run from its config and runs it."""
+
+    def __init__(self, cfg: RMTrainConfig, *, resume: bool = False, progress: bool = True):
+        self.cfg = cfg
+        self.resume = resume
+        self.progress = progress
+        self.run_dir = Path(cfg.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------------ data
+    def load_pairs(self) -> tuple[list[Pair], list[Pair], dict[str, Any]]:
+        """Train and held-out pairs; built once, cached in ``run_dir/data`` for resumes."""
+        d = self.cfg.data
+        data_dir = self.run_dir / "data"
+        cached = [data_dir / "train_pairs.jsonl", data_dir / "eval_pairs.jsonl"]
+        if all(p.is_file() for p in cached):
+            train, _ = read_pairs(cached[0], max_record_bytes=1 << 40)
+            held, _ = (
+                read_pairs(cached[1], max_record_bytes=1 << 40)
+                if cached[1].stat().st_size
+                else ([], None)
+            )
+            stats = json.loads((data_dir / "stats.json").read_text())
+            log.info("reusing the pairs cached in %s", data_dir)
+            return train, held, stats
+        stats: dict[str, Any] = {}
+        if d.source == "humaneval":
+            from codescaler_jax.data.problems import humaneval_problems
+            from codescaler_jax.data.verified import verified_pairs
+
+            problems = humaneval_problems()
+            pairs, pstats = verified_pairs(
+                problems,
+                mutants_per_problem=d.mutants_per_problem,
+                max_pairs_per_problem=d.max_pairs_per_problem,
+                unaligned_fraction=d.unaligned_fraction,
+                workers=d.sandbox_workers,
+                time_limit_s=d.sandbox_time_limit_s,
+                seed=self.cfg.train.seed,
+                progress=self.progress,
+            )
+            stats["build"] = pstats.to_dict()
+            log.info(
+                "verified pairs: %d problems, %d candidates, pass rate %.3f, %d pairs, skipped %s",
+                pstats.problems,
+                pstats.candidates,
+                pstats.pass_rate,
+                pstats.pairs,
+                pstats.skipped,
+            )
+        else:
+            pairs, counts = read_pairs(
+                d.source, skip_bad=d.skip_bad, max_record_bytes=d.max_record_bytes
+            )
+            stats["read"] = counts
+            log.info("read %d pairs from %s (%s)", len(pairs), d.source, counts)
+        pairs = [_problem_key(p) for p in pairs]
+        if d.eval_source:
+            held, counts = read_pairs(
+                d.eval_source, skip_bad=d.skip_bad, max_record_bytes=d.max_record_bytes
+            )
+            held = [_problem_key(p) for p in held]
+            stats["read_eval"] = counts
+            train = pairs
+        else:
+            train, held = split_by_problem(
+                pairs, eval_fraction=d.eval_fraction, seed=self.cfg.train.seed
+            )
+        if d.max_pairs is not None and len(train) > d.max_pairs:
+            random.Random(self.cfg.train.seed).shuffle(train)
+            train = train[: d.max_pairs]
+        stats["train_pairs"] = len(train)
+        stats["eval_pairs"] = len(held)
+        stats["train_problems"] = len({p.problem_id for p in train})
+        stats["eval_problems"] = len({p.problem_id for p in held})
+        if jax.process_index() == 0:
+            data_dir.mkdir(parents=True, exist_ok=True)
+            write_pairs_jsonl(train, cached[0])
+            write_pairs_jsonl(held, cached[1])
+            (data_dir / "stats.json").write_text(json.dumps(stats, indent=2))
+        return train, held, stats
+
+    # ------------------------------------------------------------------ model
+    def build_model(self, mesh, tokenizer) -> Qwen3RewardModel:
+        m = self.cfg.model
+        if m.init_from:
+            from codescaler_jax.models.hf_io import load_hf_model
+
+            return load_hf_model(
+                m.init_from, Qwen3RewardModel, mesh=mesh, param_dtype=m.param_dtype, dtype=m.dtype
+            )
+        mcfg = model_config(self.cfg, len(tokenizer), tokenizer.pad_token_id)
+        seed = self.cfg.train.seed
+        return create_sharded(lambda: Qwen3RewardModel(mcfg, rngs=nnx.Rngs(seed)), mesh)
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        t_start = time.perf_counter()
+        if jax.process_index() == 0:
+            save_config(cfg, self.run_dir / "config.yaml")
+        mesh = make_mesh(cfg.mesh)
+        log.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.default_backend())
+        tokenizer = load_tokenizer(cfg.data.tokenizer)
+        train_pairs, held_pairs, data_stats = self.load_pairs()
+        if len(train_pairs) < cfg.train.global_batch_size:
+            raise ValueError(
+                f"only {len(train_pairs)} training pairs, fewer than "
+                f"train.global_batch_size={cfg.train.global_batch_size}"
+            )
+        max_len = cfg.data.max_length
+        buckets = make_buckets(max_len, min(cfg.data.min_bucket, max_len))
+        train_tok = tokenize_pairs(train_pairs, tokenizer, max_len, progress=self.progress)
+        held_tok = tokenize_pairs(held_pairs, tokenizer, max_len, progress=self.progress)
+        pad_id = tokenizer.pad_token_id
+        train_ds = pair_batches(
+            train_tok,
+            global_batch_size=cfg.train.global_batch_size,
+            buckets=buckets,
+            pad_id=pad_id,
+            seed=cfg.train.seed,
+            num_epochs=cfg.train.num_epochs,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+        total_steps = len(train_ds)
+        if cfg.train.max_steps is not None:
+            total_steps = min(total_steps, cfg.train.max_steps)
+
+        # Built outside `set_mesh`: parameters carry logical axis names, which the active-mesh
+        # path of nnx would try to read as mesh axes.
+        model = self.build_model(mesh, tokenizer)
+        with jax.set_mesh(mesh):
+            mc = model.cfg
+            model_cfg = dict(
+                hidden=mc.hidden_size,
+                intermediate=mc.intermediate_size,
+                layers=mc.num_hidden_layers,
+                heads=mc.num_attention_heads,
+                kv_heads=mc.num_key_value_heads,
+                head_dim=mc.head_dim,
+            )
+            graphdef, params, rest = split_model(model)
+            schedule = make_schedule(cfg.optim, total_steps)
+            tx = make_optimizer(cfg.optim, schedule)
+            shardings = state_shardings(model, tx, mesh)
+            del model
+            state = init_state(params, tx, shardings)
+            opts = StepOptions(
+                grad_accum_steps=cfg.train.grad_accum_steps,
+                margin=cfg.train.margin,
+                center_coef=cfg.train.center_rewards_coefficient,
+            )
+            train_step = jax.jit(
+                make_train_step(graphdef, rest, tx, schedule, opts),
+                out_shardings=(shardings, None),
+                donate_argnums=(0,),
+            )
+            eval_step = jax.jit(make_eval_step(graphdef, rest, opts))
+            data_sharding = batch_sharding(mesh)
+
+            def to_global(batch: dict[str, np.ndarray], keys) -> dict[str, jax.Array]:
+                return {
+                    k: jax.make_array_from_process_local_data(data_sharding, batch[k]) for k in keys
+                }
+
+            def evaluate(params) -> dict[str, float]:
+                if not len(held_tok):
+                    return {}
+                sums: dict[str, float] = {}
+                for b in eval_batches(
+                    held_tok, batch_size=cfg.train.eval_batch_size, buckets=buckets, pad_id=pad_id
+                ):
+                    out = jax.device_get(eval_step(params, to_global(b, (*BATCH_KEYS, "weight"))))
+                    for k, v in out.items():
+                        sums[k] = sums.get(k, 0.0) + float(v)
+                return finalize_metrics(sums)
+
+            ckpt = ocp.CheckpointManager(
+                (self.run_dir / "checkpoints").absolute(),
+                options=ocp.CheckpointManagerOptions(
+                    max_to_keep=cfg.train.keep_checkpoints, create=True
+                ),
+            )
+            it = iter(train_ds.to_iter_dataset())
+            start_step = 0
+            history: dict[str, Any] = {"eval": []}
+            if self.resume and ckpt.latest_step() is not None:
+                step0 = ckpt.latest_step()
+                abstract = jax.tree.map(
+                    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                    state,
+                    shardings,
+                )
+                restored = ckpt.restore(
+                    step0,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+                    ),
+                )
+                state = restored["state"]
+                meta = restored["meta"]
+                it.set_state(meta["data_state"])
+                history = meta.get("history", history)
+                start_step = int(step0)
+                log.info("resumed from step %d", start_step)
+            elif self.resume:
+                log.info("--resume: no checkpoint in %s, starting from scratch", self.run_dir)
+
+            writer = Writer(self.run_dir / "tb")
+            peak = measure_matmul_peak(
+                jnp.bfloat16 if cfg.model.dtype == "bfloat16" else jnp.float32, n=1024, repeat=3
+            )
+            if start_step == 0:
+                m0 = evaluate(state["params"])
+                if m0:
+                    history["eval"].append({"step": 0, **m0})
+                    writer.scalars(0, m0, "eval/")
+                    log.info("step 0 (untrained) held-out: %s", _fmt(m0))
+
+            def save(step: int) -> None:
+                meta = {"data_state": it.get_state(), "step": step, "history": history}
+                ckpt.save(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+                    ),
+                )
+
+            bar = tqdm(
+                total=total_steps,
+                initial=start_step,
+                desc="train_rm",
+                unit="step",
+                disable=not self.progress or jax.process_index() != 0,
+            )
+            last: dict[str, float] = {}
+            for step in range(start_step, total_steps):
+                t0 = time.perf_counter()
+                batch = next(it)
+                t1 = time.perf_counter()
+                state, metrics = train_step(state, to_global(batch, BATCH_KEYS))
+                metrics = jax.device_get(metrics)
+                t2 = time.perf_counter()
+                length = batch["chosen_ids"].shape[1]
+                n_pairs = cfg.train.global_batch_size
+                tokens = 2 * n_pairs * length
+                real = float(batch["chosen_mask"].sum() + batch["rejected_mask"].sum())
+                real *= jax.process_count()
+                flops = tokens * train_flops_per_token(seq_len=length, **model_cfg)
+                stats = finalize_metrics(metrics)
+                last = {
+                    **stats,
+                    "grad_norm": float(metrics["grad_norm"]),
+                    "learning_rate": float(metrics["learning_rate"]),
+                    "tokens_per_s": tokens / (t2 - t1),
+                    "real_tokens_per_s": real / (t2 - t1),
+                    "mfu": flops / (t2 - t1) / peak,
+                    "time/step_s": t2 - t1,
+                    "time/data_s": t1 - t0,
+                    "seq_len": length,
+                }
+                done = step + 1
+                if done % cfg.train.log_every == 0 or done == total_steps:
+                    writer.scalars(done, last, "train/")
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{stats['loss']:.4f}",
+                    acc=f"{stats['accuracy']:.2f}",
+                    lr=f"{last['learning_rate']:.2e}",
+                    tok_s=f"{last['tokens_per_s']:.0f}",
+                )
+                if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < total_steps:
+                    t3 = time.perf_counter()
+                    m = evaluate(state["params"])
+                    writer.scalars(done, {**m, "time_s": time.perf_counter() - t3}, "eval/")
+                    history["eval"].append({"step": done, **m})
+                    log.info("step %d held-out: %s", done, _fmt(m))
+                if cfg.train.save_every and done % cfg.train.save_every == 0 and done < total_steps:
+                    t3 = time.perf_counter()
+                    save(done)
+                    writer.scalars(done, {"time/checkpoint_s": time.perf_counter() - t3}, "train/")
+            bar.close()
+            final = evaluate(state["params"])
+            if final:
+                writer.scalars(total_steps, final, "eval/")
+                if not history["eval"] or history["eval"][-1]["step"] != total_steps:
+                    history["eval"].append({"step": total_steps, **final})
+                log.info("final held-out: %s", _fmt(final))
+            if start_step < total_steps or ckpt.latest_step() is None:
+                save(total_steps)
+            ckpt.wait_until_finished()
+            writer.close()
+            if cfg.train.export_hf:
+                from codescaler_jax.models.hf_io import save_hf_model
+
+                final_model = nnx.merge(graphdef, state["params"], rest)
+                save_hf_model(
+                    final_model,
+                    self.run_dir / "hf",
+                    tokenizer_dir=resolve_tokenizer_path(cfg.data.tokenizer),
+                )
+            self.state, self.graphdef, self.rest = state, graphdef, rest
+        summary = {
+            "steps": total_steps,
+            "data": data_stats,
+            "untrained_eval": next((e for e in history["eval"] if e["step"] == 0), None),
+            "final_eval": final or None,
+            "last_train": last,
+            "wall_s": time.perf_counter() - t_start,
+            "matmul_peak_flops": peak,
+            "config": to_dict(cfg),
+        }
+        if jax.process_index() == 0:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+
+def _fmt(m: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:.4f}" for k, v in m.items())
