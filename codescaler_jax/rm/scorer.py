@@ -1,0 +1,127 @@
+"""Score (problem, code) pairs with a reward model: batched, bucketed, on a mesh.
+
+``RewardScorer`` is the one place that turns text into RM scores; ``score``, the GRPO
+``codescaler`` reward, best-of-N and the HTTP server all use it. Inputs are rendered with the
+RM tokenizer's chat template (user = problem, assistant = code), right-truncated at
+``max_length``, sorted by length, cut into batches of ``batch_size`` rows, each padded to a
+length bucket and to a full batch, so only a few shapes are ever compiled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from codescaler_jax.data.pipeline import make_buckets
+from codescaler_jax.data.tokenizer import (
+    bucket_length,
+    encode_rm_inputs,
+    load_tokenizer,
+    pad_right,
+)
+from codescaler_jax.models.qwen3 import Qwen3RewardModel
+from codescaler_jax.models.sharding import batch_sharding, make_mesh
+
+
+class RewardScorer:
+    """Scores with a ``Qwen3RewardModel`` and its tokenizer.
+
+    Args:
+        model: the RM (its parameters already placed on ``mesh``).
+        tokenizer: the RM's tokenizer (its chat template renders the input).
+        mesh: the mesh the model lives on (default: all devices, fsdp).
+        max_length: right-truncation length of RM inputs (the reference uses 4096).
+        batch_size: rows per forward pass; must be divisible by the mesh's batch axes.
+        min_bucket: smallest padded length; buckets double up to ``max_length``.
+    """
+
+    def __init__(
+        self,
+        model: Qwen3RewardModel,
+        tokenizer,
+        *,
+        mesh=None,
+        max_length: int = 4096,
+        batch_size: int = 16,
+        min_bucket: int = 64,
+    ):
+        self.mesh = mesh if mesh is not None else make_mesh()
+        data_ways = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        if batch_size % data_ways:
+            raise ValueError(
+                f"batch_size={batch_size} must be divisible by the mesh's data x fsdp = {data_ways}"
+            )
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.buckets = make_buckets(max_length, min(min_bucket, max_length))
+        self.pad_id = tokenizer.pad_token_id
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        self.params = params
+        self._sharding = batch_sharding(self.mesh)
+
+        def forward(params, ids, mask):
+            return nnx.merge(graphdef, params, rest)(ids, mask)
+
+        self._forward = jax.jit(forward)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        tokenizer: str | None = None,
+        mesh=None,
+        dtype: str | None = None,
+        **kwargs: Any,
+    ) -> RewardScorer:
+        """Load a Hugging Face RM directory, or a ``train_rm`` run directory (its ``hf/``
+        export), with the tokenizer files found there unless ``tokenizer`` names others."""
+        from codescaler_jax.models.hf_io import load_hf_model
+
+        path = Path(path)
+        if not (path / "config.json").is_file() and (path / "hf" / "config.json").is_file():
+            path = path / "hf"
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{path}: no config.json (expected a Hugging Face RM directory or a train_rm "
+                "run directory with an hf/ export)"
+            )
+        mesh = mesh if mesh is not None else make_mesh()
+        model = load_hf_model(path, Qwen3RewardModel, mesh=mesh, param_dtype=dtype, dtype=dtype)
+        tok = load_tokenizer(tokenizer or str(path))
+        return cls(model, tok, mesh=mesh, **kwargs)
+
+    def encode(self, problems: Sequence[str], codes: Sequence[str]) -> list[list[int]]:
+        return encode_rm_inputs(self.tokenizer, problems, codes, self.max_length)
+
+    def score_ids(self, seqs: Sequence[Sequence[int]]) -> np.ndarray:
+        """Scores ``[N]`` float32 of already tokenized RM inputs."""
+        n = len(seqs)
+        out = np.zeros(n, np.float32)
+        if n == 0:
+            return out
+        order = np.argsort([len(s) for s in seqs], kind="stable")
+        with jax.set_mesh(self.mesh):
+            for start in range(0, n, self.batch_size):
+                idx = order[start : start + self.batch_size]
+                rows = [seqs[i] for i in idx]
+                length = bucket_length(max(max(len(r) for r in rows), 1), self.buckets)
+                rows += [rows[-1]] * (self.batch_size - len(rows))
+                ids, mask = pad_right(rows, length, self.pad_id)
+                ids = jax.device_put(ids, self._sharding)
+                mask = jax.device_put(mask, self._sharding)
+                # device_get blocks on each batch (independent calls must not pile up on
+                # fake CPU devices, see tests/conftest.py)
+                scores = jax.device_get(self._forward(self.params, ids, mask))
+                out[idx] = scores[: len(idx)]
+        return out
+
+    def score(self, problems: Sequence[str], codes: Sequence[str]) -> np.ndarray:
+        """RM scores ``[N]`` float32 of (problem, code) pairs."""
+        return self.score_ids(self.encode(problems, codes))
