@@ -454,7 +454,9 @@ class MLP(nnx.Module):
         dt = x.dtype
         gate = x @ self.gate_proj.kernel[...].astype(dt)
         up = x @ self.up_proj.kernel[...].astype(dt)
-        hidden = shard_activation(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))
+        # SiLU in float32 then rounded once, as torch does for bf16 (bf16 sigmoid loses bits).
+        act = jax.nn.silu(gate.astype(jnp.float32)).astype(dt)
+        hidden = shard_activation(act * up, ("batch", "seq", "mlp"))
         return hidden @ self.down_proj.kernel[...].astype(dt)
 
 
