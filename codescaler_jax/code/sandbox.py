@@ -1,0 +1,611 @@
+"""Execution sandbox: run untrusted programs against tests, with isolation, limits and a pool.
+
+Used to label preference data (which candidates pass), as the binary execution reward of the
+RL baseline, and for evaluation (recipe section 5.6). Test formats: stdin/stdout cases, call-based
+cases (function name + arguments + expected value, LiveCodeBench / TACO / DeepCoder style, LeetCode
+``class Solution`` included) and HumanEval-style ``check(candidate)`` programs. Outputs are judged
+as the reference harness judges them (`codescaler_jax.code.compare`).
+
+Each program runs under `runner.py` (see its docstring for the mechanics) in its own session, in
+a fresh working directory, one forked child per test, with a per-test wall-clock limit and limits
+on memory (address space), processes, file size and output size. Guarantees by mode:
+
+``uid`` (the default when running as root, as here and in CI):
+  - the program runs as a dedicated unprivileged uid per worker slot (62000+, claimed with a lock
+    file so concurrent sandboxes never share one), with no supplementary groups and no-new-privs;
+  - no network (a new network namespace with only a down loopback);
+  - a private tmpfs /tmp as working directory, gone when the program ends; every other mount
+    read-only; /proc shows only its own processes; /root and the like hidden;
+  - after every test every process of the uid is killed in one atomic kill(-1) (fork bombs,
+    setsid / double-fork escapees) and reaped; RLIMIT_NPROC bounds fork bombs;
+  - it cannot signal, trace or read the environment of the harness (different uid, runner not
+    dumpable) and sees only a scrubbed environment.
+  If a namespace cannot be created (seccomp, containers) that feature is missing and reported
+  in `ProgramResult.isolation`; e.g. without a mount namespace the working directory is a host
+  temporary directory owned by the sandbox uid, removed afterwards, but /tmp stays writable.
+``none`` (not root; or asked for explicitly): own session and process group per test, rlimits,
+  scrubbed environment, temporary working directory removed afterwards, all descendants killed
+  (the runner is their subreaper). Weaker: the program keeps the user's network and file
+  access, can kill the runner (reported as a runtime error) and RLIMIT_NPROC is only relative to
+  the user's other processes. Use ``uid`` for anything hostile.
+
+Statuses per test: passed, failed, timeout, runtime_error, memory_limit, syntax_error,
+output_limit (stdout+stderr over the cap, or the file-size limit hit), skipped (not run after an
+earlier failure with ``stop_on_first_failure``) and sandbox_error (the harness itself failed).
+
+Known limit: call-based and check tests evaluate the program's return value / assertions inside
+the program's own process (as the reference does), so a program written to attack the harness
+could forge a passing status line; stdio verdicts cannot be forged (the parent compares the
+output, and the runner never sees expected outputs).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pwd
+import queue
+import select
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from codescaler_jax.code import compare
+
+RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runner.py")
+
+STATUSES = (
+    "passed",
+    "failed",
+    "timeout",
+    "runtime_error",
+    "memory_limit",
+    "syntax_error",
+    "output_limit",
+    "skipped",
+    "sandbox_error",
+)
+_SIGNAL_STATUS = {24: "timeout", 25: "output_limit"}  # SIGXCPU, SIGXFSZ
+_STARTUP_S = 20.0  # safety net only: the runner itself enforces every limit precisely
+_MESSAGE_CHARS = 500
+
+
+# ---------------------------------------------------------------------------------------------
+# Test specifications
+
+
+@dataclass(frozen=True)
+class StdioTests:
+    """stdin/stdout cases: ``inputs[i]`` on stdin, stdout compared with ``outputs[i]``."""
+
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class CallTests:
+    """Call-based cases: ``fn_name(*inputs[i]) == outputs[i]`` (``Solution().fn_name`` if the
+    program defines ``class Solution``)."""
+
+    fn_name: str
+    inputs: tuple[tuple[Any, ...], ...]
+    outputs: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class CheckTest:
+    """HumanEval style: ``test`` defines ``check(candidate)``, called on ``entry_point``."""
+
+    test: str
+    entry_point: str
+
+
+Tests = Union[StdioTests, CallTests, CheckTest]  # noqa: UP007 - also used at run time
+
+
+def num_tests(tests: Tests) -> int:
+    """Number of test cases in a spec (a check program is one)."""
+    return 1 if isinstance(tests, CheckTest) else len(tests.inputs)
+
+
+def _text(value: Any, where: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return "\n".join(value)
+    raise ValueError(f"{where} must be a string (or a list of lines), got {type(value).__name__}")
+
+
+def _json_lines(value: Any, where: str) -> tuple[Any, ...]:
+    if not isinstance(value, str):
+        raise ValueError(f"{where} must be a string of JSON lines, got {type(value).__name__}")
+    try:
+        return tuple(json.loads(line) for line in value.strip("\n").split("\n"))
+    except ValueError as e:
+        raise ValueError(f"{where}: not one JSON value per line ({e})") from None
+
+
+def _check_lengths(inputs: Sequence, outputs: Sequence) -> None:
+    if len(inputs) != len(outputs):
+        raise ValueError(f"{len(inputs)} inputs but {len(outputs)} outputs")
+    if not inputs:
+        raise ValueError("no test cases")
+
+
+def _from_lcb_list(cases: list) -> Tests:
+    """LiveCodeBench / DeepCoder-lcb: [{"input", "output", "testtype", "metadata"}, ...]."""
+    if not cases or not all(isinstance(c, dict) for c in cases):
+        raise ValueError("a test list must hold {'input', 'output', ...} objects")
+    for i, c in enumerate(cases):
+        if "input" not in c or "output" not in c:
+            raise ValueError(f"test {i} lacks 'input' or 'output'")
+    if cases[0].get("testtype") == "functional":
+        meta = cases[0].get("metadata") or {}
+        if isinstance(meta, str):
+            meta = json.loads(meta)
+        fn = meta.get("func_name") or meta.get("fn_name") or cases[0].get("fn_name")
+        if not isinstance(fn, str) or not fn:
+            raise ValueError("functional tests need metadata.func_name")
+        args = tuple(_json_lines(c["input"], f"test {i} input") for i, c in enumerate(cases))
+        outs = []
+        for i, c in enumerate(cases):
+            try:
+                out = c["output"]
+                outs.append(json.loads(out) if isinstance(out, str) else out)
+            except ValueError as e:
+                raise ValueError(f"test {i} output is not JSON ({e})") from None
+        return CallTests(fn, args, tuple(outs))
+    return StdioTests(
+        tuple(_text(c["input"], f"test {i} input") for i, c in enumerate(cases)),
+        tuple(_text(c["output"], f"test {i} output") for i, c in enumerate(cases)),
+    )
+
+
+def tests_from_record(obj: Mapping[str, Any] | Sequence[Any] | str) -> Tests:
+    """Parse the common JSON test forms into a test spec. Raises ValueError on anything else.
+
+    - ``{"inputs": [str], "outputs": [str]}`` (TACO / APPS / DeepCoder): stdio; a list of lines
+      is joined with newlines;
+    - the same with ``"fn_name"``: call-based, each input a list of arguments (a non-list input
+      is one argument), outputs as given;
+    - ``{"input_output": "<json of the above>"}`` (APPS / TACO raw);
+    - ``[{"input", "output", "testtype": "stdin"|"functional", "metadata": {"func_name"}}]``
+      (LiveCodeBench / DeepCoder lcb): functional inputs are one JSON value per line per
+      argument, outputs JSON text;
+    - ``{"test": "<code defining check(candidate)>", "entry_point": str}`` (HumanEval);
+    - a JSON string of any of these.
+    """
+    if isinstance(obj, str | bytes):
+        try:
+            obj = json.loads(obj)
+        except ValueError as e:
+            raise ValueError(f"tests are not valid JSON ({e})") from None
+    if isinstance(obj, list):
+        return _from_lcb_list(obj)
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"tests must be an object, a list or JSON text, got {type(obj).__name__}")
+    if "test" in obj and "entry_point" in obj:
+        test, entry = obj["test"], obj["entry_point"]
+        if not isinstance(test, str) or not isinstance(entry, str) or not entry:
+            raise ValueError("'test' and 'entry_point' must be non-empty strings")
+        return CheckTest(test, entry)
+    if "input_output" in obj:
+        return tests_from_record(obj["input_output"])
+    if "inputs" in obj and "outputs" in obj:
+        inputs, outputs = obj["inputs"], obj["outputs"]
+        if not isinstance(inputs, list) or not isinstance(outputs, list):
+            raise ValueError("'inputs' and 'outputs' must be lists")
+        _check_lengths(inputs, outputs)
+        fn = obj.get("fn_name")
+        if fn:
+            if not isinstance(fn, str):
+                raise ValueError("'fn_name' must be a string")
+            args = tuple(tuple(x) if isinstance(x, list) else (x,) for x in inputs)
+            return CallTests(fn, args, tuple(outputs))
+        return StdioTests(
+            tuple(_text(x, f"input {i}") for i, x in enumerate(inputs)),
+            tuple(_text(y, f"output {i}") for i, y in enumerate(outputs)),
+        )
+    raise ValueError(
+        "unrecognised tests: expected inputs/outputs[/fn_name], input_output, "
+        "test/entry_point, or a list of input/output cases"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration and results
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    """Limits and pool settings. Limits apply per test; ``memory_mb`` is address space."""
+
+    time_limit_s: float = 2.0
+    memory_mb: int = 1024
+    max_processes: int = 32
+    max_file_mb: int = 16
+    max_output_mb: int = 16
+    workers: int = 1
+    stop_on_first_failure: bool = True
+    import_prelude: bool = True  # the reference's star-imports before stdio/call programs
+    isolation: str = "auto"  # "auto": "uid" when root else "none"; "uid"; "none"
+    uid_base: int = 62000  # sandbox uids: [uid_base, uid_base + uid_count), never real users
+    uid_count: int = 512
+    tmpfs_mb: int = 256  # size of the private /tmp (working directory)
+    stack_mb: int = 64
+    max_open_files: int = 256
+    python: str = sys.executable
+
+    def __post_init__(self) -> None:
+        positive = ("time_limit_s", "memory_mb", "max_processes", "max_file_mb", "max_output_mb",
+                    "workers", "uid_count", "tmpfs_mb", "stack_mb", "max_open_files")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"SandboxConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        if self.isolation not in ("auto", "uid", "none"):
+            raise ValueError(f"SandboxConfig.isolation must be auto, uid or none, got "
+                             f"{self.isolation!r}")
+        if self.uid_base < 1000:
+            raise ValueError("SandboxConfig.uid_base must be >= 1000 (system uids are off limits)")
+
+
+@dataclass(frozen=True)
+class TestResult:
+    """One test: ``status`` (see `STATUSES`), the child's wall time, a short message."""
+
+    __test__ = False  # not a pytest class
+
+    status: str
+    wall_s: float
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class ProgramResult:
+    """One program: ``passed`` iff every test passed; ``status`` = first non-passed test status.
+
+    ``wall_s`` is the whole program in the harness (start, tests, cleanup); ``isolation`` lists
+    the isolation features that were in force.
+    """
+
+    passed: bool
+    status: str
+    tests: list[TestResult]
+    wall_s: float
+    isolation: tuple[str, ...] = field(default=())
+
+
+# ---------------------------------------------------------------------------------------------
+# Uid slots
+
+
+def _uids_in_use() -> set[int]:
+    uids = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                uids.add(os.stat(f"/proc/{entry}").st_uid)
+            except OSError:
+                pass
+    return uids
+
+
+class _UidPool:
+    """Claims ``n`` sandbox uids with non-blocking flocks (released when closed or on exit)."""
+
+    def __init__(self, config: SandboxConfig, n: int):
+        lock_dir = os.path.join(tempfile.gettempdir(), "codescaler-sandbox-locks")
+        os.makedirs(lock_dir, mode=0o700, exist_ok=True)
+        busy = _uids_in_use()
+        self.locks: dict[int, int] = {}
+        for uid in range(config.uid_base, config.uid_base + config.uid_count):
+            if len(self.locks) == n:
+                break
+            if uid in busy or _is_known_uid(uid):
+                continue
+            fd = os.open(os.path.join(lock_dir, f"uid-{uid}.lock"),
+                         os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            if uid in _uids_in_use():  # a process appeared between the scan and the lock
+                os.close(fd)
+                continue
+            self.locks[uid] = fd
+        if len(self.locks) < n:
+            self.close()
+            raise RuntimeError(f"could not claim {n} free sandbox uids in "
+                               f"[{config.uid_base}, {config.uid_base + config.uid_count})")
+        self.free: queue.Queue[int] = queue.Queue()
+        for uid in self.locks:
+            self.free.put(uid)
+
+    def close(self) -> None:
+        for fd in self.locks.values():
+            os.close(fd)
+        self.locks = {}
+
+
+def _is_known_uid(uid: int) -> bool:
+    try:
+        pwd.getpwuid(uid)
+    except KeyError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# The sandbox
+
+
+class _Lines:
+    """Newline-delimited reads from a pipe with a deadline."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.buf = bytearray()
+
+    def next(self, timeout_s: float) -> bytes | None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            nl = self.buf.find(b"\n")
+            if nl >= 0:
+                line = bytes(self.buf[:nl])
+                del self.buf[: nl + 1]
+                return line
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            ready, _, _ = select.select([self.fd], [], [], remaining)
+            if not ready:
+                return None
+            chunk = os.read(self.fd, 1 << 20)
+            if not chunk:
+                return None
+            self.buf += chunk
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= _MESSAGE_CHARS else text[: _MESSAGE_CHARS - 3] + "..."
+
+
+class Sandbox:
+    """Runs programs against tests; ``run`` for one, ``run_many`` for a batch on the pool.
+
+    Use as a context manager (or call `close`) to release the claimed uids and the pool.
+    """
+
+    def __init__(self, config: SandboxConfig | None = None):
+        self.config = config or SandboxConfig()
+        mode = self.config.isolation
+        if mode == "auto":
+            mode = "uid" if os.geteuid() == 0 else "none"
+        if mode == "uid" and os.geteuid() != 0:
+            raise RuntimeError("SandboxConfig.isolation='uid' needs root")
+        self.mode = mode
+        self._uids = _UidPool(self.config, self.config.workers) if mode == "uid" else None
+        self._slots: queue.Queue[int | None]
+        if self._uids is not None:
+            self._slots = self._uids.free
+        else:
+            self._slots = queue.Queue()
+            for _ in range(self.config.workers):
+                self._slots.put(None)
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    # -- public API -----------------------------------------------------------------------
+
+    def run(self, code: str, tests: Tests) -> ProgramResult:
+        """Run ``code`` against ``tests`` (a spec or anything `tests_from_record` parses)."""
+        if not isinstance(tests, StdioTests | CallTests | CheckTest):
+            tests = tests_from_record(tests)
+        slot = self._slots.get()
+        try:
+            return self._run_one(code, tests, slot)
+        finally:
+            self._slots.put(slot)
+
+    def run_many(self, items: Iterable[tuple[str, Tests]]) -> list[ProgramResult]:
+        """Run many ``(code, tests)`` pairs on ``config.workers`` workers; results in order."""
+        items = [(c, t if isinstance(t, StdioTests | CallTests | CheckTest)
+                  else tests_from_record(t)) for c, t in items]
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.config.workers,
+                                                thread_name_prefix="sandbox")
+        return list(self._pool.map(lambda item: self.run(*item), items))
+
+    def close(self) -> None:
+        """Stop the pool and release the sandbox uids."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        if self._uids is not None:
+            self._uids.close()
+            self._uids = None
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- one program ----------------------------------------------------------------------
+
+    def _job(self, code: str, tests: Tests, uid: int | None, workdir: str) -> dict[str, Any]:
+        cfg = self.config
+        mb = 1 << 20
+        if isinstance(tests, StdioTests):
+            kind, cases = "stdio", [{"stdin": x} for x in tests.inputs]
+        elif isinstance(tests, CallTests):
+            kind, cases = "call", [{"args": list(a)} for a in tests.inputs]
+        else:
+            kind, cases = "check", [{"test": tests.test, "entry_point": tests.entry_point}]
+        return {
+            "code": code,
+            "kind": kind,
+            "fn_name": tests.fn_name if isinstance(tests, CallTests) else None,
+            "tests": cases,
+            "time_limit_s": cfg.time_limit_s,
+            "prelude": cfg.import_prelude and kind != "check",
+            "uid": uid,
+            "gid": uid,
+            "workdir": workdir,
+            "tmpfs_mb": cfg.tmpfs_mb,
+            "parent_pid": os.getpid(),
+            "limits": {
+                "as": cfg.memory_mb * mb,
+                "nproc": cfg.max_processes,
+                "fsize": cfg.max_file_mb * mb,
+                "output_bytes": cfg.max_output_mb * mb,
+                "stack": cfg.stack_mb * mb,
+                "nofile": cfg.max_open_files,
+            },
+        }
+
+    def _judge(self, record: dict[str, Any], tests: Tests, i: int) -> TestResult:
+        wall = float(record.get("wall_s", 0.0))
+        outcome = record.get("outcome")
+        message = _short(str(record.get("message", "")))
+        if outcome in ("timeout", "output_limit", "syntax_error"):
+            return TestResult(outcome, wall, message)
+        if outcome == "exception":
+            exc = record.get("exc_type")
+            if exc == "MemoryError":
+                return TestResult("memory_limit", wall, message)
+            if exc == "AssertionError" and isinstance(tests, CheckTest):
+                return TestResult("failed", wall, message or "AssertionError")
+            return TestResult("runtime_error", wall, message)
+        if outcome == "unplain":
+            return TestResult("failed", wall, message)
+        if outcome == "signal":
+            sig = int(record.get("signal", 0))
+            status = _SIGNAL_STATUS.get(sig, "runtime_error")
+            return TestResult(status, wall, f"killed by signal {sig}")
+        if outcome == "exit" and not (isinstance(tests, StdioTests)
+                                      and record.get("exit_code") == 0):
+            stderr = record.get("stderr", "")
+            return TestResult("runtime_error", wall, _short(
+                f"exited with status {record.get('exit_code')} before finishing. {stderr}"))
+        if outcome not in ("ok", "exit"):
+            return TestResult("sandbox_error", wall, f"unknown outcome {outcome!r}")
+        if isinstance(tests, CheckTest):
+            return TestResult("passed", wall)
+        if isinstance(tests, StdioTests):
+            got = record.get("stdout", "")
+            if compare.stdio_match(got, tests.outputs[i]):
+                return TestResult("passed", wall)
+            return TestResult("failed", wall, _short(
+                f"expected {tests.outputs[i][:200]!r}, got {got[:200]!r}"))
+        try:
+            value = json.loads(record.get("value", ""))
+        except ValueError as e:
+            return TestResult("failed", wall, f"unreadable return value ({e})")
+        if compare.call_match(value, tests.outputs[i]):
+            return TestResult("passed", wall)
+        return TestResult("failed", wall, _short(
+            f"expected {tests.outputs[i]!r}, got {value!r}"))
+
+    def _run_one(self, code: str, tests: Tests, uid: int | None) -> ProgramResult:
+        cfg = self.config
+        t0 = time.monotonic()
+        n = num_tests(tests)
+        results: list[TestResult] = []
+        isolation: tuple[str, ...] = ()
+        workdir = tempfile.mkdtemp(prefix="codescaler-sandbox-")
+        errlog = tempfile.TemporaryFile()
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
+               "HOME": workdir}
+        proc = subprocess.Popen(
+            [cfg.python, "-I", "-B", RUNNER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=errlog,
+            env=env,
+            cwd="/",
+            start_new_session=True,
+            close_fds=True,
+        )
+        clean_exit = False
+        try:
+            lines = _Lines(proc.stdout.fileno())
+            proc.stdin.write((json.dumps(self._job(code, tests, uid, workdir)) + "\n").encode())
+            proc.stdin.flush()
+            hello = lines.next(_STARTUP_S)
+            if hello is None or "hello" not in json.loads(hello):
+                raise _HarnessError(f"runner did not start: {hello!r}")
+            isolation = tuple(json.loads(hello)["hello"])
+            per_test = cfg.time_limit_s + 5.0  # cleanup patience + slack; limits are the runner's
+            for i in range(n):
+                line = lines.next(per_test + (_STARTUP_S if i == 0 else 0.0))
+                if line is None:
+                    raise _HarnessError("runner stopped answering")
+                result = self._judge(json.loads(line), tests, i)
+                results.append(result)
+                stop = result.status != "passed" and (
+                    cfg.stop_on_first_failure or result.status == "syntax_error")
+                proc.stdin.write(b"0\n" if stop or i == n - 1 else b"1\n")
+                proc.stdin.flush()
+                if stop:
+                    break
+            done = lines.next(per_test)
+            clean_exit = done is not None and json.loads(done).get("done") is True
+        except (_HarnessError, OSError, ValueError) as e:
+            # A dead runner (or one the program killed, in "none" mode) fails the test it was on.
+            status = "runtime_error" if self.mode == "none" else "sandbox_error"
+            results.append(TestResult(status, time.monotonic() - t0,
+                                      _short(f"{e}; {self._tail(errlog)}")))
+        finally:
+            self._reap(proc, uid, clean_exit)
+            errlog.close()
+            shutil.rmtree(workdir, ignore_errors=True)
+        if results and results[-1].status == "syntax_error":
+            results += [TestResult("syntax_error", 0.0, results[-1].message)] * (n - len(results))
+        results += [TestResult("skipped", 0.0)] * (n - len(results))
+        first_bad = next((r.status for r in results if r.status != "passed"), "passed")
+        return ProgramResult(first_bad == "passed", first_bad, results,
+                             time.monotonic() - t0, isolation)
+
+    @staticmethod
+    def _tail(errlog) -> str:
+        errlog.seek(0, os.SEEK_END)
+        size = errlog.tell()
+        errlog.seek(max(0, size - 300))
+        return errlog.read().decode("utf-8", "replace").strip()
+
+    def _reap(self, proc: subprocess.Popen, uid: int | None, clean_exit: bool) -> None:
+        for stream in (proc.stdin, proc.stdout):
+            try:
+                stream.close()
+            except OSError:
+                pass
+        try:
+            proc.wait(timeout=2.0 if clean_exit else 0.05)
+        except subprocess.TimeoutExpired:
+            pass
+        if proc.poll() is None or not clean_exit:
+            try:
+                os.killpg(proc.pid, 9)
+            except OSError:
+                pass
+            proc.wait()
+            if uid is not None:
+                # The runner died before its own sweep: kill the uid's leftovers from here.
+                subprocess.run([self.config.python, "-I", "-B", RUNNER, "--kill-uid", str(uid)],
+                               env={}, cwd="/", check=False, timeout=30)
+
+
+class _HarnessError(RuntimeError):
+    pass
+
