@@ -42,6 +42,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="compile the train step abstractly; print memory and FLOPs; no training",
     )
+    p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="skip and count bad data records instead of stopping at the first",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -169,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     from codescaler_jax.rm.config import RMTrainConfig
 
     try:
-        cfg = load_config(RMTrainConfig, args.config, args.overrides)
+        overrides = args.overrides + (["data.skip_bad=true"] if args.skip_bad else [])
+        cfg = load_config(RMTrainConfig, args.config, overrides)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

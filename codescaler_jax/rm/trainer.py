@@ -15,6 +15,7 @@ import json
 import logging
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -99,8 +100,18 @@ def _problem_key(p: Pair) -> Pair:
 class RMTrainer:
     """Builds every piece of an RM run from its config and runs it."""
 
-    def __init__(self, cfg: RMTrainConfig, *, resume: bool = False, progress: bool = True):
+    def __init__(
+        self,
+        cfg: RMTrainConfig,
+        *,
+        resume: bool = False,
+        progress: bool = True,
+        on_step: Callable[[int, dict[str, float]], None] | None = None,
+    ):
+        """``on_step(step, metrics)`` is called after every optimizer step (and its eval /
+        checkpoint), e.g. to stream metrics elsewhere or to stop a run early."""
         self.cfg = cfg
+        self.on_step = on_step
         self.resume = resume
         self.progress = progress
         self.run_dir = Path(cfg.run_dir)
@@ -326,70 +337,87 @@ class RMTrainer:
                     ),
                 )
 
-            bar = tqdm(
-                total=total_steps,
-                initial=start_step,
-                desc="train_rm",
-                unit="step",
-                disable=not self.progress or jax.process_index() != 0,
-            )
-            last: dict[str, float] = {}
-            for step in range(start_step, total_steps):
-                t0 = time.perf_counter()
-                batch = next(it)
-                t1 = time.perf_counter()
-                state, metrics = train_step(state, to_global(batch, BATCH_KEYS))
-                metrics = jax.device_get(metrics)
-                t2 = time.perf_counter()
-                length = batch["chosen_ids"].shape[1]
-                n_pairs = cfg.train.global_batch_size
-                tokens = 2 * n_pairs * length
-                real = float(batch["chosen_mask"].sum() + batch["rejected_mask"].sum())
-                real *= jax.process_count()
-                flops = tokens * train_flops_per_token(seq_len=length, **model_cfg)
-                stats = finalize_metrics(metrics)
-                last = {
-                    **stats,
-                    "grad_norm": float(metrics["grad_norm"]),
-                    "learning_rate": float(metrics["learning_rate"]),
-                    "tokens_per_s": tokens / (t2 - t1),
-                    "real_tokens_per_s": real / (t2 - t1),
-                    "mfu": flops / (t2 - t1) / peak,
-                    "time/step_s": t2 - t1,
-                    "time/data_s": t1 - t0,
-                    "seq_len": length,
-                }
-                done = step + 1
-                if done % cfg.train.log_every == 0 or done == total_steps:
-                    writer.scalars(done, last, "train/")
-                bar.update(1)
-                bar.set_postfix(
-                    loss=f"{stats['loss']:.4f}",
-                    acc=f"{stats['accuracy']:.2f}",
-                    lr=f"{last['learning_rate']:.2e}",
-                    tok_s=f"{last['tokens_per_s']:.0f}",
+            # Whatever happens (a crash, Ctrl-C), checkpoints in flight are finished and the
+            # TensorBoard file is flushed, so nothing already written is lost.
+            try:
+                bar = tqdm(
+                    total=total_steps,
+                    initial=start_step,
+                    desc="train_rm",
+                    unit="step",
+                    disable=not self.progress or jax.process_index() != 0,
                 )
-                if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < total_steps:
-                    t3 = time.perf_counter()
-                    m = evaluate(state["params"])
-                    writer.scalars(done, {**m, "time_s": time.perf_counter() - t3}, "eval/")
-                    history["eval"].append({"step": done, **m})
-                    log.info("step %d held-out: %s", done, _fmt(m))
-                if cfg.train.save_every and done % cfg.train.save_every == 0 and done < total_steps:
-                    t3 = time.perf_counter()
-                    save(done)
-                    writer.scalars(done, {"time/checkpoint_s": time.perf_counter() - t3}, "train/")
-            bar.close()
-            final = evaluate(state["params"])
-            if final:
-                writer.scalars(total_steps, final, "eval/")
-                if not history["eval"] or history["eval"][-1]["step"] != total_steps:
-                    history["eval"].append({"step": total_steps, **final})
-                log.info("final held-out: %s", _fmt(final))
-            if start_step < total_steps or ckpt.latest_step() is None:
-                save(total_steps)
-            ckpt.wait_until_finished()
-            writer.close()
+                last: dict[str, float] = {}
+                for step in range(start_step, total_steps):
+                    t0 = time.perf_counter()
+                    batch = next(it)
+                    t1 = time.perf_counter()
+                    state, metrics = train_step(state, to_global(batch, BATCH_KEYS))
+                    metrics = jax.device_get(metrics)
+                    t2 = time.perf_counter()
+                    length = batch["chosen_ids"].shape[1]
+                    n_pairs = cfg.train.global_batch_size
+                    tokens = 2 * n_pairs * length
+                    real = float(batch["chosen_mask"].sum() + batch["rejected_mask"].sum())
+                    real *= jax.process_count()
+                    flops = tokens * train_flops_per_token(seq_len=length, **model_cfg)
+                    stats = finalize_metrics(metrics)
+                    last = {
+                        **stats,
+                        "grad_norm": float(metrics["grad_norm"]),
+                        "learning_rate": float(metrics["learning_rate"]),
+                        "tokens_per_s": tokens / (t2 - t1),
+                        "real_tokens_per_s": real / (t2 - t1),
+                        "mfu": flops / (t2 - t1) / peak,
+                        "time/step_s": t2 - t1,
+                        "time/data_s": t1 - t0,
+                        "seq_len": length,
+                    }
+                    done = step + 1
+                    if done % cfg.train.log_every == 0 or done == total_steps:
+                        writer.scalars(done, last, "train/")
+                    bar.update(1)
+                    bar.set_postfix(
+                        loss=f"{stats['loss']:.4f}",
+                        acc=f"{stats['accuracy']:.2f}",
+                        lr=f"{last['learning_rate']:.2e}",
+                        tok_s=f"{last['tokens_per_s']:.0f}",
+                    )
+                    if (
+                        cfg.train.eval_every
+                        and done % cfg.train.eval_every == 0
+                        and done < total_steps
+                    ):
+                        t3 = time.perf_counter()
+                        m = evaluate(state["params"])
+                        writer.scalars(done, {**m, "time_s": time.perf_counter() - t3}, "eval/")
+                        history["eval"].append({"step": done, **m})
+                        log.info("step %d held-out: %s", done, _fmt(m))
+                    if (
+                        cfg.train.save_every
+                        and done % cfg.train.save_every == 0
+                        and done < total_steps
+                    ):
+                        t3 = time.perf_counter()
+                        save(done)
+                        writer.scalars(
+                            done, {"time/checkpoint_s": time.perf_counter() - t3}, "train/"
+                        )
+                    if self.on_step is not None:
+                        self.on_step(done, last)
+                final = evaluate(state["params"])
+                if final:
+                    writer.scalars(total_steps, final, "eval/")
+                    if not history["eval"] or history["eval"][-1]["step"] != total_steps:
+                        history["eval"].append({"step": total_steps, **final})
+                    log.info("final held-out: %s", _fmt(final))
+                if start_step < total_steps or ckpt.latest_step() is None:
+                    save(total_steps)
+            finally:
+                bar.close()
+                ckpt.wait_until_finished()
+                ckpt.close()
+                writer.close()
             if cfg.train.export_hf:
                 from codescaler_jax.models.hf_io import save_hf_model
 
