@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+from tqdm.auto import tqdm
+
 from codescaler_jax.data.mutants import make_mutants
 from codescaler_jax.data.pairs import Candidate, Pair, PairStats, build_pairs
 from codescaler_jax.data.problems import Problem
@@ -35,8 +37,13 @@ def label_candidates(
             items.append((code, tests))
             owners.append((prob, code))
     cfg = SandboxConfig(time_limit_s=time_limit_s, workers=workers, stop_on_first_failure=True)
+    results = []
+    bar = tqdm(total=len(items), desc="sandbox", unit="program", disable=not progress, leave=False)
     with Sandbox(cfg) as sandbox:
-        results = sandbox.run_many(items, progress=progress)
+        for start in range(0, len(items), 64):
+            results.extend(sandbox.run_many(items[start : start + 64]))
+            bar.update(min(64, len(items) - start))
+    bar.close()
     return [
         Candidate(prob.problem_id, prob.prompt, code, bool(res.passed))
         for (prob, code), res in zip(owners, results, strict=True)
