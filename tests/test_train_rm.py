@@ -227,3 +227,46 @@ def test_unknown_key_fails_fast(tmp_path):
         load_config(RMTrainConfig, "configs/rm_tiny.yaml", ["train.max_stepz=3"])
     cfg = load_config(RMTrainConfig, "configs/rm_tiny.yaml", [])
     assert dataclasses.asdict(cfg)["data"]["source"] == "humaneval"
+
+
+def test_score_cli_extracts_scores_and_shapes(full_run, tmp_path):
+    from codescaler_jax.rm.scorer import RewardScorer
+    from codescaler_jax.score import main as score_main
+
+    run_dir, _, _ = full_run
+    problem = "Write a function f that returns 1."
+    recs = [
+        {"problem": problem, "response": "Sure:\n```python\ndef f():\n    return 1\n```\nDone."},
+        {"problem": problem, "response": "no code here"},
+        {"problem": problem, "response": "```python\nx = 1\n```\n```python\ny = 2\n```"},
+        {"problem": problem, "response": "```python\ndef f(:\n```"},
+    ]
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("\n".join(json.dumps(r) for r in recs) + "\n" + '{"problem": 3}\n')
+    out = tmp_path / "out.jsonl"
+    args = [
+        "--rm",
+        str(run_dir),
+        "--input",
+        str(inp),
+        "--output",
+        str(out),
+        "--max-length",
+        "256",
+        "--batch-size",
+        "8",
+        "--no-progress",
+    ]
+    assert score_main(args) == 2  # the bad last line stops the run ...
+    assert not out.exists()
+    assert score_main([*args, "--skip-bad"]) == 0  # ... or is skipped and counted
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["valid"] for r in rows] == [True, False, False, False]
+    assert [r["reason"] for r in rows] == ["ok", "no_block", "multiple_blocks", "syntax_error"]
+    assert rows[0]["code"] == "def f():\n    return 1"
+    assert all(r["code"] == "" and r["reward"] == 0.0 for r in rows[1:])
+    scorer = RewardScorer.from_pretrained(run_dir, max_length=256, batch_size=8)
+    expect = scorer.score([problem] * 2, [rows[0]["code"], ""])
+    assert rows[0]["score"] == pytest.approx(float(expect[0]), abs=1e-5)
+    assert rows[1]["score"] == pytest.approx(float(expect[1]), abs=1e-5)
+    assert rows[0]["reward"] == pytest.approx(float(np.logaddexp(0.0, expect[0])), abs=1e-5)

@@ -81,18 +81,26 @@ class RewardScorer:
         **kwargs: Any,
     ) -> RewardScorer:
         """Load a Hugging Face RM directory, or a ``train_rm`` run directory (its ``hf/``
-        export), with the tokenizer files found there unless ``tokenizer`` names others."""
+        export, else its latest Orbax checkpoint), with the tokenizer files found there
+        unless ``tokenizer`` names others."""
         from codescaler_jax.models.hf_io import load_hf_model
 
         path = Path(path)
+        mesh = mesh if mesh is not None else make_mesh()
         if not (path / "config.json").is_file() and (path / "hf" / "config.json").is_file():
             path = path / "hf"
         if not (path / "config.json").is_file():
+            if (path / "config.yaml").is_file() and (path / "checkpoints").is_dir():
+                from codescaler_jax.rm.trainer import load_run_checkpoint
+
+                model, tok = load_run_checkpoint(path, mesh=mesh)
+                if tokenizer:
+                    tok = load_tokenizer(tokenizer)
+                return cls(model, tok, mesh=mesh, **kwargs)
             raise FileNotFoundError(
-                f"{path}: no config.json (expected a Hugging Face RM directory or a train_rm "
-                "run directory with an hf/ export)"
+                f"{path}: no config.json (expected a Hugging Face RM directory, or a train_rm "
+                "run directory with an hf/ export or Orbax checkpoints)"
             )
-        mesh = mesh if mesh is not None else make_mesh()
         model = load_hf_model(path, Qwen3RewardModel, mesh=mesh, param_dtype=dtype, dtype=dtype)
         tok = load_tokenizer(tokenizer or str(path))
         return cls(model, tok, mesh=mesh, **kwargs)

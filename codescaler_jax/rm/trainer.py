@@ -445,3 +445,39 @@ class RMTrainer:
 
 def _fmt(m: dict[str, float]) -> str:
     return ", ".join(f"{k}={v:.4f}" for k, v in m.items())
+
+
+def load_run_checkpoint(
+    run_dir: str | Path, *, mesh=None, step: int | None = None
+) -> tuple[Qwen3RewardModel, Any]:
+    """The RM of a ``train_rm`` run directory from its Orbax checkpoint (latest, or ``step``),
+    with the run's tokenizer: ``(model, tokenizer)``. For runs exported without ``hf/``."""
+    from codescaler_jax.config import load_config
+
+    run_dir = Path(run_dir)
+    cfg = load_config(RMTrainConfig, run_dir / "config.yaml")
+    mesh = mesh if mesh is not None else make_mesh(cfg.mesh)
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    if cfg.model.init_from:
+        mcfg = Qwen3Config.from_hf(cfg.model.init_from)
+        mcfg = dataclasses.replace(mcfg, param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype)
+    else:
+        mcfg = model_config(cfg, len(tokenizer), tokenizer.pad_token_id)
+    abstract = nnx.eval_shape(lambda: Qwen3RewardModel(mcfg, rngs=nnx.Rngs(0)))
+    graphdef, params, rest = split_model(abstract)
+    tx = make_optimizer(cfg.optim, make_schedule(cfg.optim, 1))
+    sh = state_shardings(abstract, tx, mesh)
+    sds = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
+    target = {
+        "params": jax.tree.map(sds, params, sh["params"]),
+        "opt_state": jax.tree.map(sds, jax.eval_shape(tx.init, params), sh["opt_state"]),
+        "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=sh["step"]),
+    }
+    with ocp.CheckpointManager((run_dir / "checkpoints").absolute()) as mngr:
+        step = mngr.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {run_dir / 'checkpoints'}")
+        restored = mngr.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+        )
+    return nnx.merge(graphdef, restored["state"]["params"], rest), tokenizer
