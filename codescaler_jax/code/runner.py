@@ -1,10 +1,12 @@
 """In-sandbox driver: runs one untrusted program against its tests, one forked child per test.
 
-`codescaler_jax.code.sandbox` starts this file as ``python -I -B runner.py`` in a new session. It
-imports only the standard library (``-I`` keeps the package off ``sys.path`` on purpose).
+`codescaler_jax.code.sandbox` starts this file as ``python -I -B runner.py`` in a new session, once
+per worker slot: a server that reads jobs from stdin and forks one process per program, so the
+interpreter start-up and imports are paid once. It imports only the standard library (``-I``
+keeps the package off ``sys.path`` on purpose) and never runs untrusted code itself.
 
-When started as root with a sandbox uid (the normal case), the runner stays root, outside the
-reach of the program, and:
+For a job with a sandbox uid (root, the normal case) the program process stays root, outside
+the reach of the program, and:
 - moves into new network and mount namespaces (no network; a private tmpfs on /tmp that vanishes
   with the namespace; every other mount read-only; /proc remounted with hidepid so other users'
   processes are invisible; directories on the interpreter's path that an unprivileged user could
@@ -25,10 +27,11 @@ the network, write wherever the user can, and kill the runner.
 
 ``runner.py --kill-uid UID`` (as root) only kills every process of UID.
 
-Protocol (JSON lines): stdin carries one job line, then one control line per finished test
-(``1`` = continue, anything else = stop). stdout carries a ``hello`` line (the isolation that was
-achieved), one result line per test, and a final ``done`` line. The runner never sees expected
-outputs: it reports what the program printed or returned and the parent judges it.
+Protocol (JSON lines), per job: stdin carries the job line, then one control line per finished
+test (``1`` = continue, anything else = stop). stdout carries a ``hello`` line (the isolation
+that was achieved), one result line per test, and an ``ended`` line once the program process is
+gone. The runner never sees expected outputs: it reports what the program printed or returned
+and the parent judges it.
 """
 
 import ctypes
@@ -66,8 +69,8 @@ PRELUDE = (
     "".join(f"from {m} import *\n" for m in PRELUDE_MODULES)
     + "from builtins import *\nfrom typing import *\n"
     + "".join(f"import {m}\n" for m in PRELUDE_MODULES)
-    + "sys.setrecursionlimit(6 * 10**5)\n"
 )
+# The reference prelude also raises the recursion limit to 6 * 10**5 (job["recursion_limit"]).
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
@@ -299,7 +302,9 @@ def _status(payload):
 
 def _exc_payload(exc):
     text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+    errno_ = getattr(exc, "errno", None)
     return {"outcome": "exception", "exc_type": type(exc).__name__,
+            "errno": errno_ if isinstance(errno_, int) else None,
             "message": text[-MESSAGE_CHARS:]}
 
 
@@ -352,6 +357,7 @@ def _run_program(job, test):
     try:
         if job["prelude"] and kind != "check":
             exec(PRELUDE, ns)
+            sys.setrecursionlimit(job["recursion_limit"])
         exec(code, ns)
         if kind == "call":
             fn_name = job["fn_name"]
@@ -551,7 +557,7 @@ def run_test(job, test, privileged, workdir):
         except ValueError:
             payload = None
     if isinstance(payload, dict) and isinstance(payload.get("outcome"), str):
-        record.update({k: payload[k] for k in ("outcome", "exc_type", "message", "value")
+        record.update({k: payload[k] for k in ("outcome", "exc_type", "errno", "message", "value")
                        if k in payload})
     elif os.WIFSIGNALED(status):
         record["outcome"] = "signal"
@@ -567,49 +573,96 @@ def run_test(job, test, privileged, workdir):
 # ---------------------------------------------------------------------------------------------
 
 
+class _Lines:
+    """Unbuffered-by-contract line reader on a file descriptor.
+
+    Its buffer holds only what was read; the parent never writes past a line before it gets an
+    answer, so a forked program process and the server never read each other's bytes.
+    """
+
+    def __init__(self, fd):
+        self.fd = fd
+        self.buf = bytearray()
+
+    def readline(self):
+        while True:
+            nl = self.buf.find(b"\n")
+            if nl >= 0:
+                line = bytes(self.buf[:nl])
+                del self.buf[: nl + 1]
+                return line
+            chunk = os.read(self.fd, 1 << 20)
+            if not chunk:
+                return None
+            self.buf += chunk
+
+
 def _send(obj):
-    sys.stdout.write(json.dumps(obj) + "\n")
-    sys.stdout.flush()
+    _write_all(1, (json.dumps(obj) + "\n").encode())
 
 
-def main():
-    job = json.loads(sys.stdin.buffer.readline())
-    # Die with the parent: nothing may outlive the harness.
+def run_job(job, lines):
+    """One program (in its own forked process): isolate, run the tests, clean up."""
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != job["parent_pid"]:
-        return 1
     prctl(PR_SET_CHILD_SUBREAPER, 1)
     privileged = job["uid"] is not None
     if privileged:
-        if os.geteuid() != 0:
-            _send({"error": "privileged mode needs root"})
-            return 1
         achieved, workdir = setup_isolation(job)
-        # No ptrace, no /proc/<runner>/{mem,fd} for anyone without CAP_SYS_PTRACE.
+        # No ptrace, no /proc/<pid>/{mem,fd} for anyone without CAP_SYS_PTRACE.
         prctl(PR_SET_DUMPABLE, 0)
     else:
         achieved, workdir = ["rlimits", "session"], job["workdir"]
         job["user_tasks"] = user_tasks(os.getuid())
-    if job["prelude"]:
-        for name in PRELUDE_MODULES + ("typing",):
-            __import__(name)
     _send({"hello": achieved})
     uid = job["uid"] if privileged else None
-    for i, test in enumerate(job["tests"]):
-        record = run_test(job, test, privileged, workdir)
+    try:
+        for i, test in enumerate(job["tests"]):
+            record = run_test(job, test, privileged, workdir)
+            cleanup(uid)
+            record["i"] = i
+            _send(record)
+            if lines.readline() != b"1":
+                break
+    finally:
         cleanup(uid)
-        record["i"] = i
-        _send(record)
-        if sys.stdin.buffer.readline().strip() != b"1":
-            break
-    cleanup(uid)
-    _send({"done": True})
-    return 0
+
+
+def serve():
+    """Run jobs from stdin until it closes; each job in a fresh forked process.
+
+    The server itself never runs untrusted code, so it stays clean between programs and the
+    interpreter start-up and imports are paid once per worker slot, not once per program.
+    """
+    for name in PRELUDE_MODULES + ("typing",):
+        __import__(name)
+    lines = _Lines(0)
+    while True:
+        line = lines.readline()
+        if line is None:
+            return 0
+        job = json.loads(line)
+        if job["uid"] is not None and os.geteuid() != 0:
+            _send({"ended": True, "error": "privileged mode needs root"})
+            continue
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                run_job(job, lines)
+            except BaseException:  # noqa: BLE001 - report through the exit status
+                traceback.print_exc()
+                code = 1
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        if job["uid"] is not None:
+            kill_uid(job["uid"])  # in case the program process itself died early
+        _send({"ended": True, "status": status})
 
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--kill-uid":
-        # Used by the parent when a runner died before cleaning up after its program.
+        # Used by the parent when a server died before cleaning up after its program.
         kill_uid(int(sys.argv[2]))
         sys.exit(0)
-    sys.exit(main())
+    sys.exit(serve())

@@ -74,6 +74,7 @@ STATUSES = (
     "sandbox_error",
 )
 _SIGNAL_STATUS = {24: "timeout", 25: "output_limit"}  # SIGXCPU, SIGXFSZ
+_ERRNO_STATUS = {27: "output_limit", 28: "output_limit"}  # EFBIG (file-size limit), ENOSPC
 _STARTUP_S = 20.0  # safety net only: the runner itself enforces every limit precisely
 _MESSAGE_CHARS = 500
 
@@ -220,6 +221,9 @@ def tests_from_record(obj: Mapping[str, Any] | Sequence[Any] | str) -> Tests:
     )
 
 
+tests_from_record.__test__ = False  # its name starts with "test"; keep pytest from collecting it
+
+
 # ---------------------------------------------------------------------------------------------
 # Configuration and results
 
@@ -236,6 +240,7 @@ class SandboxConfig:
     workers: int = 1
     stop_on_first_failure: bool = True
     import_prelude: bool = True  # the reference's star-imports before stdio/call programs
+    recursion_limit: int = 600_000  # set with the prelude, as the reference does
     isolation: str = "auto"  # "auto": "uid" when root else "none"; "uid"; "none"
     uid_base: int = 62000  # sandbox uids: [uid_base, uid_base + uid_count), never real users
     uid_count: int = 512
@@ -246,7 +251,8 @@ class SandboxConfig:
 
     def __post_init__(self) -> None:
         positive = ("time_limit_s", "memory_mb", "max_processes", "max_file_mb", "max_output_mb",
-                    "workers", "uid_count", "tmpfs_mb", "stack_mb", "max_open_files")
+                    "workers", "uid_count", "tmpfs_mb", "stack_mb", "max_open_files",
+                    "recursion_limit")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"SandboxConfig.{name} must be > 0, got {getattr(self, name)!r}")
@@ -379,10 +385,73 @@ def _short(text: str) -> str:
     return text if len(text) <= _MESSAGE_CHARS else text[: _MESSAGE_CHARS - 3] + "..."
 
 
+class _Slot:
+    """A worker slot: its sandbox uid (or None) and its long-lived runner server."""
+
+    def __init__(self, uid: int | None):
+        self.uid = uid
+        self.proc: subprocess.Popen | None = None
+        self.lines: _Lines | None = None
+        self.errlog = None
+
+    def server(self, python: str) -> tuple[subprocess.Popen, _Lines]:
+        if self.proc is None or self.proc.poll() is not None:
+            self.stop(python)
+            self.errlog = tempfile.TemporaryFile()
+            self.proc = subprocess.Popen(
+                [python, "-I", "-B", RUNNER],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=self.errlog,
+                env={"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
+                     "LC_ALL": "C.UTF-8"},
+                cwd="/",
+                start_new_session=True,
+                close_fds=True,
+            )
+            self.lines = _Lines(self.proc.stdout.fileno())
+        return self.proc, self.lines
+
+    def stderr_tail(self) -> str:
+        if self.errlog is None:
+            return ""
+        self.errlog.seek(0, os.SEEK_END)
+        size = self.errlog.tell()
+        self.errlog.seek(max(0, size - 300))
+        return self.errlog.read().decode("utf-8", "replace").strip()
+
+    def stop(self, python: str, *, kill: bool = True) -> None:
+        """Stop the server (closing its stdin ends it; a stuck one is killed with its group)."""
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            for stream in (proc.stdin, proc.stdout):
+                try:
+                    stream.close()
+                except OSError:
+                    pass
+            try:
+                proc.wait(timeout=0.05 if kill else 5.0)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(proc.pid, 9)
+                except OSError:
+                    pass
+                proc.wait()
+            if kill and self.uid is not None:
+                # The server may have died mid-program: kill the uid's leftovers from here.
+                subprocess.run([python, "-I", "-B", RUNNER, "--kill-uid", str(self.uid)],
+                               env={}, cwd="/", check=False, timeout=30)
+        if self.errlog is not None:
+            self.errlog.close()
+            self.errlog = None
+
+
 class Sandbox:
     """Runs programs against tests; ``run`` for one, ``run_many`` for a batch on the pool.
 
-    Use as a context manager (or call `close`) to release the claimed uids and the pool.
+    Each worker slot keeps one runner server (started on first use) that forks a fresh,
+    isolated process per program. Use as a context manager (or call `close`) to stop the
+    servers and release the claimed uids.
     """
 
     def __init__(self, config: SandboxConfig | None = None):
@@ -394,15 +463,18 @@ class Sandbox:
             raise RuntimeError("SandboxConfig.isolation='uid' needs root")
         self.mode = mode
         self._uids = _UidPool(self.config, self.config.workers) if mode == "uid" else None
-        self._slots: queue.Queue[int | None]
-        if self._uids is not None:
-            self._slots = self._uids.free
-        else:
-            self._slots = queue.Queue()
-            for _ in range(self.config.workers):
-                self._slots.put(None)
+        uids = list(self._uids.locks) if self._uids is not None else [None] * self.config.workers
+        self._all_slots = [_Slot(uid) for uid in uids]
+        self._slots: queue.Queue[_Slot] = queue.Queue()
+        for slot in self._all_slots:
+            self._slots.put(slot)
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
+
+    @property
+    def uids(self) -> list[int]:
+        """The sandbox uids this instance holds (empty in ``none`` mode)."""
+        return [s.uid for s in self._all_slots if s.uid is not None]
 
     # -- public API -----------------------------------------------------------------------
 
@@ -410,6 +482,8 @@ class Sandbox:
         """Run ``code`` against ``tests`` (a spec or anything `tests_from_record` parses)."""
         if not isinstance(tests, StdioTests | CallTests | CheckTest):
             tests = tests_from_record(tests)
+        if not isinstance(code, str):
+            raise TypeError(f"code must be str, got {type(code).__name__}")
         slot = self._slots.get()
         try:
             return self._run_one(code, tests, slot)
@@ -427,10 +501,12 @@ class Sandbox:
         return list(self._pool.map(lambda item: self.run(*item), items))
 
     def close(self) -> None:
-        """Stop the pool and release the sandbox uids."""
+        """Stop the pool and the servers, release the sandbox uids."""
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        for slot in self._all_slots:
+            slot.stop(self.config.python, kill=False)
         if self._uids is not None:
             self._uids.close()
             self._uids = None
@@ -459,11 +535,11 @@ class Sandbox:
             "tests": cases,
             "time_limit_s": cfg.time_limit_s,
             "prelude": cfg.import_prelude and kind != "check",
+            "recursion_limit": cfg.recursion_limit,
             "uid": uid,
             "gid": uid,
             "workdir": workdir,
             "tmpfs_mb": cfg.tmpfs_mb,
-            "parent_pid": os.getpid(),
             "limits": {
                 "as": cfg.memory_mb * mb,
                 "nproc": cfg.max_processes,
@@ -484,6 +560,8 @@ class Sandbox:
             exc = record.get("exc_type")
             if exc == "MemoryError":
                 return TestResult("memory_limit", wall, message)
+            if record.get("errno") in _ERRNO_STATUS:
+                return TestResult(_ERRNO_STATUS[record["errno"]], wall, message)
             if exc == "AssertionError" and isinstance(tests, CheckTest):
                 return TestResult("failed", wall, message or "AssertionError")
             return TestResult("runtime_error", wall, message)
@@ -517,41 +595,30 @@ class Sandbox:
         return TestResult("failed", wall, _short(
             f"expected {tests.outputs[i]!r}, got {value!r}"))
 
-    def _run_one(self, code: str, tests: Tests, uid: int | None) -> ProgramResult:
+    def _run_one(self, code: str, tests: Tests, slot: _Slot) -> ProgramResult:
         cfg = self.config
         t0 = time.monotonic()
         n = num_tests(tests)
         results: list[TestResult] = []
         isolation: tuple[str, ...] = ()
         workdir = tempfile.mkdtemp(prefix="codescaler-sandbox-")
-        errlog = tempfile.TemporaryFile()
-        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
-               "HOME": workdir}
-        proc = subprocess.Popen(
-            [cfg.python, "-I", "-B", RUNNER],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=errlog,
-            env=env,
-            cwd="/",
-            start_new_session=True,
-            close_fds=True,
-        )
-        clean_exit = False
+        healthy = False
         try:
-            lines = _Lines(proc.stdout.fileno())
-            proc.stdin.write((json.dumps(self._job(code, tests, uid, workdir)) + "\n").encode())
+            proc, lines = slot.server(cfg.python)
+            proc.stdin.write((json.dumps(self._job(code, tests, slot.uid, workdir)) + "\n")
+                             .encode())
             proc.stdin.flush()
-            hello = lines.next(_STARTUP_S)
-            if hello is None or "hello" not in json.loads(hello):
-                raise _HarnessError(f"runner did not start: {hello!r}")
-            isolation = tuple(json.loads(hello)["hello"])
+            hello = _message(lines, _STARTUP_S)
+            if "hello" not in hello:
+                raise _HarnessError(f"runner did not start: {hello}")
+            isolation = tuple(hello["hello"])
             per_test = cfg.time_limit_s + 5.0  # cleanup patience + slack; limits are the runner's
             for i in range(n):
-                line = lines.next(per_test + (_STARTUP_S if i == 0 else 0.0))
-                if line is None:
-                    raise _HarnessError("runner stopped answering")
-                result = self._judge(json.loads(line), tests, i)
+                record = _message(lines, per_test)
+                if "ended" in record:
+                    raise _HarnessError(f"program process ended early (status "
+                                        f"{record.get('status')})")
+                result = self._judge(record, tests, i)
                 results.append(result)
                 stop = result.status != "passed" and (
                     cfg.stop_on_first_failure or result.status == "syntax_error")
@@ -559,16 +626,15 @@ class Sandbox:
                 proc.stdin.flush()
                 if stop:
                     break
-            done = lines.next(per_test)
-            clean_exit = done is not None and json.loads(done).get("done") is True
+            healthy = "ended" in _message(lines, per_test)
         except (_HarnessError, OSError, ValueError) as e:
             # A dead runner (or one the program killed, in "none" mode) fails the test it was on.
             status = "runtime_error" if self.mode == "none" else "sandbox_error"
             results.append(TestResult(status, time.monotonic() - t0,
-                                      _short(f"{e}; {self._tail(errlog)}")))
+                                      _short(f"{e}; {slot.stderr_tail()}")))
         finally:
-            self._reap(proc, uid, clean_exit)
-            errlog.close()
+            if not healthy:
+                slot.stop(cfg.python)
             shutil.rmtree(workdir, ignore_errors=True)
         if results and results[-1].status == "syntax_error":
             results += [TestResult("syntax_error", 0.0, results[-1].message)] * (n - len(results))
@@ -577,33 +643,15 @@ class Sandbox:
         return ProgramResult(first_bad == "passed", first_bad, results,
                              time.monotonic() - t0, isolation)
 
-    @staticmethod
-    def _tail(errlog) -> str:
-        errlog.seek(0, os.SEEK_END)
-        size = errlog.tell()
-        errlog.seek(max(0, size - 300))
-        return errlog.read().decode("utf-8", "replace").strip()
 
-    def _reap(self, proc: subprocess.Popen, uid: int | None, clean_exit: bool) -> None:
-        for stream in (proc.stdin, proc.stdout):
-            try:
-                stream.close()
-            except OSError:
-                pass
-        try:
-            proc.wait(timeout=2.0 if clean_exit else 0.05)
-        except subprocess.TimeoutExpired:
-            pass
-        if proc.poll() is None or not clean_exit:
-            try:
-                os.killpg(proc.pid, 9)
-            except OSError:
-                pass
-            proc.wait()
-            if uid is not None:
-                # The runner died before its own sweep: kill the uid's leftovers from here.
-                subprocess.run([self.config.python, "-I", "-B", RUNNER, "--kill-uid", str(uid)],
-                               env={}, cwd="/", check=False, timeout=30)
+def _message(lines: _Lines, timeout_s: float) -> dict[str, Any]:
+    line = lines.next(timeout_s)
+    if line is None:
+        raise _HarnessError("runner stopped answering")
+    msg = json.loads(line)
+    if not isinstance(msg, dict):
+        raise _HarnessError(f"bad runner message {line[:100]!r}")
+    return msg
 
 
 class _HarnessError(RuntimeError):
