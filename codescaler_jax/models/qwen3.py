@@ -286,6 +286,9 @@ class Qwen3Config:
             "max_position_embeddings": self.max_position_embeddings,
             "rms_norm_eps": self.rms_norm_eps,
             "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+            # Legacy spelling, for transformers 4.x readers (5.x folds it into rope_parameters).
+            "rope_theta": self.rope_theta,
+            "rope_scaling": None,
             "attention_bias": False,
             "attention_dropout": 0.0,
             "use_sliding_window": False,
@@ -586,8 +589,10 @@ class Qwen3RewardModel(nnx.Module):
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
         """Scores ``[B]`` float32 for ``input_ids [B, T]``, read at the last real token.
 
-        ``attention_mask [B, T]`` marks the real tokens (right padding, as for HF pooling at
-        the rightmost non-pad token).
+        ``attention_mask [B, T]`` marks the real tokens (right padding). This is the
+        reference RL worker's rule (gather at ``argmax(position * mask)``); HF sequence
+        classification picks the rightmost token ``!= pad_token_id`` instead, which is the
+        same token unless a sequence ends in real tokens equal to the pad id.
         """
         hidden, _ = self.model(input_ids, attention_mask)
         last = last_token_index(attention_mask)

@@ -219,7 +219,6 @@ def create_sharded(
     graphdef, abstract_state = nnx.split(abstract)
     shardings = param_shardings(abstract_state, mesh, rules)
 
-    @jax.jit
     def init() -> Any:
         return nnx.state(factory())
 
