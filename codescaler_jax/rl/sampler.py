@@ -1,0 +1,397 @@
+"""Policy sampling for GRPO rollouts: a jit-compiled decode loop over a static KV cache.
+
+``JaxSampler`` turns prompts (token lists) into responses. Prompts are left-padded to a length
+bucket, prefilled in one forward pass, then a ``jax.lax.while_loop`` decodes one token per step
+on device (no host round trip per token) until every row has stopped or ``max_new_tokens`` is
+reached. A row stops at an EOS id or when its last tokens equal one of the configured stop
+sequences; what comes after is padding (token ``pad_token_id``, log-prob 0). The loop is
+jitted with the parameters on the mesh (heads on ``tensor``, ``embed`` on ``fsdp``) and the
+batch, the KV cache and the outputs split over ``('data', 'fsdp')``.
+
+Sampling per step: ``logits / temperature`` -> keep the ``top_k`` largest -> keep the smallest
+set of the (renormalised) remaining tokens whose probability reaches ``top_p`` (the nucleus;
+the most likely token is always kept) -> draw. ``greedy`` takes the argmax instead. The order
+(temperature, top-k, top-p) is that of vLLM and ``transformers``.
+
+Returned log-probs are ``log_softmax(logits / temperature)`` of each drawn token (temperature 1
+when greedy), i.e. under the temperature-scaled policy *before* top-k/top-p truncation. That is
+the distribution the GRPO update recomputes and trains (verl divides the actor's logits by the
+rollout temperature), so rollout and actor log-probs are directly comparable.
+
+Stop strings are matched as token sequences: ``stop_sequences_from_strings`` encodes each
+string with the policy tokenizer. A stop string that the policy spells with other tokens is not
+caught on device; that is the price of a per-token check without a host round trip.
+
+``Sampler`` is the small interface the trainer uses (``load_params`` then ``generate``), so an
+external engine (e.g. vLLM-TPU, which needs a weight sync in ``load_params``) can replace
+``JaxSampler`` without touching the trainer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from codescaler_jax.models.qwen3 import Qwen3ForCausalLM
+from codescaler_jax.models.sharding import batch_sharding, param_shardings, tree_shardings
+
+_NEG_INF = -jnp.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How to sample. Hashable: it is a static argument of the jitted decode loop.
+
+    Attributes:
+        max_new_tokens: response budget per row (the reference uses 16,384).
+        temperature: logits are divided by it before sampling (ignored when ``greedy``).
+        top_p: nucleus mass in (0, 1]; 1 disables.
+        top_k: keep the k most likely tokens; 0 disables.
+        greedy: take the argmax (``transformers`` ``do_sample=False``).
+        eos_token_ids: a row stops after emitting any of these (the token is kept).
+        stop_sequences: token-id sequences; a row stops once its response ends with one.
+        pad_token_id: fills the positions after a row stopped.
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    greedy: bool = False
+    eos_token_ids: tuple[int, ...] = ()
+    stop_sequences: tuple[tuple[int, ...], ...] = ()
+    pad_token_id: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
+        object.__setattr__(
+            self, "stop_sequences", tuple(tuple(int(t) for t in s) for s in self.stop_sequences)
+        )
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.greedy and not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 (or greedy=True), got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if any(len(s) == 0 for s in self.stop_sequences):
+            raise ValueError("stop_sequences must not contain an empty sequence")
+
+    @property
+    def logprob_temperature(self) -> float:
+        """The temperature of the returned log-probs (1 for greedy)."""
+        return 1.0 if self.greedy else float(self.temperature)
+
+
+@dataclasses.dataclass
+class SampleOutput:
+    """Responses of one ``generate`` call (host numpy arrays, one row per prompt).
+
+    Attributes:
+        tokens: ``[B, max_new_tokens]`` int32, ``pad_token_id`` after each row's end.
+        logprobs: ``[B, max_new_tokens]`` float32, 0 after each row's end.
+        lengths: ``[B]`` int32 response lengths, the EOS / stop tokens included.
+        stopped: ``[B]`` bool, True when the row ended at EOS or a stop sequence (False:
+            truncated at ``max_new_tokens``).
+        prompt_len: the padded prompt length P that was used (a bucket).
+    """
+
+    tokens: np.ndarray
+    logprobs: np.ndarray
+    lengths: np.ndarray
+    stopped: np.ndarray
+    prompt_len: int
+
+
+class Sampler(Protocol):
+    """What the GRPO trainer needs from a rollout engine."""
+
+    config: SamplingConfig
+
+    def load_params(self, params: Any) -> None:
+        """Use these policy parameters for the next ``generate`` calls (a weight sync)."""
+
+    def generate(self, prompts: Sequence[Sequence[int]], rng: jax.Array) -> SampleOutput:
+        """Sample one response per prompt (token-id lists); rows in the order given."""
+
+
+# ---- per-step token choice --------------------------------------------------------------------
+
+
+def filter_logits(logits: jax.Array, *, top_k: int = 0, top_p: float = 1.0):
+    """Top-k then top-p truncation of (temperature-scaled) logits.
+
+    Args:
+        logits: ``[B, V]`` float32.
+        top_k: keep the k largest (0: all).
+        top_p: then keep the smallest prefix (by decreasing probability, renormalised after
+            top-k) whose mass reaches ``top_p``; the first token is always kept.
+
+    Returns:
+        ``(candidate_logits [B, K], candidate_ids [B, K])``: ``-inf`` where a candidate is
+        filtered out; ``K = top_k`` when set, else ``V`` (sorted only when ``top_p < 1``).
+    """
+    b, v = logits.shape
+    if top_k and top_k < v:
+        vals, ids = jax.lax.top_k(logits, top_k)
+    elif top_p < 1.0:
+        ids = jnp.argsort(-logits, axis=-1)
+        vals = jnp.take_along_axis(logits, ids, axis=-1)
+    else:
+        return logits, jnp.broadcast_to(jnp.arange(v, dtype=jnp.int32), (b, v))
+    if top_p < 1.0:
+        probs = jax.nn.softmax(vals, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        vals = jnp.where(mass_before < top_p, vals, _NEG_INF)
+    return vals, ids.astype(jnp.int32)
+
+
+def choose_tokens(logits: jax.Array, key: jax.Array, cfg: SamplingConfig):
+    """Draw one token per row. ``logits [B, V]`` float32 -> ``(tokens [B] int32, logp [B])``.
+
+    ``logp`` is the drawn token's log-prob under ``log_softmax(logits / T)`` (module docstring).
+    """
+    scaled = logits / cfg.logprob_temperature
+    if cfg.greedy:
+        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    else:
+        vals, ids = filter_logits(scaled, top_k=cfg.top_k, top_p=cfg.top_p)
+        pick = jax.random.categorical(key, vals, axis=-1)
+        tokens = jnp.take_along_axis(ids, pick[:, None], axis=-1)[:, 0]
+    logp = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), tokens[:, None], axis=-1)
+    return tokens, logp[:, 0]
+
+
+def _ends_with_stop(tail: jax.Array, cfg: SamplingConfig) -> jax.Array:
+    """``tail [B, L]`` (the last L response tokens, newest last; -1 where not generated yet) ->
+    ``[B]`` bool: the response ends with one of ``cfg.stop_sequences``."""
+    hit = jnp.zeros(tail.shape[0], bool)
+    for seq in cfg.stop_sequences:
+        want = jnp.asarray(seq, jnp.int32)
+        hit = hit | jnp.all(tail[:, tail.shape[1] - len(seq):] == want, axis=-1)
+    return hit
+
+
+# ---- the decode loop ----------------------------------------------------------------------------
+
+
+def sample(
+    model: Qwen3ForCausalLM,
+    prompt_ids: jax.Array,
+    prompt_mask: jax.Array,
+    key: jax.Array,
+    cfg: SamplingConfig,
+    cache_shardings: Any = None,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Prefill the left-padded prompts, then decode until all rows stop (jittable, pure).
+
+    Args:
+        model: the policy.
+        prompt_ids: ``[B, P]`` int32, left-padded.
+        prompt_mask: ``[B, P]`` int32, 1 on real prompt tokens.
+        key: PRNG key (unused when greedy).
+        cfg: sampling knobs (static).
+        cache_shardings: optional shardings of the ``KVCache`` (placement of the cache).
+
+    Returns:
+        ``tokens [B, N] int32, logprobs [B, N] float32, lengths [B] int32, stopped [B] bool``
+        with ``N = cfg.max_new_tokens``.
+    """
+    b, p = prompt_ids.shape
+    n = cfg.max_new_tokens
+    cache = model.init_cache(b, p + n)
+    if cache_shardings is not None:
+        cache = jax.lax.with_sharding_constraint(cache, cache_shardings)
+    logits, cache = model.decode(prompt_ids, prompt_mask, cache, last_only=True)
+    eos = jnp.asarray(cfg.eos_token_ids or (-1,), jnp.int32)
+    tail_len = max([len(s) for s in cfg.stop_sequences], default=1)
+    carry = dict(
+        i=jnp.zeros((), jnp.int32),
+        cache=cache,
+        logits=logits,
+        done=jnp.zeros((b,), bool),
+        stopped=jnp.zeros((b,), bool),
+        tokens=jnp.full((b, n), cfg.pad_token_id, jnp.int32),
+        logprobs=jnp.zeros((b, n), jnp.float32),
+        lengths=jnp.zeros((b,), jnp.int32),
+        tail=jnp.full((b, tail_len), -1, jnp.int32),
+        key=key,
+    )
+
+    def cond(c):
+        return (c["i"] < n) & ~jnp.all(c["done"])
+
+    def body(c):
+        key, sub = jax.random.split(c["key"])
+        tok, logp = choose_tokens(c["logits"], sub, cfg)
+        live = ~c["done"]
+        tok = jnp.where(live, tok, cfg.pad_token_id)
+        logp = jnp.where(live, logp, 0.0)
+        tail = jnp.concatenate([c["tail"][:, 1:], tok[:, None]], axis=1)
+        ended = live & (jnp.any(tok[:, None] == eos[None, :], axis=-1) | _ends_with_stop(tail, cfg))
+        done = c["done"] | ended
+        # A stopped row feeds mask 0: its padding never becomes a visible cache slot.
+        logits, cache = model.decode(
+            tok[:, None], (~done)[:, None].astype(jnp.int32), c["cache"], last_only=True
+        )
+        return dict(
+            i=c["i"] + 1,
+            cache=cache,
+            logits=logits,
+            done=done,
+            stopped=c["stopped"] | ended,
+            tokens=jax.lax.dynamic_update_slice(c["tokens"], tok[:, None], (0, c["i"])),
+            logprobs=jax.lax.dynamic_update_slice(c["logprobs"], logp[:, None], (0, c["i"])),
+            lengths=c["lengths"] + live.astype(jnp.int32),
+            tail=tail,
+            key=key,
+        )
+
+    out = jax.lax.while_loop(cond, body, carry)
+    return out["tokens"], out["logprobs"], out["lengths"], out["stopped"]
+
+
+def prompt_buckets(max_prompt_len: int, smallest: int = 64) -> tuple[int, ...]:
+    """Power-of-two padded prompt lengths from ``smallest`` up to ``max_prompt_len``."""
+    out, b = [], min(smallest, max_prompt_len)
+    while b < max_prompt_len:
+        out.append(b)
+        b *= 2
+    return (*out, max_prompt_len)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int):
+    """``(ids [B, length] int32, mask [B, length] int32)`` with each prompt at the right end."""
+    ids = np.full((len(prompts), length), pad_id, np.int32)
+    mask = np.zeros((len(prompts), length), np.int32)
+    for i, p in enumerate(prompts):
+        if len(p) > length:
+            raise ValueError(f"prompt {i} has {len(p)} tokens, more than {length}")
+        if len(p):
+            ids[i, length - len(p):] = p
+            mask[i, length - len(p):] = 1
+    return ids, mask
+
+
+def stop_sequences_from_strings(tokenizer, strings: Sequence[str]) -> tuple[tuple[int, ...], ...]:
+    """Token-id sequences of ``strings`` under ``tokenizer`` (no special tokens added)."""
+    out = []
+    for s in strings:
+        ids = tokenizer.encode(s, add_special_tokens=False)
+        if not ids:
+            raise ValueError(f"stop string {s!r} encodes to no tokens")
+        out.append(tuple(ids))
+    return tuple(out)
+
+
+class JaxSampler:
+    """The in-process JAX rollout engine (implements ``Sampler``).
+
+    Args:
+        model: the policy (its structure; parameters come from ``load_params`` or the model).
+        config: sampling knobs.
+        mesh: where parameters, batch and KV cache live.
+        batch_size: rows per decode loop; a ``generate`` call with more prompts runs several
+            loops one after another. Must be divisible by the mesh's data x fsdp size.
+        max_prompt_len: longest prompt accepted; prompts are padded to a bucket of
+            ``prompt_buckets(max_prompt_len, min_prompt_bucket)``.
+    """
+
+    def __init__(
+        self,
+        model: Qwen3ForCausalLM,
+        config: SamplingConfig,
+        *,
+        mesh: Mesh,
+        batch_size: int,
+        max_prompt_len: int,
+        min_prompt_bucket: int = 64,
+    ):
+        ways = mesh.shape["data"] * mesh.shape["fsdp"]
+        if batch_size % ways:
+            raise ValueError(
+                f"sampler batch_size={batch_size} must be divisible by the mesh's data x fsdp "
+                f"= {ways}"
+            )
+        self.config = config
+        self.mesh = mesh
+        self.batch_size = batch_size
+        self.buckets = prompt_buckets(max_prompt_len, min_prompt_bucket)
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        self._params = nnx.to_pure_dict(params)
+        self._param_shardings = nnx.to_pure_dict(param_shardings(params, mesh))
+        batch = batch_sharding(mesh)
+        replicated = NamedSharding(mesh, PartitionSpec())
+        abstract_cache = jax.eval_shape(lambda: model.init_cache(batch_size, 8))
+        cache_sh = tree_shardings(abstract_cache, abstract_cache.logical_axes(), mesh)
+
+        def run(params, ids, mask, key):
+            lm = nnx.merge(graphdef, params, rest)
+            return sample(lm, ids, mask, key, config, cache_sh)
+
+        self._run = jax.jit(
+            run,
+            in_shardings=(self._param_shardings, batch, batch, replicated),
+            out_shardings=(batch, batch, batch, batch),
+        )
+
+    def load_params(self, params: Any) -> None:
+        """Sample with ``params`` (a pure dict as ``nnx.to_pure_dict``, already on the mesh)."""
+        self._params = params
+
+    def lower(self, prompt_len: int):
+        """``jax.stages.Lowered`` of one decode loop on abstract inputs (for dry runs)."""
+        sds = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
+        a_params = jax.tree.map(sds, self._params, self._param_shardings)
+        batch = batch_sharding(self.mesh)
+        a_ids = jax.ShapeDtypeStruct((self.batch_size, prompt_len), jnp.int32, sharding=batch)
+        a_key = jax.eval_shape(lambda: jax.random.key(0))
+        with jax.set_mesh(self.mesh):
+            return self._run.lower(a_params, a_ids, a_ids, a_key)
+
+    def generate(self, prompts: Sequence[Sequence[int]], rng: jax.Array) -> SampleOutput:
+        """Sample one response per prompt (see ``SampleOutput``).
+
+        All prompts share one padded length (the bucket of the longest), so the caller can
+        concatenate prompts and responses of the whole call. Chunk ``c`` of ``batch_size``
+        rows uses ``fold_in(rng, c)``.
+        """
+        if not len(prompts):
+            raise ValueError("generate: no prompts")
+        longest = max(len(p) for p in prompts)
+        if longest > self.buckets[-1]:
+            raise ValueError(f"a prompt has {longest} tokens; max_prompt_len is {self.buckets[-1]}")
+        p_len = next(b for b in self.buckets if b >= longest)
+        cfg = self.config
+        outs = []
+        n_rows = len(prompts)
+        with jax.set_mesh(self.mesh):
+            for c, start in enumerate(range(0, n_rows, self.batch_size)):
+                rows = list(prompts[start : start + self.batch_size])
+                real = len(rows)
+                rows += [rows[-1]] * (self.batch_size - real)  # filler rows, dropped below
+                ids, mask = left_pad(rows, p_len, cfg.pad_token_id)
+                res = self._run(self._params, ids, mask, jax.random.fold_in(rng, c))
+                # device_get waits for each loop before the next (fake CPU devices deadlock on
+                # piles of independent collectives) and brings the rows to the host.
+                outs.append([np.asarray(_host(x))[:real] for x in res])
+        tokens, logprobs, lengths, stopped = (np.concatenate(x) for x in zip(*outs))
+        return SampleOutput(tokens, logprobs, lengths, stopped, p_len)
+
+
+def _host(x: jax.Array) -> np.ndarray:
+    """The full value of a (possibly multi-host) array on this host."""
+    if not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+

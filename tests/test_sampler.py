@@ -1,0 +1,249 @@
+"""The JAX sampler: parity with ``transformers`` ``generate``, log-probs, EOS / stop sequences,
+top-k / top-p truncation, and the same samples on 1 and 8 devices.
+
+The reference model is a random ``transformers`` Qwen3ForCausalLM (O(1) logits) saved with
+``save_pretrained`` and loaded through our HF I/O.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from model_hf_reference import TINY, random_hf_model
+
+from codescaler_jax.models.hf_io import load_hf_model
+from codescaler_jax.models.qwen3 import Qwen3ForCausalLM
+from codescaler_jax.models.sharding import MeshConfig, make_mesh
+from codescaler_jax.rl.sampler import (
+    JaxSampler,
+    SamplingConfig,
+    choose_tokens,
+    filter_logits,
+    left_pad,
+)
+
+PAD = 0
+NEW = 32
+PROMPT_LENS = [12, 7, 3, 9]
+
+
+@pytest.fixture(scope="module")
+def hf_lm(tmp_path_factory):
+    """(torch model, its directory) for the "mesh" tiny shape (divisible by 2 everywhere)."""
+    model = random_hf_model("mesh", "lm", seed=11)
+    path = tmp_path_factory.mktemp("lm")
+    model.save_pretrained(path)
+    return model, path
+
+
+def _prompts(seed=0):
+    vocab = TINY["mesh"]["vocab_size"]
+    rng = np.random.RandomState(seed)
+    return [rng.randint(2, vocab, size=n).tolist() for n in PROMPT_LENS]
+
+
+@functools.cache
+def _sampler(path, cfg, devices=1, mesh_cfg=None):
+    """One compiled sampler per (model, config, mesh) for the whole module."""
+    mesh = make_mesh(mesh_cfg or MeshConfig(), devices=jax.devices()[:devices])
+    model = load_hf_model(path, Qwen3ForCausalLM, mesh=mesh)
+    return JaxSampler(model, cfg, mesh=mesh, batch_size=4, max_prompt_len=16, min_prompt_bucket=16)
+
+
+@nnx.jit
+def _forward(model, ids, mask):
+    return model(ids, mask)
+
+
+@functools.cache
+def _lm(path):
+    return load_hf_model(path, Qwen3ForCausalLM)
+
+
+def _hf_greedy(model, prompts, eos=None):
+    p_len = max(len(p) for p in prompts)
+    ids, mask = left_pad(prompts, p_len, PAD)
+    out = model.generate(
+        input_ids=torch.tensor(ids, dtype=torch.long),
+        attention_mask=torch.tensor(mask, dtype=torch.long),
+        do_sample=False, max_new_tokens=NEW, pad_token_id=PAD, eos_token_id=eos,
+        output_logits=True, return_dict_in_generate=True,
+    )
+    tokens = out.sequences[:, p_len:].numpy()
+    logits = torch.stack(out.logits, 1)
+    tokens = np.pad(tokens, ((0, 0), (0, NEW - tokens.shape[1])), constant_values=PAD)
+    return tokens, logits
+
+
+def _full_forward_logprobs(path, prompts, out, temperature=1.0):
+    """log_softmax(logits / T) of each sampled token from one forward over prompt + response."""
+    model = _lm(path)
+    p_ids, p_mask = left_pad(prompts, out.prompt_len, PAD)
+    r_mask = (np.arange(NEW)[None] < out.lengths[:, None]).astype(np.int32)
+    ids = np.concatenate([p_ids, out.tokens], 1)
+    mask = np.concatenate([p_mask, r_mask], 1)
+    logits = _forward(model, jnp.asarray(ids), jnp.asarray(mask))[:, out.prompt_len - 1 : -1]
+    logits = logits / temperature
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return np.asarray(jnp.take_along_axis(logp, jnp.asarray(out.tokens)[..., None], -1)[..., 0])
+
+
+def _first_stop(row, eos):
+    hits = np.flatnonzero(np.isin(row, eos))
+    return int(hits[0]) + 1 if len(hits) else len(row)
+
+
+def test_greedy_matches_transformers_generate_and_full_forward(hf_lm):
+    hf, path = hf_lm
+    prompts = _prompts()
+    free, _ = _hf_greedy(hf, prompts)
+    # An EOS id that row 0 reaches mid-way, so the parity covers stopping and padding too.
+    eos = int(free[0, 10])
+    ref_tokens, ref_logits = _hf_greedy(hf, prompts, eos=eos)
+    cfg = SamplingConfig(max_new_tokens=NEW, greedy=True, eos_token_ids=(eos,), pad_token_id=PAD)
+    out = _sampler(path, cfg).generate(prompts, jax.random.key(0))
+
+    np.testing.assert_array_equal(out.tokens, ref_tokens)
+    want_len = [_first_stop(r, [eos]) for r in free]
+    np.testing.assert_array_equal(out.lengths, want_len)
+    assert min(want_len) < NEW  # the EOS path was exercised
+    np.testing.assert_array_equal(out.stopped, np.array(want_len) < NEW)
+
+    valid = np.arange(NEW)[None] < out.lengths[:, None]
+    hf_lp = torch.log_softmax(ref_logits, -1)[:, : ref_logits.shape[1]]
+    hf_lp = np.asarray(hf_lp.gather(-1, torch.tensor(ref_tokens[:, : hf_lp.shape[1]],
+                                                     dtype=torch.long)[..., None])[..., 0])
+    hf_lp = np.pad(hf_lp, ((0, 0), (0, NEW - hf_lp.shape[1])))
+    np.testing.assert_allclose(out.logprobs[valid], hf_lp[valid], atol=1e-4)
+    np.testing.assert_allclose(out.logprobs, _full_forward_logprobs(path, prompts, out) * valid,
+                               atol=1e-4)
+    assert np.all(out.logprobs[~valid] == 0)
+
+
+def test_temperature_logprobs_equal_full_forward(hf_lm):
+    _, path = hf_lm
+    prompts = _prompts(1)
+    cfg = SamplingConfig(max_new_tokens=NEW, temperature=0.7, pad_token_id=PAD)
+    out = _sampler(path, cfg).generate(prompts, jax.random.key(3))
+    assert np.all(out.lengths == NEW)
+    np.testing.assert_allclose(out.logprobs, _full_forward_logprobs(path, prompts, out, 0.7),
+                               atol=1e-4)
+    # Sampling at T=0.7 is not greedy: some token differs from the argmax path.
+    greedy = _sampler(path, SamplingConfig(max_new_tokens=NEW, greedy=True, pad_token_id=PAD))
+    assert np.any(greedy.generate(prompts, jax.random.key(3)).tokens != out.tokens)
+    # The key matters, and the same key gives the same samples.
+    sampler = _sampler(path, cfg)
+    assert np.any(sampler.generate(prompts, jax.random.key(4)).tokens != out.tokens)
+    np.testing.assert_array_equal(sampler.generate(prompts, jax.random.key(3)).tokens, out.tokens)
+
+
+def test_stop_sequence_and_eos_end_rows_where_expected(hf_lm):
+    _, path = hf_lm
+    prompts = _prompts(2)
+    base = SamplingConfig(max_new_tokens=NEW, greedy=True, pad_token_id=PAD)
+    free = _sampler(path, base).generate(prompts, jax.random.key(0)).tokens
+    stop = tuple(int(t) for t in free[1, 5:7])
+    eos = int(free[2, 20])
+    cfg = SamplingConfig(max_new_tokens=NEW, greedy=True, pad_token_id=PAD,
+                         eos_token_ids=(eos,), stop_sequences=(stop,))
+    out = _sampler(path, cfg).generate(prompts, jax.random.key(0))
+    for i, row in enumerate(free):
+        # Expected end: the first position where the row emits the EOS or completes `stop`.
+        end = NEW
+        for j in range(NEW):
+            if row[j] == eos or (j >= 1 and tuple(row[j - 1 : j + 1]) == stop):
+                end = j + 1
+                break
+        assert out.lengths[i] == end, (i, out.lengths[i], end)
+        np.testing.assert_array_equal(out.tokens[i, :end], row[:end])
+        assert np.all(out.tokens[i, end:] == PAD)
+        assert out.stopped[i] == (end < NEW)
+    assert out.lengths[1] <= 7 and out.lengths[2] <= 21
+
+
+def _nucleus_case():
+    probs = np.array([0.4, 0.25, 0.15, 0.1, 0.05, 0.03, 0.02], np.float64)
+    return jnp.asarray(np.log(probs), jnp.float32)[None, :], probs
+
+
+@pytest.mark.parametrize(
+    "top_k,top_p,allowed",
+    [
+        (0, 0.75, [0, 1, 2]),     # mass before token: 0, .40, .65 < .75; .80 is not
+        (2, 1.0, [0, 1]),
+        (0, 0.85, [0, 1, 2, 3]),  # .80 < .85
+        (3, 0.85, [0, 1, 2]),     # renormalised over top-3: mass before = 0, .5, .8125
+        (0, 0.3, [0]),            # the most likely token is always kept
+    ],
+)
+def test_top_k_top_p_never_draw_outside_the_nucleus(top_k, top_p, allowed):
+    logits, probs = _nucleus_case()
+    cfg = SamplingConfig(temperature=1.0, top_k=top_k, top_p=top_p)
+    rows = 4000
+    tokens, logp = jax.jit(lambda k: choose_tokens(jnp.repeat(logits, rows, 0), k, cfg))(
+        jax.random.key(0)
+    )
+    tokens = np.asarray(tokens)
+    assert set(np.unique(tokens)) == set(allowed)
+    # Frequencies follow the renormalised nucleus (4000 draws: 3 sigma < 0.025).
+    want = probs[allowed] / probs[allowed].sum()
+    got = np.array([np.mean(tokens == t) for t in allowed])
+    np.testing.assert_allclose(got, want, atol=0.025)
+    # The reported log-prob is the untruncated one.
+    np.testing.assert_allclose(np.asarray(logp), np.log(probs)[tokens], atol=1e-5)
+    vals, ids = filter_logits(logits, top_k=top_k, top_p=top_p)
+    kept = np.asarray(ids)[np.isfinite(np.asarray(vals))]
+    assert sorted(kept.tolist()) == allowed
+
+
+def test_sampler_loop_respects_top_k(hf_lm):
+    """Every token the decode loop draws is among the k most likely under a full forward."""
+    _, path = hf_lm
+    prompts = _prompts(4)
+    k = 3
+    cfg = SamplingConfig(max_new_tokens=NEW, temperature=2.0, top_k=k, pad_token_id=PAD)
+    out = _sampler(path, cfg).generate(prompts, jax.random.key(5))
+    model = _lm(path)
+    p_ids, p_mask = left_pad(prompts, out.prompt_len, PAD)
+    ids = np.concatenate([p_ids, out.tokens], 1)
+    mask = np.concatenate([p_mask, np.ones_like(out.tokens)], 1)
+    logits = np.asarray(_forward(model, jnp.asarray(ids), jnp.asarray(mask)))
+    logits = logits[:, out.prompt_len - 1 : -1]
+    rank = (logits > np.take_along_axis(logits, out.tokens[..., None], -1)).sum(-1)
+    assert rank.max() < k
+    assert rank.max() > 0  # temperature 2 does draw below the argmax
+
+
+def test_eight_devices_sample_the_same_as_one(hf_lm):
+    _, path = hf_lm
+    prompts = _prompts(6)
+    cfg = SamplingConfig(max_new_tokens=NEW, temperature=0.8, top_p=0.9, top_k=20,
+                         pad_token_id=PAD)
+    one = _sampler(path, cfg).generate(prompts, jax.random.key(7))
+    eight = _sampler(path, cfg, devices=8,
+                     mesh_cfg=MeshConfig(data=2, fsdp=2, tensor=2)).generate(
+        prompts, jax.random.key(7))
+    np.testing.assert_array_equal(eight.tokens, one.tokens)
+    np.testing.assert_array_equal(eight.lengths, one.lengths)
+    np.testing.assert_allclose(eight.logprobs, one.logprobs, atol=1e-5)
+
+
+def test_more_prompts_than_batch_size_and_config_checks(hf_lm):
+    _, path = hf_lm
+    prompts = _prompts(8) + _prompts(9)[:2]  # 6 prompts, batch_size 4: two decode loops
+    cfg = SamplingConfig(max_new_tokens=NEW, greedy=True, pad_token_id=PAD)
+    sampler = _sampler(path, cfg)
+    out = sampler.generate(prompts, jax.random.key(0))
+    assert out.tokens.shape == (6, NEW)
+    alone = sampler.generate(prompts[4:], jax.random.key(0))
+    np.testing.assert_array_equal(out.tokens[4:], alone.tokens)
+    with pytest.raises(ValueError, match="max_prompt_len"):
+        sampler.generate([[3] * 17], jax.random.key(0))
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingConfig(top_p=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingConfig(temperature=0.0)
