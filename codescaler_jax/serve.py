@@ -1,0 +1,119 @@
+"""Serve a reward model over HTTP: ``python -m codescaler_jax.serve --rm DIR``.
+
+    python -m codescaler_jax.serve --rm runs/rm_tiny --port 5000
+    # OpenRLHF: --remote_rm_url http://HOST:5000/get_reward
+
+Endpoints (see ``codescaler_jax.serving.protocol``):
+
+- ``POST /get_reward``: OpenRLHF's remote-RM protocol, ``{"query", "prompts", "labels"}`` in,
+  ``{"rewards", "scores", "extra_logs"}`` out; the reward is the reference's validity-preserving
+  shaped RM score of the response's extracted code.
+- ``POST /score``: ``{"items": [{"problem", "response"|"code"}]}`` in, raw ``scores``,
+  ``rewards``, ``valid`` and extraction ``reasons`` out.
+- ``GET /health``: batching and request counters.
+
+Items of concurrent requests are batched (``--max-batch``, ``--max-wait-ms``) into a few fixed
+shapes (row buckets x power-of-two length buckets), all compiled at start-up unless
+``--no-warmup``. When ready the server prints one JSON line ``{"event": "listening", "url": ...}``
+on stdout (with the real port when ``--port 0``). SIGTERM/SIGINT stop it cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m codescaler_jax.serve",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--rm", required=True, help="HF RM directory or train_rm run directory")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=5000, help="0 picks a free port")
+    p.add_argument("--max-batch", type=int, default=32, help="most items per forward pass")
+    p.add_argument(
+        "--row-buckets", default=None,
+        help="comma-separated batch row counts to compile (default: data_ways*4^k, max-batch)",
+    )
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="batch fill wait")
+    p.add_argument("--max-length", type=int, default=4096, help="RM input truncation")
+    p.add_argument("--min-bucket", type=int, default=64, help="smallest length bucket")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
+    p.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the RM's own)")
+    p.add_argument("--shaping", default="softplus", help="reward shaping mode")
+    p.add_argument(
+        "--prompt-format", default="auto", choices=["auto", "chatml", "raw"],
+        help="how /get_reward prompts become the RM's problem text",
+    )
+    p.add_argument("--max-items", type=int, default=256, help="items per request")
+    p.add_argument("--max-body-mb", type=float, default=8.0, help="request body limit")
+    p.add_argument("--max-chars", type=int, default=200_000, help="longest string accepted")
+    p.add_argument("--max-pending", type=int, default=4096, help="items waiting before 503")
+    p.add_argument("--max-connections", type=int, default=256, help="open connections cap")
+    p.add_argument("--socket-timeout", type=float, default=60.0, help="idle socket timeout (s)")
+    p.add_argument("--no-warmup", action="store_true", help="compile shapes lazily")
+    p.add_argument("--log-level", default="INFO")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    log = logging.getLogger("codescaler_jax.serve")
+
+    from codescaler_jax.serving.protocol import Limits
+    from codescaler_jax.serving.server import RewardHTTPServer, RewardService
+
+    t0 = time.perf_counter()
+    rows = [int(x) for x in args.row_buckets.split(",")] if args.row_buckets else None
+    service = RewardService.from_pretrained(
+        args.rm, max_batch=args.max_batch, row_buckets=rows, max_length=args.max_length,
+        min_bucket=args.min_bucket, dtype=args.dtype, tokenizer=args.tokenizer,
+        max_wait_s=args.max_wait_ms / 1000, max_pending=args.max_pending,
+        shaping=args.shaping, prompt_format=args.prompt_format,
+    )
+    log.info("loaded %s in %.1f s; row buckets %s", args.rm, time.perf_counter() - t0,
+             service.row_buckets)
+    if not args.no_warmup:
+        t1 = time.perf_counter()
+        n = service.warmup()
+        log.info("compiled %d shapes in %.1f s", n, time.perf_counter() - t1)
+    limits = Limits(
+        max_body_bytes=int(args.max_body_mb * (1 << 20)), max_items=args.max_items,
+        max_chars=args.max_chars,
+    )
+    server = RewardHTTPServer(
+        (args.host, args.port), service, limits=limits, max_connections=args.max_connections,
+        socket_timeout_s=args.socket_timeout,
+    )
+
+    def stop(signum, frame):
+        # shutdown() waits for serve_forever to return, so it must not run on this thread.
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    host, port = server.server_address[:2]
+    print(json.dumps({"event": "listening", "url": f"http://{host}:{port}"}), flush=True)
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        server.server_close()
+        service.close()
+        log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

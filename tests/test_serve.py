@@ -1,0 +1,321 @@
+"""The HTTP reward server as a real process on loopback, talked to by a real HTTP client.
+
+The server runs in a subprocess on one CPU device (the fake-device flag is removed from its
+environment); the expected answers are computed here, offline, with a `RewardScorer` on the test
+session's 8 fake devices, the extractor, and softplus written out in numpy.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import queue
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+from tiny_rm import save_tiny_rm
+
+from codescaler_jax.serving.batcher import Batcher, Overloaded
+from codescaler_jax.serving.protocol import (
+    Limits,
+    RequestError,
+    parse_get_reward,
+    problem_from_prompt,
+    response_from_query,
+)
+
+MAX_LENGTH = 128
+MAX_ITEMS = 16
+MAX_BODY = 64 * 1024
+MAX_CHARS = 4000
+
+# ---- pure pieces ----------------------------------------------------------------------------
+
+
+def test_problem_and_response_split():
+    prompt = (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nAdd two numbers.<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    assert problem_from_prompt(prompt) == "Add two numbers."
+    assert problem_from_prompt(prompt, "raw") == prompt
+    assert problem_from_prompt("Add two numbers.") == "Add two numbers."
+    with pytest.raises(RequestError):
+        problem_from_prompt("plain", "chatml")
+    query = prompt + "```python\nx = 1\n```<|im_end|><|endoftext|><|endoftext|>"
+    ends = ("<|im_end|>", "<|endoftext|>")
+    assert response_from_query(query, prompt, ends) == "```python\nx = 1\n```"
+    assert response_from_query("<s>" + query, prompt, ends) == "```python\nx = 1\n```"
+    assert response_from_query("unrelated", prompt, ends) is None
+
+
+def test_get_reward_validation():
+    lim = Limits(max_items=2, max_chars=10)
+    ok = parse_get_reward({"query": ["pq"], "prompts": ["p"], "labels": ["x"]}, lim)
+    assert ok[0].problem == "p" and ok[0].text == "q"
+    cases = [
+        ({"prompts": ["p"]}, 400, "missing field 'query'"),
+        ({"query": "pq", "prompts": ["p"]}, 400, "must be a list"),
+        ({"query": ["pq", 3], "prompts": ["p", "p"]}, 400, r"query\[1\] must be a string"),
+        ({"query": ["pq"], "prompts": ["p", "p"]}, 400, "'prompts' has 2 items"),
+        ({"query": ["a"] * 3, "prompts": ["a"] * 3}, 413, "limit is 2"),
+        ({"query": ["p" * 11], "prompts": ["p"]}, 413, "11 characters"),
+        ({"query": ["xq"], "prompts": ["p"]}, 400, r"query\[0\] does not contain prompts\[0\]"),
+        ({"query": ["pq"], "prompts": ["p"], "labels": [1, 2]}, 400, "labels"),
+    ]
+    for data, status, msg in cases:
+        with pytest.raises(RequestError, match=msg) as e:
+            parse_get_reward(data, lim)
+        assert e.value.status == status
+
+
+def test_batcher_merges_splits_and_reports_errors():
+    calls = []
+
+    def score_fn(problems, codes):
+        calls.append(len(codes))
+        time.sleep(0.01)
+        return np.array([float(c) for c in codes], np.float32)
+
+    b = Batcher(score_fn, max_batch=4, max_wait_s=0.05, max_pending=20)
+    # one request larger than max_batch is split over several batches, order kept
+    out = b.submit(["p"] * 10, [str(i) for i in range(10)])
+    np.testing.assert_array_equal(out, np.arange(10))
+    assert max(calls) <= 4
+    # concurrent single-item requests share batches
+    calls.clear()
+    results = {}
+
+    def one(i):
+        results[i] = float(b.submit(["p"], [str(i)])[0])
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == {i: float(i) for i in range(8)}
+    assert len(calls) < 8 and sum(calls) == 8
+    with pytest.raises(Overloaded):
+        b.submit(["p"] * 21, ["1"] * 21)
+    b.close()
+
+    def broken(problems, codes):
+        raise ValueError("device on fire")
+
+    b = Batcher(broken, max_batch=4)
+    with pytest.raises(RuntimeError, match="device on fire"):
+        b.submit(["p"], ["1"])
+    b.close()
+
+
+# ---- the real server ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rm_dir(tmp_path_factory):
+    return save_tiny_rm(tmp_path_factory.mktemp("rm") / "tiny_rm")
+
+
+@pytest.fixture(scope="module")
+def server(rm_dir):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = " ".join(
+        f for f in env.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f
+    )
+    cmd = [
+        sys.executable, "-m", "codescaler_jax.serve", "--rm", str(rm_dir), "--port", "0",
+        "--max-batch", "8", "--max-length", str(MAX_LENGTH), "--max-items", str(MAX_ITEMS),
+        "--max-body-mb", str(MAX_BODY / (1 << 20)), "--max-chars", str(MAX_CHARS),
+        "--max-wait-ms", "5", "--log-level", "WARNING",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(ln) for ln in proc.stdout], daemon=True).start()
+    try:
+        line = lines.get(timeout=180)
+    except queue.Empty:
+        proc.kill()
+        pytest.fail("server did not start within 180 s")
+    url = json.loads(line)["url"]
+    host, port = url.removeprefix("http://").split(":")
+    yield {"host": host, "port": int(port), "pid": proc.pid}
+    proc.terminate()
+    assert proc.wait(timeout=30) == 0  # SIGTERM is a clean shutdown
+
+
+def _post(conn, path, payload, raw=None):
+    body = raw if raw is not None else json.dumps(payload).encode()
+    conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    return resp.status, json.loads(resp.read())
+
+
+PROBLEMS = [f"Write a function f{k} that returns {k}." for k in range(6)]
+CODES = [
+    "def f(): return 1", "def f():\n    return 2", "x = [i * i for i in range(10)]",
+    "import math\nprint(math.pi)", "class A:\n    pass", "def g(a, b):\n    return a + b",
+]
+CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def _offline(rm_dir):
+    """Expected raw score of every (problem, code) combination, computed in this process."""
+    from codescaler_jax.rm.scorer import RewardScorer
+
+    scorer = RewardScorer.from_pretrained(rm_dir, max_length=MAX_LENGTH, batch_size=8)
+    pairs = [(p, c) for p in PROBLEMS for c in CODES]
+    s = scorer.score([p for p, _ in pairs], [c for _, c in pairs])
+    return {pc: float(v) for pc, v in zip(pairs, s)}
+
+
+def _softplus(x):
+    return float(np.log1p(np.exp(x)))
+
+
+def test_concurrent_clients_get_offline_scores(server, rm_dir, record_property):
+    expected = _offline(rm_dir)
+    n_clients, n_requests = 32, 50
+    latencies: list[float] = []
+    failures: list[str] = []
+    lock = threading.Lock()
+
+    def client(cid):
+        rng = np.random.default_rng(cid)
+        conn = http.client.HTTPConnection(server["host"], server["port"], timeout=120)
+        mine = []
+        for r in range(n_requests):
+            k = int(rng.integers(1, 4))
+            picks = [(PROBLEMS[rng.integers(6)], CODES[rng.integers(6)]) for _ in range(k)]
+            t0 = time.perf_counter()
+            if r % 2 == 0:
+                status, out = _post(conn, "/score", {"items": [
+                    {"problem": p, "code": c} for p, c in picks]})
+                want = [expected[pc] for pc in picks]
+                got = out.get("scores")
+            else:
+                # OpenRLHF form; one response per request has no code block (reward 0)
+                queries = [CHAT.format(p) + f"```python\n{c}\n```<|im_end|>" for p, c in picks]
+                prompts = [CHAT.format(p) for p, _ in picks]
+                queries.append(CHAT.format(picks[0][0]) + "I cannot solve this.<|im_end|>")
+                prompts.append(CHAT.format(picks[0][0]))
+                status, out = _post(conn, "/get_reward", {
+                    "query": queries, "prompts": prompts, "labels": [None] * len(queries)})
+                want = [_softplus(expected[pc]) for pc in picks] + [0.0]
+                got = out.get("rewards")
+                if status == 200 and out["scores"] != out["rewards"]:
+                    mine.append(f"client {cid} req {r}: scores != rewards")
+            mine_lat = time.perf_counter() - t0
+            if status != 200:
+                failures.append(f"client {cid} req {r}: HTTP {status} {out}")
+                continue
+            if not np.allclose(got, want, rtol=1e-5, atol=1e-5):
+                mine.append(f"client {cid} req {r}: got {got} want {want}")
+            with lock:
+                latencies.append(mine_lat)
+        conn.close()
+        with lock:
+            failures.extend(mine)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(n_clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    wall = time.perf_counter() - t0
+    assert not any(t.is_alive() for t in threads), "clients did not finish"
+    assert not failures, failures[:5]
+    assert len(latencies) == n_clients * n_requests
+    p50, p99 = np.percentile(latencies, [50, 99])
+    print(f"\n{len(latencies)} requests from {n_clients} clients in {wall:.1f} s: "
+          f"p50 {1e3 * p50:.1f} ms, p99 {1e3 * p99:.1f} ms")
+    record_property("latency_p50_ms", round(1e3 * p50, 2))
+    record_property("latency_p99_ms", round(1e3 * p99, 2))
+
+    conn = http.client.HTTPConnection(server["host"], server["port"], timeout=30)
+    conn.request("GET", "/health")
+    health = json.loads(conn.getresponse().read())
+    # requests were merged: fewer forward passes than requests that reached the RM
+    assert health["items"] / health["batches"] > 1.0, health
+    assert health["max_batch_seen"] <= 8
+
+
+def _raw_request(server, data: bytes) -> tuple[int, bytes]:
+    with socket.create_connection((server["host"], server["port"]), timeout=30) as s:
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        chunks = []
+        while True:
+            c = s.recv(65536)
+            if not c:
+                break
+            chunks.append(c)
+    resp = b"".join(chunks)
+    return int(resp.split(b" ", 2)[1]), resp
+
+
+def _rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_malformed_and_oversized_requests(server):
+    conn = http.client.HTTPConnection(server["host"], server["port"], timeout=30)
+    bad = [
+        ("/score", b"{not json", 400, "not valid JSON"),
+        ("/score", b"\xff\xfe", 400, "not UTF-8"),
+        ("/score", b"[1, 2]", 400, "JSON object"),
+        ("/score", b'{"items": [{"problem": "p"}]}', 400, "exactly one of"),
+        ("/score", b'{"items": [{"problem": 1, "code": "x"}]}', 400, "problem must be a string"),
+        ("/get_reward", b'{"query": ["a"]}', 400, "missing field 'prompts'"),
+        ("/get_reward", json.dumps({"query": ["q"] * (MAX_ITEMS + 1),
+                                    "prompts": ["q"] * (MAX_ITEMS + 1)}).encode(), 413, "limit"),
+        ("/score", json.dumps({"items": [{"problem": "p", "code": "x" * (MAX_CHARS + 1)}]})
+         .encode(), 413, "characters"),
+        ("/nowhere", b"{}", 404, "no such endpoint"),
+    ]
+    for path, body, status, msg in bad:
+        got, out = _post(conn, path, None, raw=body)
+        assert got == status and msg in out["error"], (path, body[:40], got, out)
+    conn.request("GET", "/score")
+    resp = conn.getresponse()
+    assert resp.status == 405 and "POST" in json.loads(resp.read())["error"]
+
+    rss0 = _rss_kb(server["pid"])
+    # A 10 GB Content-Length is refused from the header alone; the body is never read.
+    head = (b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 10000000000\r\n\r\n")
+    t0 = time.perf_counter()
+    status, resp = _raw_request(server, head + b"{" * 1000)
+    assert status == 413 and b"exceeds the limit" in resp
+    assert time.perf_counter() - t0 < 10
+    # A real body just over the limit: refused, and the server does not grow by its size.
+    status, _ = _raw_request(
+        server, head.replace(b"10000000000", str(MAX_BODY + 1).encode()) + b" " * (MAX_BODY + 1)
+    )
+    assert status == 413
+    status, resp = _raw_request(server, b"POST /score HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status == 411
+    status, resp = _raw_request(
+        server, b"POST /score HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    )
+    assert status == 411
+    assert _rss_kb(server["pid"]) - rss0 < 50 * 1024  # well under 50 MB of growth
+
+    # the server still answers correctly afterwards, on a fresh and on the old connection
+    for c in (conn, http.client.HTTPConnection(server["host"], server["port"], timeout=30)):
+        status, out = _post(c, "/score", {"items": [{"problem": "p", "code": "x = 1"}]})
+        assert status == 200 and out["valid"] == [True] and isinstance(out["scores"][0], float)
+    conn.request("GET", "/health")
+    health = json.loads(conn.getresponse().read())
+    assert health["status"] == "ok" and health["requests_refused"]["413"] >= 4
