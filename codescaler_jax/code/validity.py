@@ -11,16 +11,24 @@ both; tests/test_validity.py checks the ast.parse equality on a generated corpus
 
 Other languages. tree-sitter grammars from `tree_sitter_language_pack`; a snippet is valid when its
 tree has no ERROR or MISSING node (`root_node.has_error`). tree-sitter's error recovery is not
-linear on adversarial input (measured here: Java ``a<a<a<...`` takes 4 s at 10 KB and 40 s at
+linear on adversarial input (measured here: Java ``a<a<a<...`` takes 4-5 s at 10 KB and 40 s at
 40 KB), so every parse runs under a time budget that grows linearly with the input
 (`PARSE_BUDGET_BASE_S` + `PARSE_BUDGET_PER_BYTE_S` per byte, about 50x the normal parse time of
-real code); a parse that runs out of budget is cancelled and the snippet judged invalid
+real code); a parse that runs out of budget is abandoned and the snippet judged invalid
 (``too_complex``). Normal code never comes near the budget; only pathological input does.
+In-process parses are cancelled through tree-sitter's progress callback, but its end-of-input
+recovery makes no callbacks, so only snippets up to `IN_PROCESS_MAX_BYTES` (worst case measured
+0.2 s) are parsed in-process; larger ones go to a helper process that is killed on overrun.
 """
 
 from __future__ import annotations
 
 import ast
+import atexit
+import os
+import select
+import subprocess
+import sys
 import threading
 import time
 
@@ -73,6 +81,10 @@ _ALIASES: dict[str, str] = {
 # Parse budget for tree-sitter (seconds). Real code parses at 2-5 MB/s here (0.2-0.5 us/byte).
 PARSE_BUDGET_BASE_S = 0.02
 PARSE_BUDGET_PER_BYTE_S = 20e-6
+# Largest snippet parsed in this process. tree-sitter's end-of-input error recovery cannot be
+# cancelled and is quadratic on some inputs (Java "a<a<a<...": 0.2 s at 2 KB, 5 s at 10 KB), so
+# bigger snippets go to a helper process that can be killed.
+IN_PROCESS_MAX_BYTES = 2048
 
 OK = "ok"
 SYNTAX_ERROR = "syntax_error"
@@ -119,18 +131,7 @@ def _parser(language: str):
     return parser
 
 
-def tree_sitter_verdict(code: str, language: str, *, budget_s: float | None = None) -> str:
-    """Verdict of the tree-sitter grammar ``language`` under a time budget linear in the size.
-
-    Returns `OK`, `SYNTAX_ERROR` (an ERROR/MISSING node, or text that is not encodable as UTF-8)
-    or `TOO_COMPLEX` (the parse ran out of budget and was cancelled).
-    """
-    try:
-        data = code.encode("utf-8")
-    except UnicodeEncodeError:  # lone surrogates: not source text in any language
-        return SYNTAX_ERROR
-    if budget_s is None:
-        budget_s = PARSE_BUDGET_BASE_S + PARSE_BUDGET_PER_BYTE_S * len(data)
+def _in_process_verdict(data: bytes, language: str, budget_s: float) -> str:
     deadline = time.perf_counter() + budget_s
     view = memoryview(data)
     clock = time.perf_counter
@@ -144,13 +145,124 @@ def tree_sitter_verdict(code: str, language: str, *, budget_s: float | None = No
         return clock() > deadline
 
     parser = _parser(language)
-    tree = parser.parse(read, progress_callback=progress)
+    try:
+        tree = parser.parse(read, progress_callback=progress)
+    except ValueError:  # py-tree-sitter reports a cancelled parse as "Parsing failed"
+        tree = None
     if tree is None:
-        # Cancelled. tree-sitter keeps the half-done parse to resume it on the next call with
-        # the same input; drop it so the next snippet starts from scratch.
+        # tree-sitter keeps a cancelled parse to resume it on the next call; drop it so the
+        # next snippet starts from scratch.
         parser.reset()
         return TOO_COMPLEX
     return SYNTAX_ERROR if tree.root_node.has_error else OK
+
+
+# The helper process: reads "<language> <n>\n" + n bytes, answers b"o" (no error) or b"e".
+_WORKER_SOURCE = """
+import sys
+from tree_sitter_language_pack import get_parser
+parsers = {}
+stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+stdout.write(b"r")
+stdout.flush()
+while True:
+    head = stdin.readline()
+    if not head:
+        break
+    language, size = head.split()
+    data = stdin.read(int(size))
+    parser = parsers.get(language)
+    if parser is None:
+        parser = parsers[language] = get_parser(language.decode())
+    stdout.write(b"e" if parser.parse(data).root_node.has_error else b"o")
+    stdout.flush()
+"""
+
+
+class _ParserProcess:
+    """tree-sitter in a helper process that can be killed when a parse runs out of budget.
+
+    tree-sitter's error recovery at end of input cannot be cancelled (no progress callback is
+    made during it) and is quadratic on some inputs, so larger snippets are parsed here.
+    """
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.owner = 0
+
+    def _start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-I", "-c", _WORKER_SOURCE],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            close_fds=True,
+        )
+        self.owner = os.getpid()
+        ready, _, _ = select.select([self.proc.stdout], [], [], 60.0)
+        if not ready or self.proc.stdout.read(1) != b"r":
+            self.stop()
+            raise RuntimeError("the tree-sitter helper process did not start")
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None and self.owner == os.getpid():
+            proc.kill()
+            proc.wait()
+            for stream in (proc.stdin, proc.stdout):
+                stream.close()
+
+    def verdict(self, data: bytes, language: str, budget_s: float) -> str:
+        if self.proc is None or self.owner != os.getpid() or self.proc.poll() is not None:
+            if self.owner != os.getpid():
+                self.proc = None  # inherited through fork: the parent's helper, not ours
+            self.stop()
+            self._start()
+        try:
+            self.proc.stdin.write(f"{language} {len(data)}\n".encode() + data)
+            self.proc.stdin.flush()
+        except OSError:
+            self.stop()
+            return TOO_COMPLEX
+        ready, _, _ = select.select([self.proc.stdout], [], [], budget_s)
+        answer = self.proc.stdout.read(1) if ready else b""
+        if answer == b"o":
+            return OK
+        if answer == b"e":
+            return SYNTAX_ERROR
+        self.stop()  # over budget (or dead): kill it, a fresh one starts on the next call
+        return TOO_COMPLEX
+
+
+def _parser_process() -> _ParserProcess:
+    worker = getattr(_local, "worker", None)
+    if worker is None:
+        worker = _local.worker = _ParserProcess()
+        _all_workers.append(worker)
+    return worker
+
+
+_all_workers: list[_ParserProcess] = []
+atexit.register(lambda: [w.stop() for w in _all_workers])
+
+
+def tree_sitter_verdict(code: str, language: str, *, budget_s: float | None = None) -> str:
+    """Verdict of the tree-sitter grammar ``language`` under a time budget linear in the size.
+
+    Returns `OK`, `SYNTAX_ERROR` (an ERROR/MISSING node, or text that is not encodable as UTF-8)
+    or `TOO_COMPLEX` (the parse ran out of budget and was cancelled). Snippets up to
+    `IN_PROCESS_MAX_BYTES` are parsed here, cancelled through tree-sitter's progress callback;
+    larger ones in a helper process that is killed when over budget.
+    """
+    try:
+        data = code.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: not source text in any language
+        return SYNTAX_ERROR
+    if budget_s is None:
+        budget_s = PARSE_BUDGET_BASE_S + PARSE_BUDGET_PER_BYTE_S * len(data)
+    if len(data) <= IN_PROCESS_MAX_BYTES:
+        return _in_process_verdict(data, language, budget_s)
+    return _parser_process().verdict(data, language, budget_s)
 
 
 def syntax_verdict(code: str, language: str) -> str:
