@@ -8,7 +8,7 @@ import hashlib
 import os
 import socket
 import subprocess
-import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -186,14 +186,9 @@ def test_hostile_programs(world):
         assert not os.path.exists(os.path.join(d, f"codescaler-evil-{token}"))
     with pytest.raises(BlockingIOError):
         world["server"].accept()  # nobody reached the host's loopback
-    assert not [p for p in os.listdir(tempfile_dir()) if p.startswith("codescaler-sandbox-")
-                and os.stat(os.path.join(tempfile_dir(), p)).st_uid in uids]
-
-
-def tempfile_dir() -> str:
-    import tempfile
-
-    return tempfile.gettempdir()
+    tmp = tempfile.gettempdir()
+    assert not [p for p in os.listdir(tmp) if p.startswith("codescaler-sandbox-")
+                and os.stat(os.path.join(tmp, p)).st_uid in uids]
 
 
 def test_controls_detect_leaks_without_isolation(world):

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 
 # Canonical names are tree_sitter_language_pack grammar names.
 SUPPORTED_LANGUAGES: tuple[str, ...] = (
@@ -107,9 +108,16 @@ def normalize_language(tag: str | None, fallback: str = "python") -> str:
 
 
 def python_verdict(code: str) -> str:
-    """`OK` iff `ast.parse(code)` succeeds; any exception at all is a `SYNTAX_ERROR`."""
+    """`OK` iff `ast.parse(code)` succeeds; any exception at all is a `SYNTAX_ERROR`.
+
+    Warnings are silenced during the parse: ast.parse warns on some valid code (invalid escape
+    sequences, ``is`` with a literal), and under ``-W error`` such a warning would turn into a
+    SyntaxError, making the verdict depend on the process's warning filters.
+    """
     try:
-        ast.parse(code)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ast.parse(code)
     except Exception:  # noqa: BLE001 - the reference treats every failure as invalid
         return SYNTAX_ERROR
     return OK
