@@ -1,0 +1,201 @@
+"""Extract code from model responses in a JSONL file, optionally run it against tests.
+
+    python -m codescaler_jax.extract --input in.jsonl --output out.jsonl \\
+        [--mode train|eval] [--language python|auto|<lang>] [--run-tests] [--workers N]
+
+Each input line is a JSON object with ``problem`` (str), ``response`` (str) and optionally
+``tests`` (any form `codescaler_jax.code.sandbox.tests_from_record` parses). Each output line is
+the input object plus ``line`` (1-based input line), ``code``, ``valid``, ``language``,
+``reason`` and, with ``--run-tests`` and tests present, ``execution``: ``{passed, status,
+wall_s, tests: [{status, wall_s, message}]}`` (status ``no_code`` when nothing was extracted).
+
+All input is checked before any work starts: a bad line (invalid JSON, not an object, a missing
+field, a field of the wrong type, unparseable tests) stops the run with an error naming the file
+and line, unless ``--skip-bad`` skips and counts such lines. The output is written to a
+temporary file and moved into place at the end, so an existing output is never half-replaced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+import tempfile
+from dataclasses import asdict
+from typing import Any
+
+from codescaler_jax.code import validity
+from codescaler_jax.code.extract import MODES, extract_code
+from codescaler_jax.code.sandbox import Sandbox, SandboxConfig, Tests, tests_from_record
+
+EXIT_BAD_INPUT = 2
+
+
+class BadInput(ValueError):
+    """A problem with the input, already phrased for the user (file and line included)."""
+
+
+def _record_problem(obj: Any, run_tests: bool) -> str | None:
+    if not isinstance(obj, dict):
+        return f"record must be a JSON object, got {type(obj).__name__}"
+    for name in ("problem", "response"):
+        if name not in obj:
+            return f"missing field {name!r}"
+        if not isinstance(obj[name], str):
+            return f"field {name!r} must be a string, got {type(obj[name]).__name__}"
+    if run_tests and obj.get("tests") is not None:
+        try:
+            tests_from_record(obj["tests"])
+        except ValueError as e:
+            return f"field 'tests': {e}"
+    return None
+
+
+def read_records(path: str, *, run_tests: bool, skip_bad: bool) -> tuple[list, list[str]]:
+    """All good records as ``(line_number, record)`` and the messages of skipped bad lines."""
+    good, bad = [], []
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed by the with below
+    except OSError as e:
+        raise BadInput(f"cannot read {path}: {e.strerror}") from None
+    with f:
+        for line_no, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                problem = f"not UTF-8 ({e.reason} at byte {e.start})"
+            except ValueError as e:
+                problem = f"invalid JSON ({e})"
+            else:
+                problem = _record_problem(obj, run_tests)
+            if problem is None:
+                good.append((line_no, obj))
+                continue
+            message = f"{path}:{line_no}: {problem}"
+            if not skip_bad:
+                raise BadInput(message)
+            bad.append(message)
+    return good, bad
+
+
+def _execution(result) -> dict[str, Any]:
+    return {
+        "passed": result.passed,
+        "status": result.status,
+        "wall_s": round(result.wall_s, 6),
+        "tests": [asdict(t) for t in result.tests],
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Do the work; returns a summary. Raises BadInput for bad input."""
+    from tqdm import tqdm
+
+    records, skipped = read_records(args.input, run_tests=args.run_tests, skip_bad=args.skip_bad)
+    outputs = []
+    to_run: list[tuple[int, str, Tests]] = []
+    progress = tqdm(records, desc="extracting", unit="rec", file=sys.stderr,
+                    disable=args.no_progress or None, mininterval=0.5)
+    for index, (line_no, record) in enumerate(progress):
+        ex = extract_code(record["response"], mode=args.mode, language=args.language,
+                          fallback_language=args.fallback_language)
+        out = dict(record)
+        out.update(line=line_no, code=ex.code, valid=ex.valid, language=ex.language,
+                   reason=ex.reason)
+        if args.run_tests and record.get("tests") is not None:
+            if ex.code:
+                to_run.append((index, ex.code, tests_from_record(record["tests"])))
+            else:
+                out["execution"] = {"passed": False, "status": "no_code", "wall_s": 0.0,
+                                    "tests": []}
+        outputs.append(out)
+
+    if to_run:
+        config = SandboxConfig(time_limit_s=args.time_limit, memory_mb=args.memory_mb,
+                               workers=args.workers)
+        chunk = max(8 * args.workers, 32)
+        with Sandbox(config) as sandbox, tqdm(total=len(to_run), desc="executing", unit="prog",
+                                              disable=args.no_progress or None,
+                                              file=sys.stderr) as bar:
+            for start in range(0, len(to_run), chunk):
+                part = to_run[start : start + chunk]
+                results = sandbox.run_many([(code, tests) for _, code, tests in part])
+                for (index, _, _), result in zip(part, results, strict=True):
+                    outputs[index]["execution"] = _execution(result)
+                bar.update(len(part))
+
+    out_dir = os.path.dirname(os.path.abspath(args.output))
+    os.makedirs(out_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".extract-", suffix=".jsonl", dir=out_dir)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for out in outputs:
+                f.write(json.dumps(out, ensure_ascii=False) + "\n")
+        os.replace(tmp, args.output)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    executed = [o["execution"] for o in outputs if "execution" in o]
+    return {
+        "records": len(outputs),
+        "skipped_bad": len(skipped),
+        "skipped_messages": skipped[:5],
+        "valid": sum(o["valid"] for o in outputs),
+        "reasons": dict(collections.Counter(o["reason"] for o in outputs)),
+        "executed": len(executed),
+        "passed": sum(e["passed"] for e in executed),
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m codescaler_jax.extract",
+        description="Extract code from responses (JSONL) and optionally run it against tests.",
+    )
+    p.add_argument("--input", required=True, help="JSONL with problem, response[, tests]")
+    p.add_argument("--output", required=True, help="JSONL to write")
+    p.add_argument("--mode", choices=MODES, default="train",
+                   help="train: exactly one valid block; eval: last block (default: train)")
+    p.add_argument("--language", default="python",
+                   choices=("auto",) + validity.SUPPORTED_LANGUAGES,
+                   help="judge every block as this language, or 'auto' from the fence tag")
+    p.add_argument("--fallback-language", default="python",
+                   help="language of untagged blocks with --language auto (default: python)")
+    p.add_argument("--run-tests", action="store_true", help="run extracted code on its tests")
+    p.add_argument("--workers", type=int, default=1, help="sandbox workers (default: 1)")
+    p.add_argument("--time-limit", type=float, default=2.0, help="seconds per test (default 2)")
+    p.add_argument("--memory-mb", type=int, default=1024, help="memory per program (MB)")
+    p.add_argument("--skip-bad", action="store_true", help="skip and count bad lines")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.workers < 1:
+        print("error: --workers must be >= 1", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if normalize_fallback(args.fallback_language) is None:
+        print(f"error: --fallback-language {args.fallback_language!r} is not supported",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        summary = run(args)
+    except BadInput as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(json.dumps(summary), file=sys.stderr)
+    return 0
+
+
+def normalize_fallback(name: str) -> str | None:
+    lang = validity.normalize_language(name, "python")
+    return lang if lang in validity.SUPPORTED_LANGUAGES else None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
