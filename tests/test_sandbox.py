@@ -321,3 +321,17 @@ def test_humaneval_canonical_pass_and_mutants_fail(sandbox):
     survived = [task for (task, _, _), r in zip(flipped, mutants, strict=True) if r.passed]
     assert len(flipped) >= 130
     assert len(survived) <= 0.05 * len(flipped), survived
+
+
+def test_runner_death_is_reported_and_the_harness_recovers():
+    """In "none" mode the program can kill its runner: that test is a runtime error, the next
+    program runs normally. A server killed from outside is restarted on the next run."""
+    good = ("print(input())\n", StdioTests(("7",), ("7",)))
+    with Sandbox(SandboxConfig(isolation="none", time_limit_s=1.0)) as sb:
+        killer = sb.run("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n",
+                        StdioTests(("", ""), ("", "")))
+        assert [t.status for t in killer.tests] == ["runtime_error", "skipped"]
+        assert sb.run(*good).passed
+        sb._all_slots[0].proc.kill()
+        sb._all_slots[0].proc.wait()
+        assert sb.run(*good).passed

@@ -254,14 +254,26 @@ def user_tasks(uid):
     return count
 
 
-def cleanup(uid, patience_s=1.0):
-    """Kill everything the program left and reap it all.
+def has_children():
+    """Whether this process has any child, alive or zombie (nothing is reaped)."""
+    try:
+        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return False
+    return True
 
-    With a sandbox uid one kill(-1) as that uid catches everything; without one, the runner's
-    children are killed repeatedly (as subreaper, orphans of the program become its children).
+
+def cleanup(uid, patience_s=1.0):
+    """Kill everything the program left and reap it all; True when nothing is left.
+
+    Every process the program started is in this process's subtree: as child subreaper it
+    inherits the orphans, setsid and double-fork ones included. So no child means nothing is
+    left, and the common case costs one waitid. Otherwise, with a sandbox uid one kill(-1) as
+    that uid catches everything at once; without one, the children are killed one by one
+    (their orphans come back to us and are killed in the next round).
     """
     deadline = time.monotonic() + patience_s
-    while True:
+    while has_children():
         if uid is not None:
             kill_uid(uid)
         else:
@@ -270,17 +282,17 @@ def cleanup(uid, patience_s=1.0):
                     os.kill(kid, signal.SIGKILL)
                 except OSError:
                     pass
-        # Reap whatever has died; as subreaper every orphan of the program is our child.
         while True:
             try:
                 pid, _ = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                return
+                return True
             if pid == 0:
                 break
         if time.monotonic() > deadline:
-            return
-        time.sleep(0.002)
+            return False
+        time.sleep(0.001)
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -615,16 +627,19 @@ def run_job(job, lines):
         job["user_tasks"] = user_tasks(os.getuid())
     _send({"hello": achieved})
     uid = job["uid"] if privileged else None
+    last = len(job["tests"]) - 1
     try:
         for i, test in enumerate(job["tests"]):
             record = run_test(job, test, privileged, workdir)
             cleanup(uid)
             record["i"] = i
             _send(record)
-            if lines.readline() != b"1":
+            # No control line after the last test: the parent sends none.
+            if i == last or lines.readline() != b"1":
                 break
     finally:
-        cleanup(uid)
+        clean = cleanup(uid)
+    return clean
 
 
 def serve():
@@ -635,28 +650,36 @@ def serve():
     """
     for name in PRELUDE_MODULES + ("typing",):
         __import__(name)
+    prctl(PR_SET_CHILD_SUBREAPER, 1)
     lines = _Lines(0)
     while True:
         line = lines.readline()
         if line is None:
             return 0
-        job = json.loads(line)
+        try:
+            job = json.loads(line)
+            if not isinstance(job, dict) or "tests" not in job:
+                raise ValueError("not a job")
+        except ValueError as e:
+            _send({"ended": True, "error": f"bad job line: {e}"})
+            continue
         if job["uid"] is not None and os.geteuid() != 0:
             _send({"ended": True, "error": "privileged mode needs root"})
             continue
         pid = os.fork()
         if pid == 0:
-            code = 0
+            code = 1
             try:
-                run_job(job, lines)
+                code = 0 if run_job(job, lines) else 2
             except BaseException:  # noqa: BLE001 - report through the exit status
                 traceback.print_exc()
-                code = 1
             finally:
                 os._exit(code)
         _, status = os.waitpid(pid, 0)
-        if job["uid"] is not None:
-            kill_uid(job["uid"])  # in case the program process itself died early
+        if status != 0 or has_children():
+            # The program process died early or could not reap everything: what it left is
+            # ours now (subreaper).
+            cleanup(job["uid"], patience_s=5.0)
         _send({"ended": True, "status": status})
 
 

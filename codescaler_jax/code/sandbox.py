@@ -622,7 +622,9 @@ class Sandbox:
                 results.append(result)
                 stop = result.status != "passed" and (
                     cfg.stop_on_first_failure or result.status == "syntax_error")
-                proc.stdin.write(b"0\n" if stop or i == n - 1 else b"1\n")
+                if i == n - 1:
+                    break  # the runner expects no control line after the last test
+                proc.stdin.write(b"0\n" if stop else b"1\n")
                 proc.stdin.flush()
                 if stop:
                     break
