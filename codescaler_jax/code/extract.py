@@ -13,7 +13,7 @@ matches: three backticks, an optional ``\\w+`` tag, a required newline, then eve
 next three backticks. `find_blocks` reproduces its matches exactly, including the odd cases that
 follow from it (a four-backtick fence opens one character late and leaves a stray backtick, CRLF
 after the tag is not a newline so the fence does not open there, an unclosed fence is no block,
-``` python`` with a space is no fence), with `str.find` so the scan is linear in the response.
+``` python`` with a space is no fence), and runs in linear time in the response.
 
 ``language="python"`` (the default) judges every block as Python whatever its tag, exactly as the
 reference. ``language="auto"`` takes the language from the tag (aliases in `validity`), with
@@ -24,6 +24,7 @@ judges every block in that language. Only ``python`` uses the reference's ``\\w`
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -32,11 +33,12 @@ from codescaler_jax.code import validity
 
 MODES = ("train", "eval")
 
-# An opening fence: three backticks, a tag run, a newline. Possessive quantifiers: a tag run holds
-# no backtick, so tag scans never overlap and the search stays linear.
-_OPEN_WORD = re.compile(r"```(\w*+)\n")
-_OPEN_WIDE = re.compile(r"```([\w+#.\-]*+)\n")
-_FENCE = "```"
+# The reference pattern with possessive tag runs (``\n`` is not a word character, so no match is
+# lost). Linear: a tag run holds no backtick, so runs never overlap; the lazy body scan stops at
+# the next ``` and, if there is none, no later opening can match either, so at most one scan
+# fails and the search ends.
+_BLOCK_WORD = re.compile(r"```(\w*+)\n(.*?)```", re.DOTALL)
+_BLOCK_WIDE = re.compile(r"```([\w+#.\-]*+)\n(.*?)```", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -58,24 +60,10 @@ class Extraction:
 def find_blocks(text: str, *, wide_tags: bool = False) -> list[tuple[str, str]]:
     """The ``(tag, body)`` pairs of ``re.findall(r"```(\\w*)\\n(.*?)```", text, re.DOTALL)``.
 
-    ``wide_tags`` also admits ``+ # . -`` in tags (for ``auto`` language detection). Linear time:
-    each candidate opening is examined once with a possessive tag scan, and the closing fence is
-    found with `str.find` (the lazy ``.*?`` of the reference, without its per-character retries).
+    ``wide_tags`` also admits ``+ # . -`` in tags (for ``auto`` language detection). Linear time
+    (see the pattern's comment; tests/test_extract.py times adversarial inputs).
     """
-    opening = _OPEN_WIDE if wide_tags else _OPEN_WORD
-    blocks: list[tuple[str, str]] = []
-    pos = 0
-    while True:
-        head = opening.search(text, pos)
-        if head is None:
-            return blocks
-        end = text.find(_FENCE, head.end())
-        if end < 0:
-            # No closing fence after this opening, hence none after any later opening either
-            # (the tag and newline hold no backtick).
-            return blocks
-        blocks.append((head.group(1), text[head.end() : end]))
-        pos = end + 3
+    return (_BLOCK_WIDE if wide_tags else _BLOCK_WORD).findall(text)
 
 
 def _judge(tag: str, language: str, fallback: str) -> str:
@@ -101,8 +89,6 @@ def extract_code(
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     lang = _resolve_language(language)
-    fallback = validity.normalize_language(fallback_language, "python")
-
     blocks = find_blocks(response, wide_tags=lang != "python")
     if not blocks:
         return Extraction("", False, "", "no_block")
@@ -110,7 +96,7 @@ def extract_code(
         return Extraction("", False, "", "multiple_blocks")
     tag, body = blocks[-1]
     code = body.strip()
-    judged = _judge(tag, lang, fallback)
+    judged = _judge(tag, lang, fallback_language)
     if not code:
         return Extraction("", False, judged, "empty")
     verdict = validity.syntax_verdict(code, judged)
@@ -121,6 +107,7 @@ def extract_code(
     return Extraction(code, False, judged, verdict)
 
 
+@functools.lru_cache(maxsize=64)
 def _resolve_language(language: str) -> str:
     if language == "auto":
         return "auto"
