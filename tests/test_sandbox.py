@@ -335,3 +335,12 @@ def test_runner_death_is_reported_and_the_harness_recovers():
         sb._all_slots[0].proc.kill()
         sb._all_slots[0].proc.wait()
         assert sb.run(*good).passed
+
+
+def test_specs_validate_themselves():
+    with pytest.raises(ValueError, match="2 inputs but 1 outputs"):
+        StdioTests(("a", "b"), ("a",))
+    with pytest.raises(ValueError, match="no test cases"):
+        CallTests("f", (), ())
+    with pytest.raises(ValueError, match="fn_name"):
+        CallTests("", ((1,),), (1,))

@@ -322,3 +322,17 @@ def test_threads_share_nothing():
     for t in threads:
         t.join()
     assert not errors
+
+
+def test_threads_leave_warning_filters_as_they_were():
+    import warnings
+
+    before = list(warnings.filters)
+    code = "x = '\\d'\n"
+    threads = [threading.Thread(target=lambda: [is_valid(code, "python") for _ in range(2000)])
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert warnings.filters == before

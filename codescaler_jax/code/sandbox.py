@@ -90,6 +90,9 @@ class StdioTests:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
 
+    def __post_init__(self) -> None:
+        _check_lengths(self.inputs, self.outputs)
+
 
 @dataclass(frozen=True)
 class CallTests:
@@ -99,6 +102,11 @@ class CallTests:
     fn_name: str
     inputs: tuple[tuple[Any, ...], ...]
     outputs: tuple[Any, ...]
+
+    def __post_init__(self) -> None:
+        _check_lengths(self.inputs, self.outputs)
+        if not self.fn_name:
+            raise ValueError("fn_name must be a non-empty string")
 
 
 @dataclass(frozen=True)

@@ -122,6 +122,7 @@ def python_verdict(code: str) -> str:
 
 
 _IGNORE_ALL = [("ignore", None, Warning, None, 0)]
+_WARNINGS_LOCK = threading.Lock()
 
 
 def _parse_silently(code: str) -> None:
@@ -133,14 +134,18 @@ def _parse_silently(code: str) -> None:
         with warnings.catch_warnings(action="ignore"):
             ast.parse(code)
         return
-    saved = warnings.filters
-    warnings.filters = _IGNORE_ALL
-    mutated()
-    try:
-        ast.parse(code)
-    finally:
-        warnings.filters = saved
+    # The lock keeps two threads from saving each other's swapped-in filters (which would
+    # leave every warning silenced); ast.parse holds the GIL anyway, so nothing is serialised
+    # that was not already.
+    with _WARNINGS_LOCK:
+        saved = warnings.filters
+        warnings.filters = _IGNORE_ALL
         mutated()
+        try:
+            ast.parse(code)
+        finally:
+            warnings.filters = saved
+            mutated()
 
 
 _local = threading.local()
