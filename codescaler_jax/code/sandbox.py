@@ -33,10 +33,11 @@ Statuses per test: passed, failed, timeout, runtime_error, memory_limit, syntax_
 output_limit (stdout+stderr over the cap, or the file-size limit hit), skipped (not run after an
 earlier failure with ``stop_on_first_failure``) and sandbox_error (the harness itself failed).
 
-Known limit: call-based and check tests evaluate the program's return value / assertions inside
-the program's own process (as the reference does), so a program written to attack the harness
-could forge a passing status line; stdio verdicts cannot be forged (the parent compares the
-output, and the runner never sees expected outputs).
+Known limit: call-based and check tests run the call / the assertions inside the program's own
+process (as the reference does), so a program written to attack the harness can write its own
+status line: a forged "check passed", or a call result other than the one it computed (it still
+has to know the expected value, which never enters the sandbox). stdio verdicts cannot be forged:
+the parent compares the captured output, and expected outputs never enter the sandbox.
 """
 
 from __future__ import annotations
