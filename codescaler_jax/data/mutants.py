@@ -1,5 +1,9 @@
 """Small behaviour-changing edits of a correct program ("mutants"), to make failing candidates.
 
+Two kinds: single-token edits (a swapped operator, an off-by-one constant, a flipped boolean,
+``return None``) and statement-level edits (a deleted line; the code cut after a line, as an
+unfinished generation leaves it).
+
 Mutations are applied to token spans found with Python's ``tokenize`` module, inside a given
 character range (the solution body), so everything else in the program keeps its exact
 formatting: a positive and its mutant differ only in the mutated token. Every mutant is
@@ -87,26 +91,61 @@ def _valid(code: str) -> bool:
     return True
 
 
-def make_mutants(
-    code: str, *, n: int, seed: int = 0, lo: int = 0, hi: int | None = None
-) -> list[str]:
-    """Up to ``n`` distinct, syntactically valid single-edit mutants of ``code``.
+def _line_edits(code: str, lo: int, hi: int) -> list[tuple[int, int, str]]:
+    """Statement-level edits inside ``[lo, hi)``: delete one line, or cut the code after a
+    line (an unfinished solution, as a truncated generation leaves it)."""
+    out: list[tuple[int, int, str]] = []
+    starts = [lo]
+    pos = lo
+    while True:
+        nl = code.find("\n", pos, hi)
+        if nl < 0:
+            break
+        pos = nl + 1
+        starts.append(pos)
+    lines = [(a, b) for a, b in zip(starts, starts[1:] + [hi]) if code[a:b].strip()]
+    for a, b in lines:
+        out.append((a, b, ""))  # delete this line
+    for a, _ in lines[1:]:
+        out.append((a, len(code), ""))  # cut everything from this line on
+    return out
 
-    Only tokens inside the character range ``[lo, hi)`` are edited (e.g. the solution body,
-    not the signature and docstring). Deterministic for a given seed.
+
+def make_mutants(
+    code: str,
+    *,
+    n: int,
+    seed: int = 0,
+    lo: int = 0,
+    hi: int | None = None,
+    line_fraction: float = 0.25,
+) -> list[str]:
+    """Up to ``n`` distinct, syntactically valid mutants of ``code``.
+
+    Most are single-token edits (operators, constants, boolean words, ``return None``); a
+    ``line_fraction`` share are statement-level edits (a deleted line, or the code cut after
+    a line). Only the character range ``[lo, hi)`` is edited (e.g. the solution body, not the
+    signature and docstring). Deterministic for a given seed.
     """
     hi = len(code) if hi is None else hi
-    edits = _edits(code, lo, hi)
-    random.Random(seed).shuffle(edits)
+    rng = random.Random(seed)
+    token_edits = _edits(code, lo, hi)
+    line_edits = _line_edits(code, lo, hi)
+    rng.shuffle(token_edits)
+    rng.shuffle(line_edits)
+    n_line = min(len(line_edits), round(n * line_fraction))
     seen = {code.strip()}
     out: list[str] = []
-    for s, e, r in edits:
-        if len(out) >= n:
-            break
-        m = code[:s] + r + code[e:]
-        key = m.strip()
-        if key in seen or not _valid(m):
-            continue
-        seen.add(key)
-        out.append(m)
+    for pool, quota in ((line_edits, n_line), (token_edits, n), (line_edits, n)):
+        taken = 0
+        for s, e, r in pool:
+            if len(out) >= n or taken >= quota:
+                break
+            m = code[:s] + r + code[e:]
+            key = m.strip()
+            if key in seen or not _valid(m):
+                continue
+            seen.add(key)
+            out.append(m)
+            taken += 1
     return out

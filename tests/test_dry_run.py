@@ -1,0 +1,50 @@
+"""--dry-run: abstract parameters, the train step lowered and compiled for the mesh, memory and
+FLOPs from XLA, without loading weights or data."""
+
+import pytest
+
+from codescaler_jax.config import load_config
+from codescaler_jax.rm.config import RMTrainConfig
+from codescaler_jax.train_rm import dry_run, main
+
+
+def _check(report, cfg):
+    assert report["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert report["devices"].startswith("8 x ")
+    mem = report["per_device_memory"]
+    assert mem["arguments_gib"] > 0 and mem["total_gib"] >= mem["arguments_gib"]
+    # XLA's FLOPs per device times 8 devices cover the analytic matmul FLOPs of the step
+    # (remat recomputes the forward, so XLA's figure may be larger, never much smaller).
+    xla_total = report["xla_flops_per_step_per_device"] * 8
+    assert xla_total > 0.9 * report["analytic_flops_per_step_total"]
+
+
+def test_dry_run_small_shape_of_the_8b_recipe():
+    cfg = load_config(
+        RMTrainConfig,
+        "configs/rm_codescaler_8b.yaml",
+        [
+            "model.size=qwen3_0_6b",
+            "model.num_hidden_layers=2",  # compile time: 2 of the 28 layers
+            "data.max_length=256",
+            "train.global_batch_size=16",
+        ],
+    )
+    report = dry_run(cfg)
+    _check(report, cfg)
+    # Qwen3-0.6B shapes: 151936 x 1024 embedding + 2 layers + final norm + score head
+    layer = 1024 * 128 * (16 + 2 * 8) + 16 * 128 * 1024 + 3 * 1024 * 3072 + 2 * 1024 + 2 * 128
+    assert report["params"] == 151936 * 1024 + 2 * layer + 1024 + 1024
+    assert report["param_dtype"] == "bfloat16" and report["remat"] is True
+
+
+@pytest.mark.slow
+def test_dry_run_8b_recipe_on_8_fake_devices(capsys):
+    assert main(["--config", "configs/rm_codescaler_8b.yaml", "--dry-run"]) == 0
+    import json
+
+    report = json.loads(capsys.readouterr().out)
+    cfg = load_config(RMTrainConfig, "configs/rm_codescaler_8b.yaml")
+    _check(report, cfg)
+    assert 7.5e9 < report["params"] < 7.7e9
+    assert report["seq_len"] == 4096 and report["global_batch_pairs"] == 128
