@@ -283,7 +283,7 @@ def test_large_snippets_agree_with_in_process_parse():
             data = code.encode()
             assert len(data) > validity.IN_PROCESS_MAX_BYTES or code is variants[2]
             assert tree_sitter_verdict(code, language) == validity._in_process_verdict(
-                data, language), (language, code[-80:])
+                data, language, 60.0), (language, code[-80:])
 
 
 def test_pathological_tree_sitter_input_is_cut_off():
@@ -297,6 +297,14 @@ def test_pathological_tree_sitter_input_is_cut_off():
     # The helper process is replaced and keeps working.
     good = LANGUAGE_SNIPPETS["java"][0] * 40
     assert tree_sitter_verdict(good, "java") == "ok"
+
+
+def test_in_process_cancellation_resets_the_parser():
+    code = "fn main() { " + "if(a)" * 300 + " }"
+    assert len(code.encode()) <= validity.IN_PROCESS_MAX_BYTES
+    assert validity._in_process_verdict(code.encode(), "rust", 1e-6) == "too_complex"
+    good = LANGUAGE_SNIPPETS["rust"][0]
+    assert validity._in_process_verdict(good.encode(), "rust", 10.0) == "ok"
 
 
 def test_threads_share_nothing():
