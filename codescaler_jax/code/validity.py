@@ -12,16 +12,17 @@ both; tests/test_validity.py checks the ast.parse equality on a generated corpus
 Other languages. tree-sitter grammars from `tree_sitter_language_pack`; a snippet is valid when its
 tree has no ERROR or MISSING node (`root_node.has_error`). tree-sitter's error recovery is not
 linear on adversarial input (measured here: Java ``a<a<a<...`` takes 4-5 s at 10 KB and 40 s at
-40 KB), so parses run under a time budget that grows linearly with the input
-(`PARSE_BUDGET_BASE_S` + `PARSE_BUDGET_PER_BYTE_S` per byte, about 50x the normal parse time of
-real code); a parse over budget is abandoned and the snippet judged invalid (``too_complex``).
-Normal code never comes near the budget. In-process, the budget is enforced through
-tree-sitter's progress callback, which is only called between parser operations and not at all
-during end-of-input recovery (and the GIL is held throughout), so only snippets up to
-`IN_PROCESS_MAX_BYTES` are parsed in-process, where the size bounds the overrun: the worst of
-28x28 two-token patterns and 20 random token soups in 12 grammars at 2 KB took 0.7 s here (C,
-``x=<`` repeated; on a machine with load 10), against 0.3-0.7 ms for real code of that size.
-Larger snippets go to a helper process that is killed when over budget.
+40 KB) and cannot be interrupted in-process: the GIL is held throughout, and the progress
+callback (the only way to cancel) comes every 100 parser operations, which on such input can
+take 0.5 s between calls, and not at all during end-of-input recovery. So:
+- snippets up to `IN_PROCESS_MAX_BYTES` are parsed in-process with no budget, their size bounding
+  the worst case: over 28x28 two-token patterns and 20 random token soups in 12 grammars at 2 KB
+  the slowest took 0.7 s here (C, ``x=<`` repeated; machine load 10), against 0.3-0.7 ms for
+  real code of that size;
+- larger snippets go to a helper process under a time budget linear in the size
+  (`PARSE_BUDGET_BASE_S` + `PARSE_BUDGET_PER_BYTE_S` per byte, about 50x the normal parse time
+  of real code); over budget, the helper is killed (and restarted on the next call) and the
+  snippet judged invalid (``too_complex``). Normal code never comes near the budget.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ import select
 import subprocess
 import sys
 import threading
-import time
 import warnings
 
 # Canonical names are tree_sitter_language_pack grammar names.
@@ -167,30 +167,8 @@ def _parser(language: str):
     return parser
 
 
-def _in_process_verdict(data: bytes, language: str, budget_s: float) -> str:
-    deadline = time.perf_counter() + budget_s
-    view = memoryview(data)
-    clock = time.perf_counter
-
-    # The callback form is the only one that takes a progress callback (cancellation); slicing a
-    # memoryview copies nothing, so re-reads after the lexer moves back stay O(1).
-    def read(offset: int, _point) -> memoryview:
-        return view[offset:]
-
-    def progress(_offset: int, _has_error: bool) -> bool:
-        return clock() > deadline
-
-    parser = _parser(language)
-    try:
-        tree = parser.parse(read, progress_callback=progress)
-    except ValueError:  # py-tree-sitter reports a cancelled parse as "Parsing failed"
-        tree = None
-    if tree is None:
-        # tree-sitter keeps a cancelled parse to resume it on the next call; drop it so the
-        # next snippet starts from scratch.
-        parser.reset()
-        return TOO_COMPLEX
-    return SYNTAX_ERROR if tree.root_node.has_error else OK
+def _in_process_verdict(data: bytes, language: str) -> str:
+    return SYNTAX_ERROR if _parser(language).parse(data).root_node.has_error else OK
 
 
 # The helper process: reads "<language> <n>\n" + n bytes, answers b"o" (no error) or b"e".
@@ -286,9 +264,9 @@ def tree_sitter_verdict(code: str, language: str, *, budget_s: float | None = No
     """Verdict of the tree-sitter grammar ``language`` under a time budget linear in the size.
 
     Returns `OK`, `SYNTAX_ERROR` (an ERROR/MISSING node, or text that is not encodable as UTF-8)
-    or `TOO_COMPLEX` (the parse ran out of budget and was cancelled). Snippets up to
-    `IN_PROCESS_MAX_BYTES` are parsed here, cancelled through tree-sitter's progress callback;
-    larger ones in a helper process that is killed when over budget.
+    or `TOO_COMPLEX` (the parse ran out of budget and was abandoned). Snippets up to
+    `IN_PROCESS_MAX_BYTES` are parsed in this process with no budget (their size bounds the
+    worst case); larger ones in a helper process that is killed when over ``budget_s``.
     """
     try:
         data = code.encode("utf-8")
@@ -297,7 +275,7 @@ def tree_sitter_verdict(code: str, language: str, *, budget_s: float | None = No
     if budget_s is None:
         budget_s = PARSE_BUDGET_BASE_S + PARSE_BUDGET_PER_BYTE_S * len(data)
     if len(data) <= IN_PROCESS_MAX_BYTES:
-        return _in_process_verdict(data, language, budget_s)
+        return _in_process_verdict(data, language)
     return _parser_process().verdict(data, language, budget_s)
 
 
