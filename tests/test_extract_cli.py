@@ -2,15 +2,12 @@
 naming the file and line, --skip-bad, and an existing output left intact on error."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
 from codescaler_jax.extract import main
-
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="--run-tests uses the uid sandbox")
 
 ADD = "```python\na, b = map(int, input().split())\nprint(a + b)\n```"
 RECORDS = [
@@ -38,7 +35,6 @@ def _read(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-@needs_root
 def test_end_to_end_subprocess(tmp_path):
     src, dst = tmp_path / "in.jsonl", tmp_path / "out" / "out.jsonl"
     _write(src, RECORDS[:4] + ["\n"] + RECORDS[4:])
