@@ -1,0 +1,202 @@
+"""The GRPO run config: every key typed, with its default and meaning.
+
+Loaded by ``python -m codescaler_jax.train_grpo --config FILE [--set key.sub=value ...]``.
+Defaults of the algorithm, rollout and optimizer sections are the CodeScaler recipe (recipe
+section 5.4); knob names are the ones TRL / verl users know.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+from codescaler_jax.models.sharding import MeshConfig
+from codescaler_jax.rl.advantages import ADVANTAGE_ESTIMATORS
+from codescaler_jax.rl.losses import PolicyLossConfig
+from codescaler_jax.rm.config import OptimSection
+
+
+@dataclasses.dataclass
+class PolicySection:
+    """The policy. ``init_from``: a Hugging Face ``Qwen3ForCausalLM`` directory (e.g.
+    Qwen3-8B-Base) or ``None`` for random init of ``size`` (a ``Qwen3Config`` named size:
+    ``tiny``, ``qwen3_0_6b`` ...), with the explicit fields below overriding that size."""
+
+    init_from: str | None = None
+    tokenizer: str = "qwen3"
+    size: str = "tiny"
+    vocab_size: int | None = None
+    hidden_size: int | None = None
+    intermediate_size: int | None = None
+    num_hidden_layers: int | None = None
+    num_attention_heads: int | None = None
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    tie_word_embeddings: bool | None = None
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    remat: bool = False
+
+
+@dataclasses.dataclass
+class DataSection:
+    """Prompts. ``source``: ``humaneval`` (the 164 bundled problems) or a problems JSONL file
+    (``prompt``/``question_content``, ``tests``, ``problem_id``). Each problem's text is the
+    single user turn of the policy's chat template (generation prompt added); problems whose
+    rendered prompt exceeds ``max_prompt_length`` tokens are dropped (the reference filters
+    overlong prompts)."""
+
+    source: str = "humaneval"
+    max_prompt_length: int = 4096
+    min_prompt_bucket: int = 64
+    max_problems: int | None = None
+
+    def __post_init__(self):
+        if self.max_prompt_length < 1:
+            raise ValueError(f"data.max_prompt_length must be >= 1, got {self.max_prompt_length}")
+
+
+@dataclasses.dataclass
+class RolloutSection:
+    """Sampling. ``num_prompts`` x ``num_generations`` responses per step (reference 128 x 8,
+    temperature 0.6, top_p 0.95, top_k 20, 16,384 new tokens). ``batch_size``: rows per decode
+    loop on device. ``stop_strings``: extra stops besides EOS, matched as token sequences."""
+
+    num_prompts: int = 128
+    num_generations: int = 8
+    max_new_tokens: int = 16384
+    temperature: float = 0.6
+    top_p: float = 0.95
+    top_k: int = 20
+    stop_strings: list[str] = dataclasses.field(default_factory=list)
+    batch_size: int = 128
+    min_response_bucket: int = 64
+
+    def __post_init__(self):
+        if self.num_generations < 2:
+            raise ValueError(f"rollout.num_generations must be >= 2, got {self.num_generations}")
+        if self.num_prompts < 1:
+            raise ValueError(f"rollout.num_prompts must be >= 1, got {self.num_prompts}")
+        if self.min_response_bucket < 1:
+            raise ValueError("rollout.min_response_bucket must be >= 1")
+
+
+@dataclasses.dataclass
+class RewardSection:
+    """The reward, a name registered in ``codescaler_jax.rl.rewards.REWARDS``:
+    ``codescaler`` (the shaped RM score), ``execution`` (1 if all tests pass), ``mix``
+    (weighted sum: ``kwargs.weights = {name: weight}``), ``token_fraction`` (synthetic).
+
+    ``rm_path``: an HF RM directory or a ``train_rm`` run directory (its ``hf/`` export).
+    ``shaping``: a ``rm.shaping`` mode (``softplus`` = the reference). ``pass_rate``: also run
+    the extracted code in the sandbox to log the pass rate (a metric; never the codescaler
+    reward). ``kwargs``: extra arguments of the registered reward."""
+
+    name: str = "codescaler"
+    rm_path: str | None = None
+    rm_tokenizer: str | None = None
+    rm_max_length: int = 4096
+    rm_batch_size: int = 16
+    rm_dtype: Literal["float32", "bfloat16"] | None = None
+    shaping: str = "softplus"
+    pass_rate: bool = True
+    sandbox_time_limit_s: float = 2.0
+    sandbox_workers: int = 2
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class AlgorithmSection:
+    """GRPO. ``estimator`` / ``scale_rewards`` / ``eps``: ``rl.advantages``; ``epsilon``,
+    ``epsilon_high``, ``dual_clip``, ``loss_agg_mode``, ``beta``, ``kl_estimator``,
+    ``kl_clamp``: ``rl.losses.PolicyLossConfig`` (a reference model is built only when
+    ``beta > 0``). ``num_minibatches``: optimizer updates per step (reference 2);
+    ``micro_batches``: gradient accumulation per mini-batch (memory only). ``logprob_chunk``:
+    response positions per log-prob chunk (bounds the ``[rows, chunk, vocab]`` logits)."""
+
+    estimator: str = "grpo"
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    eps: float = 1e-6
+    epsilon: float = 0.2
+    epsilon_high: float | None = 0.28
+    dual_clip: float | None = 3.0
+    loss_agg_mode: str = "token-mean"
+    beta: float = 0.0
+    kl_estimator: str = "k3"
+    kl_clamp: float | None = 10.0
+    num_minibatches: int = 2
+    micro_batches: int = 1
+    logprob_chunk: int | None = 1024
+
+    def __post_init__(self):
+        ADVANTAGE_ESTIMATORS.check(self.estimator)
+        self.loss_config()  # validates the loss knobs now, naming the bad one
+        if self.num_minibatches < 1 or self.micro_batches < 1:
+            raise ValueError("algorithm.num_minibatches and micro_batches must be >= 1")
+
+    def loss_config(self) -> PolicyLossConfig:
+        """The policy-loss knobs of this section."""
+        return PolicyLossConfig(
+            epsilon=self.epsilon, epsilon_high=self.epsilon_high, dual_clip=self.dual_clip,
+            loss_agg_mode=self.loss_agg_mode, beta=self.beta, kl_estimator=self.kl_estimator,
+            kl_clamp=self.kl_clamp,
+        )
+
+
+@dataclasses.dataclass
+class GRPOOptimSection(OptimSection):
+    """AdamW, lr 1e-6, betas (0.9, 0.999), weight decay 0.01, grad clip 1.0, 10 warmup steps
+    then constant (the reference). Steps here are train steps (the LR is the same for all
+    mini-batch updates of one step)."""
+
+    learning_rate: float = 1e-6
+    warmup_steps: int = 10
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    min_lr_ratio: float = 1.0
+
+
+@dataclasses.dataclass
+class TrainSection:
+    """Steps, seeds, logging and checkpoint cadence."""
+
+    steps: int = 250
+    seed: int = 0
+    log_every: int = 1
+    samples_every: int = 1
+    num_text_samples: int = 2
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    export_hf: bool = True
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"train.steps must be >= 1, got {self.steps}")
+
+
+@dataclasses.dataclass
+class GRPOConfig:
+    """Top level of ``configs/grpo_*.yaml``."""
+
+    run_dir: str = "runs/grpo"
+    policy: PolicySection = dataclasses.field(default_factory=PolicySection)
+    data: DataSection = dataclasses.field(default_factory=DataSection)
+    rollout: RolloutSection = dataclasses.field(default_factory=RolloutSection)
+    reward: RewardSection = dataclasses.field(default_factory=RewardSection)
+    algorithm: AlgorithmSection = dataclasses.field(default_factory=AlgorithmSection)
+    optim: GRPOOptimSection = dataclasses.field(default_factory=GRPOOptimSection)
+    train: TrainSection = dataclasses.field(default_factory=TrainSection)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+
+    def __post_init__(self):
+        rows = self.rollout.num_prompts * self.rollout.num_generations
+        a = self.algorithm
+        if rows % a.num_minibatches:
+            raise ValueError(
+                f"rollout.num_prompts x rollout.num_generations = {rows} responses are not "
+                f"divisible by algorithm.num_minibatches={a.num_minibatches}"
+            )
+        if (rows // a.num_minibatches) % a.micro_batches:
+            raise ValueError(
+                f"a mini-batch of {rows // a.num_minibatches} responses is not divisible by "
+                f"algorithm.micro_batches={a.micro_batches}"
+            )
