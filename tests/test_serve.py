@@ -59,7 +59,13 @@ def test_get_reward_validation():
     lim = Limits(max_items=2, max_chars=10)
     ok = parse_get_reward({"query": ["pq"], "prompts": ["p"], "labels": ["x"]}, lim)
     assert ok[0].problem == "p" and ok[0].text == "q"
+    # no "prompts" (older OpenRLHF): split the ChatML query at its last assistant header
+    chat = "<|im_start|>user\nP<|im_end|>\n<|im_start|>assistant\n"
+    old_style = parse_get_reward({"query": [chat + "R<|im_end|>"]}, Limits(),
+                                 end_markers=("<|im_end|>",))
+    assert (old_style[0].problem, old_style[0].text) == ("P", "R")
     cases = [
+        ({"query": ["pq"]}, 400, "missing field 'prompts'"),
         ({"prompts": ["p"]}, 400, "missing field 'query'"),
         ({"query": "pq", "prompts": ["p"]}, 400, "must be a list"),
         ({"query": ["pq", 3], "prompts": ["p", "p"]}, 400, r"query\[1\] must be a string"),

@@ -11,7 +11,8 @@ it (usually already chat-templated). The response is ``query[i]`` with ``prompts
 from its front and trailing end-of-text markers stripped; the problem the RM sees is the content
 of the last user turn of a ChatML prompt (the reference's RM input has no system message), or
 the whole prompt when it has no ChatML markers (``prompt_format="auto"``). ``labels`` are
-accepted and ignored: the RM is execution-free.
+accepted and ignored: the RM is execution-free. Older clients send only ``query``; the prompt is
+then everything up to the last ChatML assistant header.
 
 ``POST /score`` is the native form: ``{"items": [{"problem": str, "response": str}, ...]}``
 (the response goes through the training extractor) or ``{"problem", "code"}`` items (the code is
@@ -29,6 +30,7 @@ from typing import Any
 
 CHATML_USER = "<|im_start|>user\n"
 CHATML_END = "<|im_end|>"
+CHATML_ASSISTANT = "<|im_start|>assistant\n"
 PROMPT_FORMATS = ("auto", "chatml", "raw")
 
 
@@ -138,6 +140,18 @@ def response_from_query(query: str, prompt: str, end_markers: Sequence[str] = ()
     return resp
 
 
+def split_chatml_query(query: str, index: int = 0) -> str:
+    """The prompt part of a ChatML ``query`` (up to and including the last assistant header),
+    for clients that send no ``prompts`` (older OpenRLHF versions)."""
+    at = query.rfind(CHATML_ASSISTANT)
+    if at < 0:
+        raise RequestError(
+            400, f"missing field 'prompts', and query[{index}] has no ChatML assistant turn to "
+            "split at"
+        )
+    return query[: at + len(CHATML_ASSISTANT)]
+
+
 def parse_get_reward(
     data: dict[str, Any],
     limits: Limits,
@@ -147,7 +161,10 @@ def parse_get_reward(
 ) -> list[Item]:
     """Items of an OpenRLHF ``/get_reward`` request (see the module docstring)."""
     queries = _string_list(data, "query", limits)
-    prompts = _string_list(data, "prompts", limits)
+    if data.get("prompts") is None:
+        prompts = [split_chatml_query(q, i) for i, q in enumerate(queries)]
+    else:
+        prompts = _string_list(data, "prompts", limits)
     if len(prompts) != len(queries):
         raise RequestError(
             400, f"'prompts' has {len(prompts)} items but 'query' has {len(queries)}"
