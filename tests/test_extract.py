@@ -209,3 +209,7 @@ def test_batch_and_argument_errors():
         extract_code("x", language="cobol")
     with pytest.raises(TypeError):
         extract_code(b"```python\nx=1\n```")
+    # A bad fallback is an argument error whatever the content (not only for untagged blocks).
+    for fallback in ("cobol", "", "auto"):
+        with pytest.raises(ValueError):
+            extract_code("no block at all", language="auto", fallback_language=fallback)

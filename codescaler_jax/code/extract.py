@@ -89,6 +89,10 @@ def extract_code(
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     lang = _resolve_language(language)
+    if lang == "auto":
+        fallback_language = _resolve_language(fallback_language)
+        if fallback_language == "auto":
+            raise ValueError("fallback_language must be a language, not 'auto'")
     blocks = find_blocks(response, wide_tags=lang != "python")
     if not blocks:
         return Extraction("", False, "", "no_block")
@@ -111,7 +115,7 @@ def extract_code(
 def _resolve_language(language: str) -> str:
     if language == "auto":
         return "auto"
-    name = validity.normalize_language(language, "python")
+    name = validity.normalize_language(language, "python") if language else ""
     if name not in validity.SUPPORTED_LANGUAGES:
         raise ValueError(
             f"language must be 'auto' or one of {validity.SUPPORTED_LANGUAGES}, got {language!r}"
