@@ -199,7 +199,7 @@ def test_tree_sitter_alone_would_disagree(corpus):
         "(" * 300 + ")" * 300,
         "f(" * 199 + ")" * 199,
         "".join(" " * i + "if 1:\n" for i in range(120)) + " " * 120 + "pass\n",
-        "x = 1\n" * 50_000,
+        "x = 1\n" * 20_000,
         "x = '\ud800'\n",
         "x = 1\x00\n",
     ],
