@@ -48,6 +48,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
                    help="hidden 256, 4 layers, 4 heads, 2 KV heads, seq 256, batch 4")
     p.add_argument("--skip-torch", action="store_true")
     p.add_argument("--torch-threads", type=int, default=None, help="default: torch's own")
+    p.add_argument("--no-xla-flags", action="store_true",
+                   help="do not set XLA_CPU_FLAGS (to measure their effect)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if args.small:
@@ -140,8 +142,10 @@ def _bench_torch(args: argparse.Namespace, ids: Any, mask: Any, warmup: int,
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = _args(argv)
-    if XLA_CPU_FLAGS:
-        os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *XLA_CPU_FLAGS])
+    flags = [] if args.no_xla_flags else XLA_CPU_FLAGS
+    if flags:
+        os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *flags]).strip()
+    load_before = os.getloadavg()
     import jax
     import numpy as np
 
@@ -175,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "flops_formula": "6 * non_embedding_params * batch * seq + "
                          "12 * layers * batch * seq^2 * heads * head_dim",
         "matmul_peak": peak,
-        "xla_flags_set_by_benchmark": XLA_CPU_FLAGS,
+        "xla_flags_set_by_benchmark": flags,
         "jit": "split/merge + jax.jit(value_and_grad)",
         "ours": ours,
     }
@@ -187,6 +191,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["torch"] = ref
         result["ratio_ours_over_torch"] = ours["tokens_per_s"] / ref["tokens_per_s"]
 
+    # Other processes on the machine skew both sides; the 1-minute load average says how much.
+    result["load_average_1min"] = {"before": load_before[0], "after": os.getloadavg()[0],
+                                   "cpu_count": os.cpu_count()}
     path = write_json("model", result, args.out)
     rows = [("ours (jax)", ours)] + ([("torch (hf)", result["torch"])] if "torch" in result else [])
     print(f"device: {backend} {jax.devices()[0].device_kind}  "
@@ -200,7 +207,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"{r['model_flops_per_s'] / 1e9:9.1f} {r['mfu']:6.1%}")
     if "ratio_ours_over_torch" in result:
         print(f"ratio ours/torch: {result['ratio_ours_over_torch']:.2f}")
-    print(f"wrote {path}")
+    print(f"load average {load_before[0]:.1f} -> {os.getloadavg()[0]:.1f} "
+          f"on {os.cpu_count()} cores; wrote {path}")
     return result
 
 
