@@ -51,7 +51,11 @@ def label_candidates(
 
 
 def humaneval_candidates(
-    problems: Sequence[Problem], *, mutants_per_problem: int, seed: int = 0
+    problems: Sequence[Problem],
+    *,
+    mutants_per_problem: int,
+    seed: int = 0,
+    line_fraction: float = 0.25,
 ) -> list[list[str]]:
     """Per problem: the reference solution followed by up to ``mutants_per_problem`` mutants
     edited only inside the body (the signature and docstring stay as given)."""
@@ -61,7 +65,14 @@ def humaneval_candidates(
             raise ValueError(f"problem {p.problem_id} has no reference solution to mutate")
         lo = len(p.stub) if p.solution.startswith(p.stub) else 0
         out.append(
-            [p.solution] + make_mutants(p.solution, n=mutants_per_problem, seed=seed + i, lo=lo)
+            [p.solution]
+            + make_mutants(
+                p.solution,
+                n=mutants_per_problem,
+                seed=seed + i,
+                lo=lo,
+                line_fraction=line_fraction,
+            )
         )
     return out
 
@@ -70,6 +81,7 @@ def verified_pairs(
     problems: Sequence[Problem],
     *,
     mutants_per_problem: int = 8,
+    line_mutant_fraction: float = 0.25,
     max_pairs_per_problem: int = 16,
     unaligned_fraction: float = 0.0,
     workers: int = 2,
@@ -78,7 +90,12 @@ def verified_pairs(
     progress: bool = True,
 ) -> tuple[list[Pair], PairStats]:
     """Candidates -> sandbox labels -> within-problem pairs, with statistics."""
-    codes = humaneval_candidates(problems, mutants_per_problem=mutants_per_problem, seed=seed)
+    codes = humaneval_candidates(
+        problems,
+        mutants_per_problem=mutants_per_problem,
+        seed=seed,
+        line_fraction=line_mutant_fraction,
+    )
     cands = label_candidates(
         problems, codes, workers=workers, time_limit_s=time_limit_s, progress=progress
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from codescaler_jax.distributed import DistributedConfig
 from codescaler_jax.models.sharding import MeshConfig
 
 
@@ -48,6 +49,7 @@ class DataSection:
     max_length: int = 512
     min_bucket: int = 64
     mutants_per_problem: int = 8
+    line_mutant_fraction: float = 0.25
     max_pairs_per_problem: int = 16
     unaligned_fraction: float = 0.0
     skip_bad: bool = False
@@ -114,3 +116,4 @@ class RMTrainConfig:
     optim: OptimSection = dataclasses.field(default_factory=OptimSection)
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
