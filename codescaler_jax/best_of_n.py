@@ -105,7 +105,8 @@ def rm_select(
     """RM best-of-N over padded ``responses [P][N]``: extraction, scoring, argmax, timed.
 
     Returns ``picks [P]``, ``scores [P, N]`` (0 where no code), ``valid [P, N]``, ``codes``,
-    ``reasons`` and ``seconds`` (wall time of the whole selection).
+    ``reasons``, ``tokens`` (RM input tokens scored) and ``seconds`` (wall time of the whole
+    selection).
     """
     from codescaler_jax.code.extract import extract_code
 
@@ -124,9 +125,11 @@ def rm_select(
         reasons.append(row_r)
     idx = np.argwhere(valid)
     scores = np.zeros((p, n), np.float32)
+    tokens = 0
     if len(idx):
-        s = scorer.score([problems[i] for i, _ in idx], [codes[i][j] for i, j in idx])
-        scores[idx[:, 0], idx[:, 1]] = s
+        seqs = scorer.encode([problems[i] for i, _ in idx], [codes[i][j] for i, j in idx])
+        tokens = sum(len(s) for s in seqs)
+        scores[idx[:, 0], idx[:, 1]] = scorer.score_ids(seqs)
     picks = np.asarray(jax.device_get(select_best(scores, valid)))
     return {
         "picks": picks,
@@ -134,6 +137,7 @@ def rm_select(
         "valid": valid,
         "codes": codes,
         "reasons": reasons,
+        "tokens": tokens,
         "seconds": time.perf_counter() - t0,
     }
 
@@ -208,6 +212,7 @@ def best_of_n(
         "candidates": int(present.sum()),
         "n": int(present.shape[1]),
         "candidates_with_code": n_valid,
+        "rm_tokens": warm["tokens"],
         "rm_seconds_cold": cold["seconds"],
         "rm_seconds_warm": warm["seconds"],
     }

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,6 +31,7 @@ from codescaler_jax.serving.protocol import (
     response_from_query,
 )
 
+REPO = Path(__file__).resolve().parents[1]
 MAX_LENGTH = 128
 MAX_ITEMS = 16
 MAX_BODY = 64 * 1024
@@ -141,7 +143,9 @@ def server(rm_dir):
         "--max-body-mb", str(MAX_BODY / (1 << 20)), "--max-chars", str(MAX_CHARS),
         "--max-wait-ms", "5", "--log-level", "WARNING",
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    # the repository root on the path: the package need not be installed
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env, cwd=REPO)
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(ln) for ln in proc.stdout], daemon=True).start()
     try:

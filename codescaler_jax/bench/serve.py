@@ -38,7 +38,10 @@ def _start_server(rm: str, max_batch: int, max_length: int) -> tuple[subprocess.
     cmd = [sys.executable, "-m", "codescaler_jax.serve", "--rm", rm, "--port", "0",
            "--max-batch", str(max_batch), "--max-length", str(max_length),
            "--log-level", "WARNING"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    repo = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH")]))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
     try:
