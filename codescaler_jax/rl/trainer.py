@@ -301,6 +301,7 @@ class GRPOTrainer:
                        disable=not self.progress or jax.process_index() != 0)
             last: dict[str, float] = {}
             totals = {"rollout": 0.0, "reward": 0.0, "update": 0.0}
+            steady = dict(totals)  # the same without this process's first step (compilation)
             steps_run = 0
             for step in range(start_step, cfg.train.steps):
                 t0 = time.perf_counter()
@@ -341,6 +342,7 @@ class GRPOTrainer:
                                           (t0, t1, t2, t3))
                 for k in totals:
                     totals[k] += last[f"time/{k}_s"]
+                    steady[k] += last[f"time/{k}_s"] if steps_run else 0.0
                 steps_run += 1
                 history.append({"step": done, "reward_mean": last["reward/mean"],
                                 "valid_code_fraction": last["valid_code_fraction"]})
@@ -374,6 +376,8 @@ class GRPOTrainer:
             "history": history,
             "last": last,
             "time_per_phase_s": {k: v / max(steps_run, 1) for k, v in totals.items()},
+            "time_per_phase_s_after_first_step": (
+                {k: v / (steps_run - 1) for k, v in steady.items()} if steps_run > 1 else None),
             "wall_s": time.perf_counter() - t_start,
             "usable_prompts": len(problems),
             "config": to_dict(cfg),

@@ -1,0 +1,206 @@
+"""Benchmark: rollout decode speed of the JAX sampler vs ``transformers`` ``generate``, and where
+the time of a GRPO step goes (rollout / reward / update) for ``configs/grpo_tiny.yaml``.
+
+    python -m codescaler_jax.bench.sampler [--batch 8] [--prompt-len 64] [--new-tokens 128]
+                                           [--grpo-steps 4] [--out bench_results/sampler.json]
+
+Decode: the same random Qwen3 weights (a ``transformers`` model saved with ``save_pretrained``
+and loaded through our HF I/O) generate ``--new-tokens`` tokens for ``--batch`` prompts of
+``--prompt-len`` tokens in both frameworks, in this process, greedy and with the reference's
+sampling (temperature 0.6, top-p 0.95, top-k 20); EOS is disabled so both produce exactly the
+same number of tokens. Each timed call includes putting prompts on the device and fetching the
+results; compilation (JAX) and the first call (torch) are excluded as warm-up. Reported:
+generated tokens/s (batch x new tokens / seconds, median of ``--repeat`` calls) and the ratio.
+
+GRPO step: ``--grpo-steps`` steps of the tiny config (RM: ``runs/rm_tiny`` if it exists, else a
+random RM of the same architecture, as recorded in the JSON); the mean time of each phase
+over the steps after the first (which compiles).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from codescaler_jax.bench.common import time_call, write_json
+
+# Two policy shapes with the real Qwen3 vocabulary (the LM head is a large share of the work).
+SHAPES = {
+    "grpo_tiny_policy": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+    "small_4L_256": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=4, head_dim=32),
+}
+MODES = {
+    "greedy": dict(greedy=True),
+    "T0.6_p0.95_k20": dict(temperature=0.6, top_p=0.95, top_k=20),
+}
+
+
+def _hf_model(shape: dict[str, int], seed: int = 0):
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.Qwen3Config(vocab_size=151936, tie_word_embeddings=True, pad_token_id=0,
+                                   rms_norm_eps=1e-6, **shape)
+    return transformers.Qwen3ForCausalLM(cfg).eval()
+
+
+def bench_decode(shape_name: str, *, batch: int, prompt_len: int, new_tokens: int,
+                 repeat: int) -> list[dict[str, Any]]:
+    """Tokens/s of ours and of ``transformers`` for each sampling mode of one model shape."""
+    import jax
+
+    from codescaler_jax.models.hf_io import load_hf_model
+    from codescaler_jax.models.qwen3 import Qwen3ForCausalLM
+    from codescaler_jax.models.sharding import make_mesh
+
+    hf = _hf_model(SHAPES[shape_name])
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        mesh = make_mesh(devices=jax.devices()[:1])
+        ours = load_hf_model(d, Qwen3ForCausalLM, mesh=mesh)
+    prompts = np.random.RandomState(0).randint(1, 151000, size=(batch, prompt_len))
+    return [
+        {"shape": shape_name, **_bench_mode(ours, hf, mesh, prompts, mode, new_tokens, repeat)}
+        for mode in MODES
+    ]
+
+
+def _bench_mode(ours, hf, mesh, prompts: np.ndarray, mode: str, new_tokens: int,
+                repeat: int) -> dict[str, Any]:
+    import jax
+    import torch
+
+    from codescaler_jax.rl.sampler import JaxSampler, SamplingConfig
+
+    knobs = MODES[mode]
+    batch, prompt_len = prompts.shape
+    cfg = SamplingConfig(max_new_tokens=new_tokens, pad_token_id=0, **knobs)
+    sampler = JaxSampler(ours, cfg, mesh=mesh, batch_size=batch, max_prompt_len=prompt_len,
+                         min_prompt_bucket=prompt_len)
+    calls = iter(range(10**6))
+
+    def run_ours():
+        out = sampler.generate(prompts.tolist(), jax.random.key(next(calls)))
+        assert out.tokens.shape == (batch, new_tokens) and out.lengths.min() == new_tokens
+
+    greedy = knobs.get("greedy", False)
+    gen_kw = dict(do_sample=not greedy, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                  eos_token_id=None, pad_token_id=0)
+    if not greedy:
+        gen_kw.update(temperature=knobs["temperature"], top_p=knobs["top_p"],
+                      top_k=knobs["top_k"])
+    ids = torch.tensor(prompts, dtype=torch.long)
+
+    def run_hf():
+        with torch.no_grad():
+            out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **gen_kw)
+        assert out.shape == (batch, prompt_len + new_tokens)
+
+    t_ours = time_call(run_ours, warmup=1, repeat=repeat)
+    t_hf = time_call(run_hf, warmup=1, repeat=repeat)
+    n = batch * new_tokens
+    return {
+        "mode": mode, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+        "ours_tokens_per_s": n / t_ours["median_s"],
+        "transformers_tokens_per_s": n / t_hf["median_s"],
+        "speedup": t_hf["median_s"] / t_ours["median_s"],
+        "ours_s": t_ours, "transformers_s": t_hf,
+    }
+
+
+def bench_grpo_phases(steps: int, rm_path: str | None) -> dict[str, Any]:
+    """Mean seconds per phase of a tiny-config GRPO step (after the first, compiling step)."""
+    from flax import nnx
+
+    from codescaler_jax.config import load_config
+    from codescaler_jax.data.tokenizer import qwen3_tokenizer_dir
+    from codescaler_jax.models.hf_io import save_hf_model
+    from codescaler_jax.models.qwen3 import Qwen3Config, Qwen3RewardModel
+    from codescaler_jax.rl.config import GRPOConfig
+    from codescaler_jax.rl.trainer import GRPOTrainer
+
+    with tempfile.TemporaryDirectory() as d:
+        rm_note = rm_path
+        if rm_path is None or not Path(rm_path).exists():
+            # The rm_tiny architecture with random weights: the same cost as the trained RM.
+            from codescaler_jax.rm.config import RMTrainConfig
+            from codescaler_jax.rm.trainer import model_config
+
+            rm_cfg = load_config(RMTrainConfig, "configs/rm_tiny.yaml")
+            mcfg: Qwen3Config = model_config(rm_cfg, 151669, 151643)
+            rm_path = os.path.join(d, "rm")
+            save_hf_model(Qwen3RewardModel(mcfg, rngs=nnx.Rngs(0)), rm_path,
+                          tokenizer_dir=qwen3_tokenizer_dir())
+            rm_note = "random weights, configs/rm_tiny.yaml architecture (runs/rm_tiny missing)"
+        cfg = load_config(GRPOConfig, "configs/grpo_tiny.yaml", [
+            f"run_dir={os.path.join(d, 'run')}", f"reward.rm_path={rm_path}",
+            f"train.steps={steps}", "train.save_every=0", "train.export_hf=false",
+        ])
+        summary = GRPOTrainer(cfg, progress=False).run()
+    phases = summary["time_per_phase_s_after_first_step"]
+    total = sum(phases.values())
+    return {
+        "config": "configs/grpo_tiny.yaml", "rm": rm_note, "steps": steps,
+        "responses_per_step": cfg.rollout.num_prompts * cfg.rollout.num_generations,
+        "seconds_per_step": phases, "share": {k: v / total for k, v in phases.items()},
+        "first_step_s": {k: summary["time_per_phase_s"][k] * steps - phases[k] * (steps - 1)
+                         for k in phases},
+        "valid_code_fraction_last_step": summary["last"]["valid_code_fraction"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m codescaler_jax.bench.sampler",
+                                description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--grpo-steps", type=int, default=4, help="0 skips the GRPO phase split")
+    p.add_argument("--rm-path", default="runs/rm_tiny")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+
+    import torch
+
+    t0 = time.perf_counter()
+    load_before = os.getloadavg()  # other work on a shared machine skews both columns
+    rows = []
+    for shape in args.shapes:
+        rows += bench_decode(shape, batch=args.batch, prompt_len=args.prompt_len,
+                             new_tokens=args.new_tokens, repeat=args.repeat)
+    print(f"{'shape':<18} {'mode':<16} {'ours tok/s':>11} {'HF tok/s':>10} {'speedup':>8}")
+    for r in rows:
+        print(f"{r['shape']:<18} {r['mode']:<16} {r['ours_tokens_per_s']:>11.0f} "
+              f"{r['transformers_tokens_per_s']:>10.0f} {r['speedup']:>7.1f}x")
+    grpo = None
+    if args.grpo_steps > 1:
+        grpo = bench_grpo_phases(args.grpo_steps, args.rm_path)
+        print("\nGRPO step, configs/grpo_tiny.yaml (mean over steps after the first):")
+        for k, v in grpo["seconds_per_step"].items():
+            print(f"  {k:<8} {v:7.2f} s  {100 * grpo['share'][k]:5.1f} %")
+    payload = {
+        "decode": rows, "grpo_tiny_step": grpo,
+        "torch_threads": torch.get_num_threads(), "wall_s": time.perf_counter() - t0,
+        "load_average_1m_before_after": [load_before[0], os.getloadavg()[0]],
+        "argv": sys.argv[1:] if argv is None else argv,
+    }
+    path = write_json("sampler", payload, args.out)
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
