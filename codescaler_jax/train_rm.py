@@ -179,6 +179,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    from codescaler_jax.distributed import initialize
+
+    # Before any other JAX call: on a multi-host launch every process joins one device set.
+    try:
+        initialize(cfg.distributed)
+    except ValueError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     if args.dry_run:
         report = dry_run(cfg)
         print(json.dumps(report, indent=2))

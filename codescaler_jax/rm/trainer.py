@@ -35,6 +35,7 @@ from codescaler_jax.data.pipeline import (
     tokenize_pairs,
 )
 from codescaler_jax.data.tokenizer import load_tokenizer, resolve_tokenizer_path
+from codescaler_jax.distributed import assert_shared_directory
 from codescaler_jax.logging_utils import Writer
 from codescaler_jax.models.qwen3 import Qwen3Config, Qwen3RewardModel
 from codescaler_jax.models.sharding import batch_sharding, create_sharded, make_mesh
@@ -119,7 +120,23 @@ class RMTrainer:
 
     # ------------------------------------------------------------------ data
     def load_pairs(self) -> tuple[list[Pair], list[Pair], dict[str, Any]]:
-        """Train and held-out pairs; built once, cached in ``run_dir/data`` for resumes."""
+        """Train and held-out pairs; built once, cached in ``run_dir/data`` for resumes.
+
+        Multi-host: process 0 builds (or reads) them and writes the cache; the other
+        processes then read that cache, so all train on the same pairs and the sandbox runs
+        once."""
+        if jax.process_count() == 1:
+            return self._load_pairs()
+        from jax.experimental import multihost_utils
+
+        if jax.process_index() == 0:
+            out = self._load_pairs()
+        multihost_utils.sync_global_devices("codescaler_jax.rm.pairs_cached")
+        if jax.process_index() != 0:
+            out = self._load_pairs()
+        return out
+
+    def _load_pairs(self) -> tuple[list[Pair], list[Pair], dict[str, Any]]:
         d = self.cfg.data
         data_dir = self.run_dir / "data"
         cached = [data_dir / "train_pairs.jsonl", data_dir / "eval_pairs.jsonl"]
@@ -142,6 +159,7 @@ class RMTrainer:
             pairs, pstats = verified_pairs(
                 problems,
                 mutants_per_problem=d.mutants_per_problem,
+                line_mutant_fraction=d.line_mutant_fraction,
                 max_pairs_per_problem=d.max_pairs_per_problem,
                 unaligned_fraction=d.unaligned_fraction,
                 workers=d.sandbox_workers,
@@ -207,6 +225,7 @@ class RMTrainer:
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
         t_start = time.perf_counter()
+        assert_shared_directory(self.run_dir)
         if jax.process_index() == 0:
             save_config(cfg, self.run_dir / "config.yaml")
         mesh = make_mesh(cfg.mesh)
@@ -269,9 +288,16 @@ class RMTrainer:
             eval_step = jax.jit(make_eval_step(graphdef, rest, opts))
             data_sharding = batch_sharding(mesh)
 
-            def to_global(batch: dict[str, np.ndarray], keys) -> dict[str, jax.Array]:
+            def to_global(
+                batch: dict[str, np.ndarray], keys, whole: bool = False
+            ) -> dict[str, jax.Array]:
+                # whole=True: every process holds the whole global batch (eval) and keeps
+                # only its devices' rows; else each holds its own rows (pair_batches).
                 return {
-                    k: jax.make_array_from_process_local_data(data_sharding, batch[k]) for k in keys
+                    k: jax.make_array_from_process_local_data(
+                        data_sharding, batch[k], batch[k].shape if whole else None
+                    )
+                    for k in keys
                 }
 
             def evaluate(params) -> dict[str, float]:
@@ -281,7 +307,9 @@ class RMTrainer:
                 for b in eval_batches(
                     held_tok, batch_size=cfg.train.eval_batch_size, buckets=buckets, pad_id=pad_id
                 ):
-                    out = jax.device_get(eval_step(params, to_global(b, (*BATCH_KEYS, "weight"))))
+                    out = jax.device_get(
+                        eval_step(params, to_global(b, (*BATCH_KEYS, "weight"), whole=True))
+                    )
                     for k, v in out.items():
                         sums[k] = sums.get(k, 0.0) + float(v)
                 return finalize_metrics(sums)
