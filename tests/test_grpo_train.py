@@ -213,6 +213,7 @@ def _odd_tokens(section, mesh):
 
 
 def _loop_overrides(run_dir, rm_dir, steps):
+    # beta > 0: a frozen reference policy is held (and rebuilt, not restored, on resume).
     # A mix of the CodeScaler RM reward (constant within a group for a random policy, which
     # writes no code: the RM sees an empty answer) and a registered token-level reward, so
     # that every step has non-zero advantages and really updates the policy.
@@ -225,8 +226,9 @@ def _loop_overrides(run_dir, rm_dir, steps):
         "data.max_prompt_length=256", "data.min_prompt_bucket=256", "data.max_problems=40",
         "rollout.num_prompts=2", "rollout.num_generations=4", "rollout.max_new_tokens=16",
         "rollout.batch_size=8", "rollout.min_response_bucket=16", "algorithm.micro_batches=2",
-        "algorithm.logprob_chunk=8", f"train.steps={steps}", "train.save_every=2",
-        "train.samples_every=2", "optim.learning_rate=1e-2", "optim.warmup_steps=1",
+        "algorithm.logprob_chunk=8", "algorithm.beta=0.01", f"train.steps={steps}",
+        "train.save_every=2", "train.samples_every=2", "optim.learning_rate=1e-2",
+        "optim.warmup_steps=1",
     ]
 
 
@@ -267,7 +269,7 @@ def test_kill_and_resume_continues_exactly(tmp_path, tiny_rm_dir):
     for name in ("reward/mean", "reward/std", "valid_code_fraction", "response_length/mean",
                  "clip_fraction", "approx_kl", "entropy", "grad_norm", "learning_rate",
                  "time/rollout_s", "time/reward_s", "time/update_s", "rollout/tokens_per_s",
-                 "codescaler/reward_mean", "test_odd_tokens/reward_mean"):
+                 "codescaler/reward_mean", "test_odd_tokens/reward_mean", "kl", "kl_loss"):
         assert name in full["last"], name
 
 

@@ -366,6 +366,8 @@ class JaxSampler:
         """
         if not len(prompts):
             raise ValueError("generate: no prompts")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("generate: empty prompt (the first token needs a context)")
         longest = max(len(p) for p in prompts)
         if longest > self.buckets[-1]:
             raise ValueError(f"a prompt has {longest} tokens; max_prompt_len is {self.buckets[-1]}")
