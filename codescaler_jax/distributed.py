@@ -103,7 +103,9 @@ def detect_launcher(env: dict[str, str] | None = None) -> str | None:
     env = dict(os.environ if env is None else env)
     if env.get(ENV_COORDINATOR):
         return "explicit"
-    if "SLURM_JOB_ID" in env and "SLURM_PROCID" in env and (_env_int("SLURM_NTASKS", env) or 1) > 1:
+    # Inside an `srun` step (the step node list is what JAX reads the coordinator from).
+    slurm_step = all(k in env for k in ("SLURM_JOB_ID", "SLURM_PROCID", "SLURM_STEP_NODELIST"))
+    if slurm_step and (_env_int("SLURM_NTASKS", env) or 1) > 1:
         return "slurm"
     if "OMPI_MCA_orte_hnp_uri" in env and (_env_int("OMPI_COMM_WORLD_SIZE", env) or 1) > 1:
         return "ompi"
