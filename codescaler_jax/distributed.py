@@ -5,8 +5,8 @@ a local process with fake CPU devices). Before anything touches a device, every 
 ``jax.distributed.initialize`` so that ``jax.devices()`` lists the devices of *all* processes
 and one mesh spans them. ``initialize(cfg)`` decides whether to do that:
 
-- ``mode="off"``: never (single process).
-- ``mode="on"``: always; arguments from the config, else the environment, else JAX's own
+- ``mode="never"``: never (single process).
+- ``mode="always"``: always; arguments from the config, else the environment, else JAX's own
   cluster detection (Cloud TPU metadata, SLURM, Open MPI).
 - ``mode="auto"`` (default): only when the environment says this is one process of several:
   ``JAX_COORDINATOR_ADDRESS`` set (the explicit GPU form, with ``JAX_NUM_PROCESSES`` and
@@ -48,7 +48,7 @@ class DistributedConfig:
 
     Attributes:
         mode: ``auto`` (initialize when the environment shows a multi-process launch),
-            ``on`` (always initialize) or ``off`` (never).
+            ``always`` or ``never`` (not on/off: YAML reads those as booleans).
         coordinator_address: ``host:port`` of process 0's coordinator; default from
             ``JAX_COORDINATOR_ADDRESS`` or cluster detection.
         num_processes: number of processes; default from ``JAX_NUM_PROCESSES`` or detection.
@@ -59,7 +59,7 @@ class DistributedConfig:
             the others stop instead of hanging in a collective.
     """
 
-    mode: Literal["auto", "on", "off"] = "auto"
+    mode: Literal["auto", "always", "never"] = "auto"
     coordinator_address: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
@@ -120,7 +120,7 @@ def initialize_kwargs(
     """The ``jax.distributed.initialize`` keyword arguments ``cfg`` and the environment ask for,
     or None when this process should stay single-process. Pure: no JAX calls."""
     env = dict(os.environ if env is None else env)
-    if cfg.mode == "off":
+    if cfg.mode == "never":
         return None
     launcher = detect_launcher(env)
     explicit = cfg.coordinator_address is not None or cfg.num_processes is not None

@@ -255,3 +255,104 @@ def test_two_process_checkpoint_resumes_on_another_mesh(runs, pairs_file):
     pr, p2 = _params(dst), _params(src)
     worst = max(float(np.max(np.abs(pr[k] - p2[k]))) for k in p2)
     assert worst < 1e-5, worst
+
+
+# ---- start-up decisions (pure: no processes) ----------------------------------------------
+
+
+def test_single_process_by_default():
+    from codescaler_jax.distributed import DistributedConfig, detect_launcher, initialize_kwargs
+
+    assert detect_launcher({}) in (None, "tpu_vm")
+    if detect_launcher({}) is None:
+        assert initialize_kwargs(DistributedConfig(), {}) is None
+    assert (
+        initialize_kwargs(DistributedConfig(mode="never"), {"JAX_COORDINATOR_ADDRESS": "h:1"})
+        is None
+    )
+    # an srun step of one task, or a batch script outside srun, is not multi-process
+    one_task = {
+        "SLURM_JOB_ID": "7",
+        "SLURM_PROCID": "0",
+        "SLURM_STEP_NODELIST": "n1",
+        "SLURM_NTASKS": "1",
+    }
+    batch_step = {"SLURM_JOB_ID": "7", "SLURM_PROCID": "0", "SLURM_NTASKS": "16"}
+    assert detect_launcher(one_task) is None or detect_launcher(one_task) == "tpu_vm"
+    assert detect_launcher(batch_step) is None or detect_launcher(batch_step) == "tpu_vm"
+
+
+def test_explicit_environment_and_config_override():
+    from codescaler_jax.distributed import DistributedConfig, initialize_kwargs
+
+    env = {
+        "JAX_COORDINATOR_ADDRESS": "10.0.0.1:8476",
+        "JAX_NUM_PROCESSES": "4",
+        "JAX_PROCESS_ID": "2",
+    }
+    kw = initialize_kwargs(DistributedConfig(), env)
+    assert (kw["coordinator_address"], kw["num_processes"], kw["process_id"]) == (
+        "10.0.0.1:8476",
+        4,
+        2,
+    )
+    kw = initialize_kwargs(DistributedConfig(process_id=3, initialization_timeout_s=9), env)
+    assert (kw["process_id"], kw["initialization_timeout"]) == (3, 9)
+    # config alone (mode auto, no environment) also starts it
+    cfg = DistributedConfig(coordinator_address="h:2", num_processes=2, process_id=1)
+    assert initialize_kwargs(cfg, {})["coordinator_address"] == "h:2"
+
+
+def test_slurm_step_leaves_the_rest_to_jax_detection():
+    from codescaler_jax.distributed import DistributedConfig, detect_launcher, initialize_kwargs
+
+    env = {
+        "SLURM_JOB_ID": "7",
+        "SLURM_PROCID": "5",
+        "SLURM_STEP_NODELIST": "n[1-2]",
+        "SLURM_NTASKS": "16",
+    }
+    assert detect_launcher(env) == "slurm"
+    kw = initialize_kwargs(DistributedConfig(), env)
+    assert kw["coordinator_address"] is None and kw["num_processes"] is None
+
+
+def test_incomplete_settings_name_what_is_missing():
+    from codescaler_jax.distributed import DistributedConfig, initialize_kwargs
+
+    with pytest.raises(ValueError, match="distributed.process_id") as e:
+        initialize_kwargs(
+            DistributedConfig(), {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2"}
+        )
+    assert "num_processes" not in str(e.value)
+    with pytest.raises(ValueError, match="JAX_NUM_PROCESSES.*not an integer"):
+        initialize_kwargs(
+            DistributedConfig(), {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "two"}
+        )
+    with pytest.raises(ValueError, match="not below"):
+        DistributedConfig(num_processes=2, process_id=2)
+
+
+def test_initialize_after_the_backend_started_is_refused():
+    import jax
+
+    from codescaler_jax.distributed import DistributedConfig, initialize
+
+    jax.devices()  # this pytest process's backend is up
+    assert initialize(DistributedConfig(mode="never")) is False
+    with pytest.raises(RuntimeError, match="before any other JAX call"):
+        initialize(
+            DistributedConfig(coordinator_address="127.0.0.1:1", num_processes=2, process_id=0)
+        )
+
+
+def test_config_section_in_rm_config():
+    from codescaler_jax.config import ConfigError, load_config
+    from codescaler_jax.rm.config import RMTrainConfig
+
+    cfg = load_config(
+        RMTrainConfig, None, ["distributed.mode=always", "distributed.num_processes=2"]
+    )
+    assert (cfg.distributed.mode, cfg.distributed.num_processes) == ("always", 2)
+    with pytest.raises(ConfigError, match="distributed.mode"):
+        load_config(RMTrainConfig, None, ["distributed.mode=sometimes"])
