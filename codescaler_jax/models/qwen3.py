@@ -29,7 +29,11 @@ every row and attends over all ``max_len`` slots with a mask (a slot is visible 
 real token and is not in the future), so shapes never change between steps. Each row keeps
 its own next RoPE position (``cache.next_pos``), so left padding costs nothing but slots.
 The caller keeps ``cache.index + C <= max_len`` (``dynamic_update_slice`` would clamp).
-``KVCache.logical_axes()`` gives its sharding (batch over data/fsdp, KV heads over tensor).
+``KVCache.logical_axes()`` gives its sharding (batch over data/fsdp, KV heads over tensor):
+``jax.device_put(cache, sharding.tree_shardings(cache, cache.logical_axes(), mesh))``.
+For a decode loop, jit a pure function of ``nnx.split(lm)``'s state (split once, merge
+inside ``jax.jit``): ``nnx.jit`` re-walks the module graph on every call, measured here at
+1.4 ms vs 0.5 ms per step of a tiny model on CPU.
 
 For per-token log-probs (GRPO) use ``lm.hidden_states(...)`` then
 ``lm.token_logprobs(hidden, targets, chunk_size=...)``, which never materialises more than
