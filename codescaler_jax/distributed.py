@@ -228,13 +228,14 @@ def assert_shared_directory(path: str | os.PathLike) -> None:
     if jax.process_index() == 0:
         path.mkdir(parents=True, exist_ok=True)
         marker.write_text(str(token))
-    multihost_utils.sync_global_devices(f"codescaler_jax.shared_dir:{path}")
+    # Fixed names: the barrier must match on every process even when the paths differ.
+    multihost_utils.sync_global_devices("codescaler_jax.shared_dir.written")
     try:
         seen = int(marker.read_text())
     except (OSError, ValueError):
         seen = None
     ok = all_processes_agree(seen == token)
-    multihost_utils.sync_global_devices(f"codescaler_jax.shared_dir_read:{path}")
+    multihost_utils.sync_global_devices("codescaler_jax.shared_dir.read")
     if jax.process_index() == 0:
         marker.unlink(missing_ok=True)
     if not ok:

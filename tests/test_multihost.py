@@ -257,6 +257,36 @@ def test_two_process_checkpoint_resumes_on_another_mesh(runs, pairs_file):
     assert worst < 1e-5, worst
 
 
+def test_run_dirs_that_are_not_shared_stop_every_process(tmp_path, pairs_file):
+    """Each process given its own run_dir (as on hosts without a shared filesystem): all stop
+    with the same clear error instead of hanging in Orbax or reading a half-written cache."""
+    port = _free_port()
+    procs = []
+    for i in range(2):
+        env = _env(
+            4,
+            {
+                "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+                "JAX_NUM_PROCESSES": "2",
+                "JAX_PROCESS_ID": str(i),
+            },
+        )
+        log = tmp_path / f"p{i}.log"
+        argv = _argv(tmp_path / f"host{i}", pairs_file, SAVE_MESH)
+        procs.append((_launch(tmp_path / "rec", argv, env, log), log))
+    for p, _ in procs:
+        try:
+            p.wait(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            for q, _ in procs:
+                q.kill()
+            pytest.fail("processes with unshared run_dirs hung")
+    for p, log in procs:
+        assert p.returncode != 0
+        assert "is not the same directory on all 2 processes" in log.read_text()
+    assert not (tmp_path / "host0" / "checkpoints").exists()
+
+
 # ---- start-up decisions (pure: no processes) ----------------------------------------------
 
 
