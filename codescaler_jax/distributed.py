@@ -11,7 +11,7 @@ and one mesh spans them. ``initialize(cfg)`` decides whether to do that:
 - ``mode="auto"`` (default): only when the environment says this is one process of several:
   ``JAX_COORDINATOR_ADDRESS`` set (the explicit GPU form, with ``JAX_NUM_PROCESSES`` and
   ``JAX_PROCESS_ID``), a SLURM step of more than one task, an Open MPI job of more than one
-  rank, or a Cloud TPU VM (TPU device files present: JAX reads the slice layout from the
+  rank, or a Cloud TPU VM (TPU chips and libtpu present: JAX reads the slice layout from the
   metadata server, and a single-host VM simply gets one process). Config fields override
   the environment.
 
@@ -25,7 +25,7 @@ filesystem on every host (Orbax checkpoints and the data cache need that).
 from __future__ import annotations
 
 import dataclasses
-import glob
+import importlib.util
 import logging
 import os
 import secrets
@@ -93,8 +93,16 @@ def _env_int(name: str, env: dict[str, str]) -> int | None:
 
 
 def _tpu_vm_present() -> bool:
-    # TPU chips show up as /dev/accel* (v2-v4) or /dev/vfio/<n> (v5e and later).
-    return bool(glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
+    # TPU chips on the PCI bus (what JAX itself checks; a Google vendor id alone would also
+    # match gVNIC network cards) and libtpu installed. Reads /sys only: no backend starts.
+    if importlib.util.find_spec("libtpu") is None:
+        return False
+    try:
+        from jax._src import hardware_utils  # no public equivalent in jax 0.10
+
+        return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
+    except Exception:  # noqa: BLE001 - a detection failure means "not a TPU VM"
+        return False
 
 
 def detect_launcher(env: dict[str, str] | None = None) -> str | None:
