@@ -15,11 +15,11 @@ and one mesh spans them. ``initialize(cfg)`` decides whether to do that:
   metadata server, and a single-host VM simply gets one process). Config fields override
   the environment.
 
-Everything after start-up is the ordinary single-controller code: meshes over ``jax.devices()``,
-``jax.make_array_from_process_local_data`` for per-process batches, Orbax saving and restoring
-from every process, process 0 alone writing TensorBoard files and exports.
-``assert_shared_directory`` checks, with one collective, that a run directory is the same
-filesystem on every host (Orbax checkpoints and the data cache need that).
+After start-up every process runs the same program (JAX multi-controller): meshes over
+``jax.devices()``, ``jax.make_array_from_process_local_data`` for per-process batches, Orbax
+saving and restoring from every process, process 0 alone writing TensorBoard files and
+exports. ``assert_shared_directory`` checks, with collectives, that a run directory is the
+same filesystem on every host (Orbax checkpoints and the data cache need that).
 """
 
 from __future__ import annotations
