@@ -21,6 +21,7 @@ from codescaler_jax.models.sharding import MeshConfig, make_mesh
 from codescaler_jax.rl.sampler import (
     JaxSampler,
     SamplingConfig,
+    categorical,
     choose_tokens,
     filter_logits,
     left_pad,
@@ -198,6 +199,50 @@ def test_top_k_top_p_never_draw_outside_the_nucleus(top_k, top_p, allowed):
     vals, ids = filter_logits(logits, top_k=top_k, top_p=top_p)
     kept = np.asarray(ids)[np.isfinite(np.asarray(vals))]
     assert sorted(kept.tolist()) == allowed
+
+
+def test_two_level_categorical_draws_from_the_softmax():
+    """The block-then-token draw used for whole-vocabulary candidates has the target law."""
+    k = 10_000  # above the two-level cut-off, 20 blocks of 512 (the last one padded)
+    rng = np.random.RandomState(0)
+    logits = np.full(k, -np.inf, np.float32)
+    heavy = rng.choice(k, 12, replace=False)          # 12 likely tokens in different blocks
+    logits[heavy] = np.log(rng.uniform(1, 5, size=12))
+    tail = rng.choice(np.setdiff1d(np.arange(k), heavy), 3000, replace=False)
+    logits[tail] = np.log(2.0 / 3000)                 # a spread-out tail of total weight 2
+    p = np.exp(logits - logits.max())
+    p /= p.sum()
+    rows = 2000
+    draw = jax.jit(lambda key: categorical(key, jnp.broadcast_to(jnp.asarray(logits), (rows, k))))
+    got = np.concatenate([np.asarray(draw(jax.random.key(i))) for i in range(10)])
+    n = len(got)
+    assert np.all(np.isfinite(logits[got]))  # no masked token is ever drawn
+    freq = np.bincount(got, minlength=k) / n
+    sigma = np.sqrt(p * (1 - p) / n)
+    assert np.all(np.abs(freq[heavy] - p[heavy]) < 4 * sigma[heavy] + 1e-4)
+    tail_p = p[tail].sum()
+    assert abs(freq[tail].sum() - tail_p) < 4 * np.sqrt(tail_p * (1 - tail_p) / n)
+
+
+@pytest.mark.parametrize("scale", [0.1, 1.0, 6.0])  # flat to peaked distributions
+def test_unsorted_nucleus_equals_the_sorted_definition(scale):
+    """Without top-k the nucleus is found by bisection; it must be the sorted nucleus."""
+    logits = np.random.RandomState(int(scale * 10)).randn(48, 1000).astype(np.float32) * scale
+    for top_p in (0.05, 0.5, 0.9, 0.95, 0.999):
+        vals, ids = filter_logits(jnp.asarray(logits), top_p=top_p)
+        got = np.isfinite(np.asarray(vals))
+        assert np.all(np.asarray(ids) == np.arange(1000))
+        p = np.exp(logits.astype(np.float64) - logits.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        order = np.argsort(-p, axis=-1)
+        sp = np.take_along_axis(p, order, -1)
+        before = np.cumsum(sp, -1) - sp
+        want, clear = np.zeros_like(got), np.zeros_like(got)
+        np.put_along_axis(want, order, before < top_p, -1)
+        # float32 sums cannot settle a token whose mass-before is within rounding of top_p.
+        np.put_along_axis(clear, order, np.abs(before - top_p) > 1e-5, -1)
+        assert clear.mean() > 0.99
+        np.testing.assert_array_equal(got[clear], want[clear], err_msg=f"top_p={top_p}")
 
 
 def test_sampler_loop_respects_top_k(hf_lm):
