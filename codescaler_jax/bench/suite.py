@@ -70,21 +70,26 @@ def benchmark_modules() -> list[str]:
 
 
 def _headline(result: dict[str, Any], limit: int = 3) -> str:
-    """A few ratio / MFU / throughput figures from a benchmark's JSON, for the console table."""
-    picks: list[str] = []
+    """A few ratio / MFU figures (else throughputs) from a benchmark's JSON, for the console.
+
+    Looks one level into dicts and into the first element of lists of dicts (e.g. the first
+    row of a table of settings)."""
+    found: dict[str, list[str]] = {"ratio": [], "rate": []}
 
     def walk(d: dict[str, Any], prefix: str, depth: int) -> None:
         for k, v in d.items():
-            if len(picks) >= limit:
-                return
-            if isinstance(v, dict) and depth < 1:
+            if isinstance(v, list) and v and isinstance(v[0], dict) and depth < 1:
+                walk(v[0], f"{prefix}{k}[0].", depth + 1)
+            elif isinstance(v, dict) and depth < 1:
                 walk(v, f"{prefix}{k}.", depth + 1)
             elif isinstance(v, (int, float)) and not isinstance(v, bool):
                 if any(s in k for s in ("ratio", "speedup", "mfu")):
-                    picks.append(f"{prefix}{k}={v:.3g}")
+                    found["ratio"].append(f"{prefix}{k}={v:.3g}")
+                elif k.endswith("per_s"):
+                    found["rate"].append(f"{prefix}{k}={v:.3g}")
 
     walk({k: v for k, v in result.items() if k not in ("environment", "config")}, "", 0)
-    return ", ".join(picks)
+    return ", ".join((found["ratio"] or found["rate"])[:limit])
 
 
 def run_module(name: str, args: list[str], out: Path, timeout_s: float) -> dict[str, Any]:
