@@ -111,6 +111,62 @@ def _line_edits(code: str, lo: int, hi: int) -> list[tuple[int, int, str]]:
     return out
 
 
+MUTANT_KINDS = ("token", "delete_line", "cut")
+
+
+def make_mutants_with_kinds(
+    code: str,
+    *,
+    n: int,
+    seed: int = 0,
+    lo: int = 0,
+    hi: int | None = None,
+    line_fraction: float = 0.25,
+) -> list[tuple[str, str]]:
+    """Up to ``n`` distinct, syntactically valid mutants of ``code`` with their kind.
+
+    Kinds: ``token`` (a swapped operator, an off-by-one constant, a flipped boolean,
+    ``return None``), ``delete_line`` (one statement removed) and ``cut`` (the code cut after a
+    line, an unfinished solution). A ``line_fraction`` share of ``n`` goes to the two
+    statement-level kinds (half each), the rest to token edits; a kind that runs out of edits
+    leaves its share to the others. Only the character range ``[lo, hi)`` is edited (e.g. the
+    solution body, not the signature and docstring). Deterministic for a given seed.
+    """
+    hi = len(code) if hi is None else hi
+    rng = random.Random(seed)
+    pools: dict[str, list[tuple[int, int, str]]] = {"token": _edits(code, lo, hi)}
+    line = _line_edits(code, lo, hi)
+    pools["delete_line"] = [e for e in line if e[1] != len(code) or e[2]]
+    pools["cut"] = [e for e in line if e[1] == len(code) and not e[2]]
+    for pool in pools.values():
+        rng.shuffle(pool)
+    n_line = round(n * line_fraction)
+    quotas = {"cut": n_line - n_line // 2, "delete_line": n_line // 2, "token": n - n_line}
+    seen = {code.strip()}
+    out: list[tuple[str, str]] = []
+    cursor = dict.fromkeys(pools, 0)
+
+    def take(kind: str, quota: int) -> None:
+        taken = 0
+        pool = pools[kind]
+        while cursor[kind] < len(pool) and taken < quota and len(out) < n:
+            s, e, r = pool[cursor[kind]]
+            cursor[kind] += 1
+            m = code[:s] + r + code[e:]
+            key = m.strip()
+            if key in seen or not _valid(m):
+                continue
+            seen.add(key)
+            out.append((m, kind))
+            taken += 1
+
+    for kind in ("cut", "delete_line", "token"):
+        take(kind, quotas[kind])
+    for kind in ("token", "cut", "delete_line"):  # fill what a short pool left over
+        take(kind, n)
+    return out
+
+
 def make_mutants(
     code: str,
     *,
@@ -120,32 +176,10 @@ def make_mutants(
     hi: int | None = None,
     line_fraction: float = 0.25,
 ) -> list[str]:
-    """Up to ``n`` distinct, syntactically valid mutants of ``code``.
-
-    Most are single-token edits (operators, constants, boolean words, ``return None``); a
-    ``line_fraction`` share are statement-level edits (a deleted line, or the code cut after
-    a line). Only the character range ``[lo, hi)`` is edited (e.g. the solution body, not the
-    signature and docstring). Deterministic for a given seed.
-    """
-    hi = len(code) if hi is None else hi
-    rng = random.Random(seed)
-    token_edits = _edits(code, lo, hi)
-    line_edits = _line_edits(code, lo, hi)
-    rng.shuffle(token_edits)
-    rng.shuffle(line_edits)
-    n_line = min(len(line_edits), round(n * line_fraction))
-    seen = {code.strip()}
-    out: list[str] = []
-    for pool, quota in ((line_edits, n_line), (token_edits, n), (line_edits, n)):
-        taken = 0
-        for s, e, r in pool:
-            if len(out) >= n or taken >= quota:
-                break
-            m = code[:s] + r + code[e:]
-            key = m.strip()
-            if key in seen or not _valid(m):
-                continue
-            seen.add(key)
-            out.append(m)
-            taken += 1
-    return out
+    """The codes of ``make_mutants_with_kinds``."""
+    return [
+        m
+        for m, _ in make_mutants_with_kinds(
+            code, n=n, seed=seed, lo=lo, hi=hi, line_fraction=line_fraction
+        )
+    ]

@@ -29,6 +29,7 @@ class Pair:
     rejected: str
     problem_id: str = ""
     unaligned: bool = False
+    kind: str = ""  # how the rejected code was made, when known (e.g. a mutant kind)
 
     def to_record(self) -> dict[str, Any]:
         return {
@@ -37,6 +38,7 @@ class Pair:
             "code_neg": self.rejected,
             "problem_id": self.problem_id,
             "unaligned": self.unaligned,
+            "kind": self.kind,
         }
 
 
@@ -48,6 +50,7 @@ class Candidate:
     problem: str
     code: str
     passed: bool
+    kind: str = ""
 
 
 class BadRecordError(ValueError):
@@ -97,6 +100,7 @@ def build_pairs(
     rng = random.Random(seed)
     stats = PairStats()
     by_problem: dict[str, tuple[str, dict[str, bool]]] = {}
+    kinds: dict[tuple[str, str], str] = {}
     for c in candidates:
         stats.candidates += 1
         stats.passing += int(c.passed)
@@ -106,6 +110,7 @@ def build_pairs(
             stats.skip("empty_code")
             continue
         text, verdicts = by_problem.setdefault(c.problem_id, (c.problem, {}))
+        kinds.setdefault((c.problem_id, code), c.kind)
         if code in verdicts:
             if verdicts[code] != c.passed:
                 verdicts[code] = None  # type: ignore[assignment]  # flaky: both verdicts
@@ -132,12 +137,16 @@ def build_pairs(
         if len(combos) > max_pairs_per_problem:
             stats.skip("over_cap", len(combos) - max_pairs_per_problem)
             combos = combos[:max_pairs_per_problem]
-        pairs.extend(Pair(text, p, n, pid) for p, n in combos)
+        pairs.extend(Pair(text, p, n, pid, kind=kinds[(pid, n)]) for p, n in combos)
         stats.problems_with_pairs += 1
         n_unaligned = round(unaligned_fraction * len(combos))
         others = [code for opid, code in all_codes if opid != pid]
         for _ in range(n_unaligned if others else 0):
-            pairs.append(Pair(text, rng.choice(pos), rng.choice(others), pid, unaligned=True))
+            pairs.append(
+                Pair(
+                    text, rng.choice(pos), rng.choice(others), pid, unaligned=True, kind="unaligned"
+                )
+            )
             stats.unaligned_pairs += 1
     stats.pairs = len(pairs)
     return pairs, stats
@@ -180,7 +189,15 @@ def _check_record(rec: Any, where: str, max_bytes: int, size: int) -> Pair:
         if not rec[f].strip():
             raise BadRecordError(f"{where}: field {f!r} is empty")
     pid = rec.get("problem_id", rec.get("question_id", ""))
-    return Pair(rec["question_content"], rec["code_pos"], rec["code_neg"], str(pid or ""))
+    kind = rec.get("kind", "")
+    return Pair(
+        rec["question_content"],
+        rec["code_pos"],
+        rec["code_neg"],
+        str(pid or ""),
+        unaligned=bool(rec.get("unaligned", False)),
+        kind=kind if isinstance(kind, str) else "",
+    )
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any, int]]:

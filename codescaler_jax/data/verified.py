@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from tqdm.auto import tqdm
 
-from codescaler_jax.data.mutants import make_mutants
+from codescaler_jax.data.mutants import make_mutants_with_kinds
 from codescaler_jax.data.pairs import Candidate, Pair, PairStats, build_pairs
 from codescaler_jax.data.problems import Problem
 
@@ -21,21 +21,23 @@ log = logging.getLogger("codescaler_jax")
 
 def label_candidates(
     problems: Sequence[Problem],
-    codes: Sequence[Sequence[str]],
+    codes: Sequence[Sequence[str | tuple[str, str]]],
     *,
     workers: int = 2,
     time_limit_s: float = 5.0,
     progress: bool = True,
 ) -> list[Candidate]:
-    """Run ``codes[i]`` (candidates of ``problems[i]``) against that problem's tests."""
+    """Run ``codes[i]`` (candidates of ``problems[i]``: code strings or ``(code, kind)``)
+    against that problem's tests."""
     from codescaler_jax.code.sandbox import Sandbox, SandboxConfig, tests_from_record
 
     items, owners = [], []
     for prob, cands in zip(problems, codes, strict=True):
         tests = tests_from_record(prob.tests)
-        for code in cands:
+        for cand in cands:
+            code, kind = (cand, "") if isinstance(cand, str) else cand
             items.append((code, tests))
-            owners.append((prob, code))
+            owners.append((prob, code, kind))
     cfg = SandboxConfig(time_limit_s=time_limit_s, workers=workers, stop_on_first_failure=True)
     results = []
     bar = tqdm(total=len(items), desc="sandbox", unit="program", disable=not progress, leave=False)
@@ -45,9 +47,37 @@ def label_candidates(
             bar.update(min(64, len(items) - start))
     bar.close()
     return [
-        Candidate(prob.problem_id, prob.prompt, code, bool(res.passed))
-        for (prob, code), res in zip(owners, results, strict=True)
+        Candidate(prob.problem_id, prob.prompt, code, bool(res.passed), kind)
+        for (prob, code, kind), res in zip(owners, results, strict=True)
     ]
+
+
+def humaneval_candidates_with_kinds(
+    problems: Sequence[Problem],
+    *,
+    mutants_per_problem: int,
+    seed: int = 0,
+    line_fraction: float = 0.25,
+) -> list[list[tuple[str, str]]]:
+    """Per problem: ``(code, kind)`` of the reference solution (kind ``reference``) followed
+    by up to ``mutants_per_problem`` mutants edited only inside the body (the signature and
+    docstring stay as given)."""
+    out = []
+    for i, p in enumerate(problems):
+        if p.solution is None:
+            raise ValueError(f"problem {p.problem_id} has no reference solution to mutate")
+        lo = len(p.stub) if p.solution.startswith(p.stub) else 0
+        out.append(
+            [(p.solution, "reference")]
+            + make_mutants_with_kinds(
+                p.solution,
+                n=mutants_per_problem,
+                seed=seed + i,
+                lo=lo,
+                line_fraction=line_fraction,
+            )
+        )
+    return out
 
 
 def humaneval_candidates(
@@ -57,24 +87,16 @@ def humaneval_candidates(
     seed: int = 0,
     line_fraction: float = 0.25,
 ) -> list[list[str]]:
-    """Per problem: the reference solution followed by up to ``mutants_per_problem`` mutants
-    edited only inside the body (the signature and docstring stay as given)."""
-    out = []
-    for i, p in enumerate(problems):
-        if p.solution is None:
-            raise ValueError(f"problem {p.problem_id} has no reference solution to mutate")
-        lo = len(p.stub) if p.solution.startswith(p.stub) else 0
-        out.append(
-            [p.solution]
-            + make_mutants(
-                p.solution,
-                n=mutants_per_problem,
-                seed=seed + i,
-                lo=lo,
-                line_fraction=line_fraction,
-            )
+    """The codes of ``humaneval_candidates_with_kinds`` (reference solution first)."""
+    return [
+        [code for code, _ in cands]
+        for cands in humaneval_candidates_with_kinds(
+            problems,
+            mutants_per_problem=mutants_per_problem,
+            seed=seed,
+            line_fraction=line_fraction,
         )
-    return out
+    ]
 
 
 def verified_pairs(
@@ -90,7 +112,7 @@ def verified_pairs(
     progress: bool = True,
 ) -> tuple[list[Pair], PairStats]:
     """Candidates -> sandbox labels -> within-problem pairs, with statistics."""
-    codes = humaneval_candidates(
+    codes = humaneval_candidates_with_kinds(
         problems,
         mutants_per_problem=mutants_per_problem,
         seed=seed,

@@ -183,7 +183,8 @@ def make_train_step(
 def make_eval_step(
     graphdef: nnx.GraphDef, rest: nnx.State, opts: StepOptions
 ) -> Callable[[dict, dict], dict]:
-    """``eval_step(params, batch) -> summed metrics``; ``batch["weight"]`` masks padding pairs."""
+    """``eval_step(params, batch) -> summed metrics`` plus ``pair_correct [b]``;
+    ``batch["weight"]`` masks padding pairs."""
     scores_fn = _scores_fn(graphdef, rest)
 
     def eval_step(params: dict, batch: dict) -> dict:
@@ -196,6 +197,7 @@ def make_eval_step(
         per = bt_pair_losses(c, r, margin=opts.margin or None, center_coef=opts.center_coef)
         sums = bt_metrics(c, r, w)
         sums["loss_sum"] = (per * w).sum()
+        sums["pair_correct"] = (c > r).astype(jnp.float32)  # [b], for breakdowns by pair kind
         return sums
 
     return eval_step

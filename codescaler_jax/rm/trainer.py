@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from codescaler_jax.config import save_config, to_dict
@@ -285,7 +286,12 @@ class RMTrainer:
                 out_shardings=(shardings, None),
                 donate_argnums=(0,),
             )
-            eval_step = jax.jit(make_eval_step(graphdef, rest, opts))
+            # Replicated outputs: every process can read them (multi-host too).
+            eval_step = jax.jit(
+                make_eval_step(graphdef, rest, opts),
+                out_shardings=NamedSharding(mesh, PartitionSpec()),
+            )
+            held_kinds = [p.kind or "unknown" for p in held_pairs]
             data_sharding = batch_sharding(mesh)
 
             def to_global(
@@ -301,18 +307,28 @@ class RMTrainer:
                 }
 
             def evaluate(params) -> dict[str, float]:
+                """Held-out metrics; ``by_kind/<kind>/accuracy`` where pairs know their kind."""
                 if not len(held_tok):
                     return {}
                 sums: dict[str, float] = {}
+                correct: list[float] = []
                 for b in eval_batches(
                     held_tok, batch_size=cfg.train.eval_batch_size, buckets=buckets, pad_id=pad_id
                 ):
                     out = jax.device_get(
                         eval_step(params, to_global(b, (*BATCH_KEYS, "weight"), whole=True))
                     )
+                    correct.extend(np.asarray(out.pop("pair_correct"))[b["weight"] > 0].tolist())
                     for k, v in out.items():
                         sums[k] = sums.get(k, 0.0) + float(v)
-                return finalize_metrics(sums)
+                metrics = finalize_metrics(sums)
+                kinds = sorted(set(held_kinds))
+                if len(kinds) > 1:
+                    for kind in kinds:
+                        sel = [c for c, k in zip(correct, held_kinds) if k == kind]
+                        metrics[f"by_kind/{kind}/accuracy"] = float(np.mean(sel))
+                        metrics[f"by_kind/{kind}/pairs"] = float(len(sel))
+                return metrics
 
             ckpt = ocp.CheckpointManager(
                 (self.run_dir / "checkpoints").absolute(),
