@@ -123,6 +123,46 @@ def test_batcher_merges_splits_and_reports_errors():
     b.close()
 
 
+class _FakeScorer:
+    """Stands in for RewardScorer: the score of a code is its length; calls are recorded."""
+
+    buckets = (64, 128, 256)
+    max_length = 256
+
+    def __init__(self, rows, calls):
+        self.rows, self.calls = rows, calls
+
+    def encode(self, problems, codes):
+        return [[0] * len(c) for c in codes]
+
+    def score_ids(self, seqs):
+        assert len(seqs) <= self.rows
+        longest = max(len(s) for s in seqs)
+        self.calls.append((self.rows, next(b for b in self.buckets if b >= longest)))
+        return np.array([len(s) for s in seqs], np.float32)
+
+
+def test_mixed_length_batches_split_by_bucket_when_cheaper():
+    from codescaler_jax.serving.server import RewardService
+
+    calls = []
+    svc = RewardService({r: _FakeScorer(r, calls) for r in (1, 4, 8)}, pass_overhead_tokens=100)
+    # 7 short items and 1 long one: one [8, 256] pass (2048 + 100) costs more than [8, 64] +
+    # [1, 256] (512 + 100 + 256 + 100)
+    codes = ["x" * 10] * 3 + ["y" * 200] + ["x" * 10] * 4
+    out = svc._score_batch(["p"] * 8, codes)
+    np.testing.assert_array_equal(out, [len(c) for c in codes])
+    assert sorted(calls) == [(1, 256), (8, 64)]
+    # with a large per-pass overhead one [4, 128] pass (512 + 1000) beats [1, 64] + [1, 128]
+    # (64 + 1000 + 128 + 1000)
+    calls.clear()
+    svc.pass_overhead_tokens = 1000
+    out = svc._score_batch(["p"] * 2, ["a" * 10, "b" * 100])
+    np.testing.assert_array_equal(out, [10, 100])
+    assert calls == [(4, 128)]
+    svc.close()
+
+
 # ---- the real server ------------------------------------------------------------------------
 
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from codescaler_jax.data.tokenizer import bucket_length
 from codescaler_jax.serving.batcher import Batcher, Overloaded
 from codescaler_jax.serving.protocol import (
     Item,
@@ -63,6 +64,8 @@ class RewardService:
         shaping: a ``codescaler_jax.rm.shaping`` mode (``softplus`` is the reference's).
         prompt_format: how ``/get_reward`` prompts become problems (see `protocol`).
         end_markers: strings stripped from the end of ``/get_reward`` responses.
+        pass_overhead_tokens: the fixed cost of one forward pass (launch, reading the weights),
+            in tokens of work; decides when a mixed-length batch is split by length bucket.
     """
 
     def __init__(
@@ -75,6 +78,7 @@ class RewardService:
         prompt_format: str = "auto",
         end_markers: Sequence[str] = (),
         request_timeout_s: float = 300.0,
+        pass_overhead_tokens: int = 256,
     ):
         from codescaler_jax.rm.shaping import SHAPERS
 
@@ -87,6 +91,7 @@ class RewardService:
         self.prompt_format = prompt_format
         self.end_markers = tuple(end_markers)
         self.request_timeout_s = request_timeout_s
+        self.pass_overhead_tokens = pass_overhead_tokens
         self.batcher = Batcher(
             self._score_batch, max_batch=self.max_batch, max_wait_s=max_wait_s,
             max_pending=max_pending,
@@ -148,10 +153,32 @@ class RewardService:
 
     # ---- device side (worker thread only) ----------------------------------------------------
 
+    def _rows(self, n: int) -> int:
+        return next(r for r in self.row_buckets if r >= n)
+
     def _score_batch(self, problems: Sequence[str], codes: Sequence[str]) -> np.ndarray:
-        n = len(codes)
-        rows = next(r for r in self.row_buckets if r >= n)
-        return self.scorers[rows].score(problems, codes)
+        """Scores ``[n]`` of one collected batch, in one forward pass or one per length bucket.
+
+        Items of concurrent requests arrive in no length order, and one pass pads every row to
+        the longest. When passes per length bucket cost less (each pass: rows x length tokens of
+        work plus ``pass_overhead_tokens``) the batch is split by bucket; every shape is still
+        one of the compiled buckets.
+        """
+        first = self.scorers[self.row_buckets[0]]
+        seqs = first.encode(problems, codes)
+        lengths = [bucket_length(max(len(s), 1), first.buckets) for s in seqs]
+        groups: dict[int, list[int]] = {}
+        for i, length in enumerate(lengths):
+            groups.setdefault(length, []).append(i)
+        over = self.pass_overhead_tokens
+        one_pass = self._rows(len(seqs)) * max(lengths) + over
+        per_bucket = sum(self._rows(len(idx)) * length + over for length, idx in groups.items())
+        if per_bucket >= one_pass:
+            return self.scorers[self._rows(len(seqs))].score_ids(seqs)
+        out = np.zeros(len(seqs), np.float32)
+        for idx in groups.values():
+            out[idx] = self.scorers[self._rows(len(idx))].score_ids([seqs[i] for i in idx])
+        return out
 
     def warmup(self) -> int:
         """Compile every (row bucket, length bucket) shape now; returns how many."""
