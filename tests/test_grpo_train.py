@@ -47,8 +47,9 @@ def _mesh(devices=1, **axes):
     return make_mesh(MeshConfig(**axes) if axes else MeshConfig(), devices=jax.devices()[:devices])
 
 
-def _model(mesh, vocab=64, seed=0):
-    cfg = Qwen3Config.tiny(vocab_size=vocab, pad_token_id=0, eos_token_id=1)
+def _model(mesh, vocab=64, seed=0, layers=1):
+    cfg = Qwen3Config.tiny(vocab_size=vocab, num_hidden_layers=layers, pad_token_id=0,
+                           eos_token_id=1)
     return create_sharded(lambda: Qwen3ForCausalLM(cfg, rngs=nnx.Rngs(seed)), mesh)
 
 
@@ -85,7 +86,7 @@ def _reference_loss(model, batch, cfg, temperature):
 
 @pytest.mark.parametrize(
     "mode,beta",
-    [("token-mean", 0.0), ("seq-mean-token-mean", 0.0), ("seq-mean-token-sum", 0.1)],
+    [("token-mean", 0.0), ("seq-mean-token-mean", 0.1)],
 )
 def test_micro_batches_give_the_full_batch_gradient(mode, beta):
     mesh = _mesh()
@@ -220,7 +221,7 @@ def _loop_overrides(run_dir, rm_dir, steps):
     return [
         f"run_dir={run_dir}", f"reward.rm_path={rm_dir}", "reward.name=mix",
         "reward.kwargs={weights: {codescaler: 1.0, test_odd_tokens: 1.0}}",
-        "reward.pass_rate=false", "reward.rm_max_length=256", "reward.rm_batch_size=8",
+        "reward.pass_rate=false", "reward.rm_max_length=128", "reward.rm_batch_size=8",
         "policy.hidden_size=32", "policy.intermediate_size=64", "policy.num_hidden_layers=1",
         "policy.num_attention_heads=2", "policy.num_key_value_heads=1",
         "data.max_prompt_length=256", "data.min_prompt_bucket=256", "data.max_problems=40",

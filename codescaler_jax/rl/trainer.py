@@ -252,9 +252,6 @@ class GRPOTrainer:
                 out_shardings=(shardings, None), donate_argnums=(0,),
             )
             logprob_fn = jax.jit(make_logprob_fn(graphdef, rest, opts), static_argnums=(3,))
-            ref_logprob_fn = jax.jit(
-                make_logprob_fn(graphdef, rest, opts, with_entropy=False), static_argnums=(3,)
-            )
             advantages_fn = jax.jit(
                 compute_advantages, static_argnames=("num_generations", "estimator",
                                                      "scale_rewards", "eps"),
@@ -330,8 +327,9 @@ class GRPOTrainer:
                                                batch["attention_mask"], n_resp)
                 batch["old_logp"] = old_logp
                 if ref_params is not None:
-                    batch["ref_logp"] = ref_logprob_fn(ref_params, batch["input_ids"],
-                                                       batch["attention_mask"], n_resp)[0]
+                    # The same compiled program as the old log-probs (its entropy is unused).
+                    batch["ref_logp"] = logprob_fn(ref_params, batch["input_ids"],
+                                                   batch["attention_mask"], n_resp)[0]
                 mask = host["response_mask"]
                 ent = float(jnp.sum(entropy * batch["response_mask"])) / max(mask.sum(), 1)
                 state, metrics = train_step(state, batch)
