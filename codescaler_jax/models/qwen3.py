@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import warnings
 from typing import Any
@@ -367,6 +368,19 @@ class Embed(nnx.Module):
         return jnp.take(self.embedding[...], ids, axis=0)
 
 
+def dense(x: jax.Array, kernel: jax.Array, in_dims: int = 1, out_dtype: Any = None) -> jax.Array:
+    """``x [..., *kernel.shape[:in_dims]] @ kernel -> [..., *kernel.shape[in_dims:]]``.
+
+    Computed as one 2-D matmul over flattened tokens: XLA:CPU runs that about 1.5x faster
+    than the same contraction with leading ``[batch, seq]`` dimensions (the backward pass of
+    a SwiGLU block, measured in CPU seconds), and it is the same dot on TPU/GPU.
+    """
+    k_in = math.prod(kernel.shape[:in_dims])
+    lead = x.shape[: x.ndim - in_dims]
+    y = jnp.dot(x.reshape(-1, k_in), kernel.reshape(k_in, -1), preferred_element_type=out_dtype)
+    return y.reshape(*lead, *kernel.shape[in_dims:])
+
+
 def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
     """RoPE cos/sin ``[batch, seq, head_dim]`` (float32) for integer ``positions [batch, seq]``."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
@@ -397,14 +411,20 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
         ``[batch, q_len, heads, head_dim]`` in ``q.dtype``.
     """
     b, t, n, d = q.shape
-    kv = k.shape[2]
-    q = q.reshape(b, t, kv, n // kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (d ** -0.5)
+    s, kv = k.shape[1], k.shape[2]
+    g = n // kv
+    # Head-major, with each KV head's query group folded into the rows: one [g*t, d] x [d, s]
+    # matmul per (batch, KV head). XLA:CPU runs this 1.5x faster (forward + backward, CPU
+    # seconds) than the equivalent 5-D einsum; the arithmetic is identical.
+    qh = q.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, d)
+    kh = k.transpose(0, 2, 1, 3)  # [b, kv, s, d]
+    vh = v.transpose(0, 2, 1, 3)
+    scores = jnp.einsum("bkqd,bksd->bkqs", qh, kh, preferred_element_type=jnp.float32)
+    scores = scores.reshape(b, kv, g, t, s) * (d ** -0.5)
     scores = jnp.where(mask[:, None, None, :, :], scores, _NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, n, d)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv, g * t, s)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs, vh).reshape(b, kv, g, t, d)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, d)
 
 
 class Attention(nnx.Module):
@@ -430,9 +450,9 @@ class Attention(nnx.Module):
         attention runs over all ``S`` slots (``mask [B, T, S]``).
         """
         dt = x.dtype
-        q = jnp.einsum("bth,hnd->btnd", x, self.q_proj.kernel[...].astype(dt))
-        k = jnp.einsum("bth,hkd->btkd", x, self.k_proj.kernel[...].astype(dt))
-        v = jnp.einsum("bth,hkd->btkd", x, self.v_proj.kernel[...].astype(dt))
+        q = dense(x, self.q_proj.kernel[...].astype(dt))  # [B, T, N, D]
+        k = dense(x, self.k_proj.kernel[...].astype(dt))  # [B, T, K, D]
+        v = dense(x, self.v_proj.kernel[...].astype(dt))
         q = apply_rope(self.q_norm(q), cos, sin)
         k = apply_rope(self.k_norm(k), cos, sin)
         q = shard_activation(q, ("batch", "seq", "heads", "head_dim"))
@@ -443,7 +463,7 @@ class Attention(nnx.Module):
         k = shard_activation(k, ("batch", "seq", "kv_heads", "head_dim"))
         v = shard_activation(v, ("batch", "seq", "kv_heads", "head_dim"))
         out = attention(q, k.astype(dt), v.astype(dt), mask)
-        y = jnp.einsum("btnd,ndh->bth", out, self.o_proj.kernel[...].astype(dt))
+        y = dense(out, self.o_proj.kernel[...].astype(dt), in_dims=2)
         return y, (k, v)
 
 
@@ -459,12 +479,12 @@ class MLP(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """``[B, T, H] -> [B, T, H]``."""
         dt = x.dtype
-        gate = x @ self.gate_proj.kernel[...].astype(dt)
-        up = x @ self.up_proj.kernel[...].astype(dt)
+        gate = dense(x, self.gate_proj.kernel[...].astype(dt))
+        up = dense(x, self.up_proj.kernel[...].astype(dt))
         # SiLU in float32 then rounded once, as torch does for bf16 (bf16 sigmoid loses bits).
         act = jax.nn.silu(gate.astype(jnp.float32)).astype(dt)
         hidden = shard_activation(act * up, ("batch", "seq", "mlp"))
-        return hidden @ self.down_proj.kernel[...].astype(dt)
+        return dense(hidden, self.down_proj.kernel[...].astype(dt))
 
 
 class DecoderLayer(nnx.Module):
