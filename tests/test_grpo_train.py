@@ -310,5 +310,9 @@ def test_config_validation_names_the_key():
         load_config(GRPOConfig, "configs/grpo_tiny.yaml", ["algorithm.num_minibatches=3"])
     with pytest.raises(ConfigError, match="loss_agg_mode"):
         load_config(GRPOConfig, "configs/grpo_tiny.yaml", ["algorithm.loss_agg_mode=mean"])
+    with pytest.raises(ConfigError, match="reward.name"):
+        load_config(GRPOConfig, "configs/grpo_tiny.yaml", ["reward.name=exec"])
+    with pytest.raises(ConfigError, match="rollout.engine"):
+        load_config(GRPOConfig, "configs/grpo_tiny.yaml", ["rollout.engine=vllm"])
     with pytest.raises(ConfigError, match="rollout.nope"):
         load_config(GRPOConfig, "configs/grpo_tiny.yaml", ["rollout.nope=1"])

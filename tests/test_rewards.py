@@ -174,7 +174,7 @@ def test_execution_and_mix_rewards(rm_dir):
 def test_registry_names_the_allowed_rewards():
     assert {"codescaler", "execution", "mix", "token_fraction"} <= set(REWARDS.names())
     with pytest.raises(ValueError, match="allowed"):
-        build_reward(RewardSection(name="nope"), _mesh())
+        RewardSection(name="nope")
     with pytest.raises(ValueError, match="weights"):
         build_reward(RewardSection(name="mix"), _mesh())
 

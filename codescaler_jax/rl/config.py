@@ -59,9 +59,12 @@ class DataSection:
 @dataclasses.dataclass
 class RolloutSection:
     """Sampling. ``num_prompts`` x ``num_generations`` responses per step (reference 128 x 8,
-    temperature 0.6, top_p 0.95, top_k 20, 16,384 new tokens). ``batch_size``: rows per decode
-    loop on device. ``stop_strings``: extra stops besides EOS, matched as token sequences."""
+    temperature 0.6, top_p 0.95, top_k 20, 16,384 new tokens). ``engine``: a name registered in
+    ``rl.sampler.SAMPLERS`` (``jax``: the in-process decode loop). ``batch_size``: rows per
+    decode loop on device. ``stop_strings``: extra stops besides EOS, matched as token
+    sequences."""
 
+    engine: str = "jax"
     num_prompts: int = 128
     num_generations: int = 8
     max_new_tokens: int = 16384
@@ -73,6 +76,9 @@ class RolloutSection:
     min_response_bucket: int = 64
 
     def __post_init__(self):
+        from codescaler_jax.rl.sampler import SAMPLERS
+
+        SAMPLERS.check(self.engine)
         if self.num_generations < 2:
             raise ValueError(f"rollout.num_generations must be >= 2, got {self.num_generations}")
         if self.num_prompts < 1:
@@ -103,6 +109,14 @@ class RewardSection:
     sandbox_time_limit_s: float = 2.0
     sandbox_workers: int = 2
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        from codescaler_jax.rl.rewards import REWARDS
+        from codescaler_jax.rm.shaping import SHAPERS
+
+        REWARDS.check(self.name)
+        if self.shaping not in SHAPERS:
+            raise ValueError(f"shaping: unknown mode {self.shaping!r}; allowed {sorted(SHAPERS)}")
 
 
 @dataclasses.dataclass

@@ -23,15 +23,16 @@ Stop strings are matched as token sequences: ``stop_sequences_from_strings`` enc
 string with the policy tokenizer. A stop string that the policy spells with other tokens is not
 caught on device; that is the price of a per-token check without a host round trip.
 
-``Sampler`` is the small interface the trainer uses (``load_params`` then ``generate``), so an
-external engine (e.g. vLLM-TPU, which needs a weight sync in ``load_params``) can replace
-``JaxSampler`` without touching the trainer.
+``Sampler`` is the small interface the trainer uses (``load_params`` then ``generate``), and
+the trainer builds its engine by name from ``SAMPLERS`` (config ``rollout.engine``), so an
+external engine (e.g. vLLM-TPU, which needs a weight sync in ``load_params``) is one registered
+factory away, without touching the trainer.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import jax
@@ -42,6 +43,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from codescaler_jax.models.qwen3 import Qwen3ForCausalLM
 from codescaler_jax.models.sharding import batch_sharding, param_shardings, tree_shardings
+from codescaler_jax.rl.registry import Registry
 
 _NEG_INF = -jnp.inf
 
@@ -447,6 +449,13 @@ class JaxSampler:
                 outs.append([np.asarray(_host(x))[:real] for x in res])
         tokens, logprobs, lengths, stopped = (np.concatenate(x) for x in zip(*outs))
         return SampleOutput(tokens, logprobs, lengths, stopped, p_len)
+
+
+SamplerFactory = Callable[..., Sampler]
+SAMPLERS: Registry[SamplerFactory] = Registry("rollout.engine")
+"""Rollout engines by name: ``factory(model, config, *, mesh, batch_size, max_prompt_len,
+min_prompt_bucket) -> Sampler``."""
+SAMPLERS.register("jax")(JaxSampler)
 
 
 def _host(x: jax.Array) -> np.ndarray:

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from codescaler_jax.config import save_config, to_dict
 from codescaler_jax.data.problems import Problem, humaneval_problems, read_problems_jsonl
 from codescaler_jax.data.tokenizer import load_tokenizer, resolve_tokenizer_path
+from codescaler_jax.eval.sampling import render_prompts
 from codescaler_jax.logging_utils import Writer
 from codescaler_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
 from codescaler_jax.models.sharding import batch_sharding, create_sharded, make_mesh
@@ -49,7 +50,7 @@ from codescaler_jax.rl.grpo import (
 )
 from codescaler_jax.rl.rewards import RewardResult, RolloutBatch, build_reward, close_reward
 from codescaler_jax.rl.sampler import (
-    JaxSampler,
+    SAMPLERS,
     SampleOutput,
     SamplingConfig,
     left_pad,
@@ -95,19 +96,6 @@ def load_problems(cfg: GRPOConfig) -> list[Problem]:
     if cfg.data.max_problems is not None:
         problems = problems[: cfg.data.max_problems]
     return problems
-
-
-def render_prompts(tokenizer, problems: list[Problem]) -> list[list[int]]:
-    """Each problem as one user turn of the policy's chat template, generation prompt added."""
-    out = []
-    for p in problems:
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": p.prompt}], tokenize=True, add_generation_prompt=True
-        )
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        out.append([int(t) for t in ids])
-    return out
 
 
 def response_buckets(max_new_tokens: int, smallest: int) -> tuple[int, ...]:
@@ -212,7 +200,7 @@ class GRPOTrainer:
         log.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.default_backend())
         tokenizer = load_tokenizer(cfg.policy.tokenizer)
         problems_all = load_problems(cfg)
-        rendered = render_prompts(tokenizer, problems_all)
+        rendered = render_prompts(tokenizer, [p.prompt for p in problems_all])
         keep = [i for i, ids in enumerate(rendered) if len(ids) <= cfg.data.max_prompt_length]
         if len(keep) < len(rendered):
             log.info("dropped %d of %d prompts longer than data.max_prompt_length=%d",
@@ -227,7 +215,7 @@ class GRPOTrainer:
         model = self.build_policy(mesh, tokenizer)
         mcfg = model.cfg
         scfg = self.sampling_config(tokenizer, mcfg)
-        sampler = JaxSampler(
+        sampler = SAMPLERS.get(r.engine)(
             model, scfg, mesh=mesh, batch_size=min(r.batch_size, r.num_prompts * r.num_generations),
             max_prompt_len=cfg.data.max_prompt_length, min_prompt_bucket=cfg.data.min_prompt_bucket,
         )
