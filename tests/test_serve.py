@@ -163,6 +163,31 @@ def test_mixed_length_batches_split_by_bucket_when_cheaper():
     svc.close()
 
 
+def test_connection_cap_in_process():
+    """Past ``max_connections`` open connections a new one gets 503 and is closed; the held
+    connection keeps working (an in-process server over the fake scorer)."""
+    from codescaler_jax.serving.server import RewardHTTPServer, RewardService
+
+    svc = RewardService({4: _FakeScorer(4, [])})
+    srv = RewardHTTPServer(("127.0.0.1", 0), svc, max_connections=1)
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    host, port = srv.server_address[:2]
+    try:
+        held = http.client.HTTPConnection(host, port, timeout=10)
+        status, out = _post(held, "/score", {"items": [{"problem": "p", "code": "abc"}]})
+        assert status == 200 and out["scores"] == [3.0]
+        status, resp = _raw_request({"host": host, "port": port},
+                                    b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status == 503 and b"too many open connections" in resp
+        status, out = _post(held, "/score", {"items": [{"problem": "p", "code": "abcd"}]})
+        assert status == 200 and out["scores"] == [4.0]
+        held.close()
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        svc.close()
+
+
 # ---- the real server ------------------------------------------------------------------------
 
 
@@ -298,12 +323,18 @@ def test_concurrent_clients_get_offline_scores(server, rm_dir, record_property):
 
 
 def _raw_request(server, data: bytes) -> tuple[int, bytes]:
+    chunks = []
     with socket.create_connection((server["host"], server["port"]), timeout=30) as s:
-        s.sendall(data)
-        s.shutdown(socket.SHUT_WR)
-        chunks = []
+        try:
+            s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the server may answer and close before the request is sent: read the answer
         while True:
-            c = s.recv(65536)
+            try:
+                c = s.recv(65536)
+            except ConnectionResetError:
+                break
             if not c:
                 break
             chunks.append(c)

@@ -455,6 +455,11 @@ class RewardHTTPServer(ThreadingHTTPServer):
                     b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n"
                     + body
                 )
+                # Drop what the client already sent (briefly, this is the accept loop): closing
+                # with unread data resets the connection, and the client could lose the answer.
+                request.shutdown(socket.SHUT_WR)
+                request.settimeout(0.05)
+                request.recv(65536)
             except OSError:
                 pass
             self.shutdown_request(request)
