@@ -91,7 +91,7 @@ def test_left_padding_matches_hf_with_mask_positions(tmp_path):
 def test_reward_reads_last_real_token():
     """The score of a right-padded row equals the score of the same tokens unpadded, and
     does not depend on what the padding holds."""
-    cfg = Qwen3Config.tiny()
+    cfg = Qwen3Config.tiny(num_hidden_layers=1)
     model = Qwen3RewardModel(cfg, rngs=nnx.Rngs(0))
     ids, mask = padded_batch(5, [7, 3], 10, cfg.vocab_size)
     scores = _forward(model, jnp.asarray(ids), jnp.asarray(mask))
