@@ -243,6 +243,9 @@ def tree_shardings(tree: Any, logical_axes: Any, mesh: Mesh, rules: Rules | None
 def shard_activation(x: jax.Array, axes: Sequence[str | None], rules: Rules | None = None):
     """Constrain an activation's sharding when a mesh is active (``jax.set_mesh``); else no-op.
 
+    The model calls this with the default rules; custom parameter rules do not change how
+    activations are laid out (batch over data/fsdp, heads and MLP units over tensor).
+
     Args:
         x: any array, e.g. ``[batch, seq, embed]``.
         axes: one logical name per dimension of ``x``.
