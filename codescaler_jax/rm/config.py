@@ -78,6 +78,7 @@ class OptimSection:
     b2: float = 0.999
     eps: float = 1e-8
     max_grad_norm: float = 1.0
+    freeze: list[str] = dataclasses.field(default_factory=list)  # param path prefixes to freeze
 
 
 @dataclasses.dataclass

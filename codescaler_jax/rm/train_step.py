@@ -45,9 +45,30 @@ def make_schedule(cfg: OptimSection, total_steps: int) -> optax.Schedule:
     )
 
 
+def _path_name(path: tuple[Any, ...]) -> str:
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
 def make_optimizer(cfg: OptimSection, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """Grad clipping then AdamW; weight decay skips 1-D parameters (norm scales)."""
+    """Grad clipping then AdamW; weight decay skips 1-D parameters (norm scales).
+
+    Parameters whose dotted path starts with an entry of ``cfg.freeze`` (e.g.
+    ``model.embed_tokens``) get no update and no optimizer state."""
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+    train = _trainable_optimizer(cfg, schedule, decay_mask)
+    if not cfg.freeze:
+        return train
+    frozen = tuple(cfg.freeze)
+
+    def labels(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: "frozen" if _path_name(path).startswith(frozen) else "train", params
+        )
+
+    return optax.multi_transform({"train": train, "frozen": optax.set_to_zero()}, labels)
+
+
+def _trainable_optimizer(cfg, schedule, decay_mask) -> optax.GradientTransformation:
     parts = []
     if cfg.max_grad_norm and cfg.max_grad_norm > 0:
         parts.append(optax.clip_by_global_norm(cfg.max_grad_norm))
@@ -79,6 +100,16 @@ def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, dict, nnx.State]:
     return graphdef, nnx.to_pure_dict(params), rest
 
 
+def _dict_keys(path: tuple[Any, ...]) -> tuple[str, ...]:
+    """The trailing run of dict keys of a pytree key path (a parameter's path in a state)."""
+    out: list[str] = []
+    for k in reversed(path):
+        if not isinstance(k, jax.tree_util.DictKey):
+            break
+        out.append(str(k.key))
+    return tuple(reversed(out))
+
+
 def state_shardings(
     model_or_abstract: nnx.Module, tx: optax.GradientTransformation, mesh: Mesh
 ) -> dict[str, Any]:
@@ -88,15 +119,27 @@ def state_shardings(
     abstract_params = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(params)
     )
-    abstract_opt = jax.eval_shape(tx.init, abstract_params)
     replicated = NamedSharding(mesh, PartitionSpec())
-    o_shard = optax.tree_map_params(
-        tx,
-        lambda _, s: s,
-        abstract_opt,
-        p_shard,
-        transform_non_params=lambda _: replicated,
-    )
+    # A leaf of the optimizer state whose key path ends with a parameter's path and has its
+    # shape (Adam's mu / nu) takes that parameter's sharding; anything else (counters) is
+    # replicated. Works for any optax state, masked (frozen) parts included.
+    by_path = {
+        _dict_keys(path): (x.shape, sh)
+        for (path, x), sh in zip(
+            jax.tree_util.tree_leaves_with_path(abstract_params), jax.tree.leaves(p_shard)
+        )
+    }
+
+    def leaf_sharding(path, x):
+        keys = _dict_keys(path)
+        for start in range(len(keys)):
+            hit = by_path.get(keys[start:])
+            if hit is not None and hit[0] == x.shape:
+                return hit[1]
+        return replicated
+
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    o_shard = jax.tree_util.tree_map_with_path(leaf_sharding, abstract_opt)
     return {"params": p_shard, "opt_state": o_shard, "step": replicated}
 
 
