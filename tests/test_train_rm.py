@@ -270,3 +270,33 @@ def test_score_cli_extracts_scores_and_shapes(full_run, tmp_path):
     assert rows[0]["score"] == pytest.approx(float(expect[0]), abs=1e-5)
     assert rows[1]["score"] == pytest.approx(float(expect[1]), abs=1e-5)
     assert rows[0]["reward"] == pytest.approx(float(np.logaddexp(0.0, expect[0])), abs=1e-5)
+
+
+def test_frozen_parameters_do_not_move_and_hold_no_optimizer_state():
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    cfg = Qwen3Config.tiny()
+    model = create_sharded(lambda: Qwen3RewardModel(cfg, rngs=nnx.Rngs(0)), mesh)
+    graphdef, params, rest = split_model(model)
+    optim = OptimSection(learning_rate=1e-2, warmup_steps=0, freeze=["model.embed_tokens"])
+    sched = make_schedule(optim, 10)
+    tx = make_optimizer(optim, sched)
+    sh = state_shardings(model, tx, mesh)
+    state = init_state(params, tx, sh)
+    n_opt = sum(x.size for x in jax.tree.leaves(state["opt_state"]))
+    n_embed = params["model"]["embed_tokens"]["embedding"].size
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    assert n_opt < 2 * (n_params - n_embed) + 16  # Adam moments only for trainable params
+    step = jax.jit(
+        make_train_step(graphdef, rest, tx, sched, StepOptions()), out_shardings=(sh, None)
+    )
+    with jax.set_mesh(mesh):
+        new, _ = step(state, _batch(seed=2))
+        jax.block_until_ready(new)
+    before, after = (
+        params["model"]["embed_tokens"]["embedding"],
+        new["params"]["model"]["embed_tokens"]["embedding"],
+    )
+    np.testing.assert_array_equal(np.asarray(before), np.asarray(after))
+    assert (
+        float(jnp.max(jnp.abs(new["params"]["score"]["kernel"] - params["score"]["kernel"]))) > 1e-4
+    )
