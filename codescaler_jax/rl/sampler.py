@@ -194,6 +194,19 @@ def nucleus_threshold(probs: jax.Array, top_p: float) -> jax.Array:
     return jax.lax.bitcast_convert_type(hi, jnp.float32)
 
 
+def argmax_first(logits: jax.Array) -> jax.Array:
+    """``argmax`` over the last axis (first index on ties), ``[B, V] -> [B]`` int32.
+
+    Written as max-then-min-index: on CPU, XLA's argmax reduction over a 151,936-wide row took
+    10 ms for a batch of 8 and ``top_k(., 1)`` 1.2-2.4 ms; these two plain reductions ~1 ms.
+    """
+    v = logits.shape[-1]
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    index = jnp.arange(v, dtype=jnp.int32)
+    first = jnp.min(jnp.where(logits == top, index, v), axis=-1)
+    return jnp.minimum(first, v - 1).astype(jnp.int32)  # stays a token id even for NaN rows
+
+
 def choose_tokens(logits: jax.Array, key: jax.Array, cfg: SamplingConfig):
     """Draw one token per row. ``logits [B, V]`` float32 -> ``(tokens [B] int32, logp [B])``.
 
@@ -201,14 +214,13 @@ def choose_tokens(logits: jax.Array, key: jax.Array, cfg: SamplingConfig):
     """
     scaled = logits / cfg.logprob_temperature
     if cfg.greedy:
-        # top_k(., 1) = argmax (first index on ties), ~8x faster than argmax on CPU here.
-        tokens = jax.lax.top_k(logits, 1)[1][:, 0].astype(jnp.int32)
+        tokens = argmax_first(logits)
     else:
         vals, ids = filter_logits(scaled, top_k=cfg.top_k, top_p=cfg.top_p)
         pick = categorical(key, vals)
         tokens = jnp.take_along_axis(ids, pick[:, None], axis=-1)[:, 0]
-    logp = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), tokens[:, None], axis=-1)
-    return tokens, logp[:, 0]
+    picked = jnp.take_along_axis(scaled, tokens[:, None], axis=-1)[:, 0]
+    return tokens, picked - jax.nn.logsumexp(scaled, axis=-1)
 
 
 def categorical(key: jax.Array, logits: jax.Array, block: int = 512) -> jax.Array:
@@ -275,10 +287,33 @@ def sample(
     logits, cache = model.decode(prompt_ids, prompt_mask, cache, last_only=True)
     eos = jnp.asarray(cfg.eos_token_ids or (-1,), jnp.int32)
     tail_len = max([len(s) for s in cfg.stop_sequences], default=1)
-    carry = dict(
+
+    def record(c: dict, logits: jax.Array) -> dict:
+        """Draw token ``c["i"]`` of every live row from ``logits [B, V]`` and write it."""
+        key, sub = jax.random.split(c["key"])
+        tok, logp = choose_tokens(logits, sub, cfg)
+        live = ~c["done"]
+        tok = jnp.where(live, tok, cfg.pad_token_id)
+        logp = jnp.where(live, logp, 0.0)
+        tail = jnp.concatenate([c["tail"][:, 1:], tok[:, None]], axis=1)
+        ended = live & (jnp.any(tok[:, None] == eos[None, :], axis=-1) | _ends_with_stop(tail, cfg))
+        return dict(
+            c,
+            i=c["i"] + 1,
+            tok=tok,
+            done=c["done"] | ended,
+            stopped=c["stopped"] | ended,
+            tokens=jax.lax.dynamic_update_slice(c["tokens"], tok[:, None], (0, c["i"])),
+            logprobs=jax.lax.dynamic_update_slice(c["logprobs"], logp[:, None], (0, c["i"])),
+            lengths=c["lengths"] + live.astype(jnp.int32),
+            tail=tail,
+            key=key,
+        )
+
+    start = dict(
         i=jnp.zeros((), jnp.int32),
         cache=cache,
-        logits=logits,
+        tok=jnp.zeros((b,), jnp.int32),
         done=jnp.zeros((b,), bool),
         stopped=jnp.zeros((b,), bool),
         tokens=jnp.full((b, n), cfg.pad_token_id, jnp.int32),
@@ -287,35 +322,20 @@ def sample(
         tail=jnp.full((b, tail_len), -1, jnp.int32),
         key=key,
     )
+    # The loop carries the last token, not the [B, V] logits; the first token comes from the
+    # prefill, and the last one drawn is never fed back.
+    carry = record(start, logits)
 
     def cond(c):
         return (c["i"] < n) & ~jnp.all(c["done"])
 
     def body(c):
-        key, sub = jax.random.split(c["key"])
-        tok, logp = choose_tokens(c["logits"], sub, cfg)
-        live = ~c["done"]
-        tok = jnp.where(live, tok, cfg.pad_token_id)
-        logp = jnp.where(live, logp, 0.0)
-        tail = jnp.concatenate([c["tail"][:, 1:], tok[:, None]], axis=1)
-        ended = live & (jnp.any(tok[:, None] == eos[None, :], axis=-1) | _ends_with_stop(tail, cfg))
-        done = c["done"] | ended
         # A stopped row feeds mask 0: its padding never becomes a visible cache slot.
         logits, cache = model.decode(
-            tok[:, None], (~done)[:, None].astype(jnp.int32), c["cache"], last_only=True
+            c["tok"][:, None], (~c["done"])[:, None].astype(jnp.int32), c["cache"],
+            last_only=True,
         )
-        return dict(
-            i=c["i"] + 1,
-            cache=cache,
-            logits=logits,
-            done=done,
-            stopped=c["stopped"] | ended,
-            tokens=jax.lax.dynamic_update_slice(c["tokens"], tok[:, None], (0, c["i"])),
-            logprobs=jax.lax.dynamic_update_slice(c["logprobs"], logp[:, None], (0, c["i"])),
-            lengths=c["lengths"] + live.astype(jnp.int32),
-            tail=tail,
-            key=key,
-        )
+        return record(dict(c, cache=cache), logits)
 
     out = jax.lax.while_loop(cond, body, carry)
     return out["tokens"], out["logprobs"], out["lengths"], out["stopped"]
