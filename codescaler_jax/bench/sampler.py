@@ -10,7 +10,9 @@ and loaded through our HF I/O) generate ``--new-tokens`` tokens for ``--batch`` 
 sampling (temperature 0.6, top-p 0.95, top-k 20); EOS is disabled so both produce exactly the
 same number of tokens. Each timed call includes putting prompts on the device and fetching the
 results; compilation (JAX) and the first call (torch) are excluded as warm-up. Reported:
-generated tokens/s (batch x new tokens / seconds, median of ``--repeat`` calls) and the ratio.
+generated tokens/s (batch x new tokens / seconds, median of ``--repeat`` calls) and the ratio,
+against torch with its default threads and against torch on one thread (on a busy 2-core
+machine torch's threads thrash and the single-thread run is many times faster).
 
 GRPO step: ``--grpo-steps`` steps of the tiny config (RM: ``runs/rm_tiny`` if it exists, else a
 random RM of the same architecture, as recorded in the JSON); the mean time of each phase
@@ -106,16 +108,25 @@ def _bench_mode(ours, hf, mesh, prompts: np.ndarray, mode: str, new_tokens: int,
             out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **gen_kw)
         assert out.shape == (batch, prompt_len + new_tokens)
 
-    t_ours = time_call(run_ours, warmup=1, repeat=repeat)
-    t_hf = time_call(run_hf, warmup=1, repeat=repeat)
     n = batch * new_tokens
-    return {
-        "mode": mode, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
-        "ours_tokens_per_s": n / t_ours["median_s"],
-        "transformers_tokens_per_s": n / t_hf["median_s"],
-        "speedup": t_hf["median_s"] / t_ours["median_s"],
-        "ours_s": t_ours, "transformers_s": t_hf,
-    }
+    t_ours = time_call(run_ours, warmup=1, repeat=repeat)
+    row = {"mode": mode, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+           "ours_tokens_per_s": n / t_ours["median_s"], "ours_s": t_ours}
+    # torch's default (one thread per core) is the like-for-like baseline; on a shared machine
+    # its threads can thrash, so a single-thread run is measured too and reported beside it.
+    default_threads = torch.get_num_threads()
+    for label, threads in (("", default_threads), ("_1thread", 1)):
+        if label and default_threads == 1:
+            continue
+        torch.set_num_threads(threads)
+        try:
+            t_hf = time_call(run_hf, warmup=1, repeat=repeat)
+        finally:
+            torch.set_num_threads(default_threads)
+        row[f"transformers{label}_tokens_per_s"] = n / t_hf["median_s"]
+        row[f"speedup{label}"] = t_hf["median_s"] / t_ours["median_s"]
+        row[f"transformers{label}_s"] = t_hf
+    return row
 
 
 def bench_grpo_phases(steps: int, rm_path: str | None) -> dict[str, Any]:
@@ -181,10 +192,13 @@ def main(argv: list[str] | None = None) -> int:
     for shape in args.shapes:
         rows += bench_decode(shape, batch=args.batch, prompt_len=args.prompt_len,
                              new_tokens=args.new_tokens, repeat=args.repeat)
-    print(f"{'shape':<18} {'mode':<16} {'ours tok/s':>11} {'HF tok/s':>10} {'speedup':>8}")
+    print(f"{'shape':<18} {'mode':<16} {'ours tok/s':>11} {'HF tok/s':>10} {'speedup':>8} "
+          f"{'HF 1-thr':>9} {'speedup':>8}")
     for r in rows:
         print(f"{r['shape']:<18} {r['mode']:<16} {r['ours_tokens_per_s']:>11.0f} "
-              f"{r['transformers_tokens_per_s']:>10.0f} {r['speedup']:>7.1f}x")
+              f"{r['transformers_tokens_per_s']:>10.0f} {r['speedup']:>7.1f}x "
+              f"{r.get('transformers_1thread_tokens_per_s', float('nan')):>9.0f} "
+              f"{r.get('speedup_1thread', float('nan')):>7.1f}x")
     grpo = None
     if args.grpo_steps > 1:
         grpo = bench_grpo_phases(args.grpo_steps, args.rm_path)
