@@ -64,14 +64,12 @@ def dry_run(cfg) -> dict:
     from codescaler_jax.perf import train_flops_per_token
     from codescaler_jax.rm.train_step import (
         BATCH_KEYS,
-        StepOptions,
         make_optimizer,
         make_schedule,
-        make_train_step,
         split_model,
         state_shardings,
     )
-    from codescaler_jax.rm.trainer import model_config
+    from codescaler_jax.rm.trainer import jit_train_step, model_config, step_options
 
     m = cfg.model
     source = f"model.size={m.size}"
@@ -102,16 +100,7 @@ def dry_run(cfg) -> dict:
             k: jax.ShapeDtypeStruct((B, L), jnp.int32, sharding=batch_sharding(mesh))
             for k in BATCH_KEYS
         }
-        opts = StepOptions(
-            grad_accum_steps=cfg.train.grad_accum_steps,
-            margin=cfg.train.margin,
-            center_coef=cfg.train.center_rewards_coefficient,
-        )
-        step = jax.jit(
-            make_train_step(graphdef, rest, tx, schedule, opts),
-            out_shardings=(sh, None),
-            donate_argnums=(0,),
-        )
+        step = jit_train_step(graphdef, rest, tx, schedule, step_options(cfg), sh)
         lowered = step.lower(a_state, a_batch)
         compiled = lowered.compile()
     compile_s = time.perf_counter() - t0

@@ -92,6 +92,24 @@ def model_config(cfg: RMTrainConfig, vocab_min: int, pad_id: int) -> Qwen3Config
     )
 
 
+def step_options(cfg: RMTrainConfig) -> StepOptions:
+    """The train step's static options from the run config."""
+    return StepOptions(
+        grad_accum_steps=cfg.train.grad_accum_steps,
+        margin=cfg.train.margin,
+        center_coef=cfg.train.center_rewards_coefficient,
+    )
+
+
+def jit_train_step(graphdef, rest, tx, schedule, opts: StepOptions, shardings: dict):
+    """The jitted train step with the state's shardings kept and its buffers donated."""
+    return jax.jit(
+        make_train_step(graphdef, rest, tx, schedule, opts),
+        out_shardings=(shardings, None),
+        donate_argnums=(0,),
+    )
+
+
 def _problem_key(p: Pair) -> Pair:
     if p.problem_id:
         return p
@@ -276,16 +294,8 @@ class RMTrainer:
             shardings = state_shardings(model, tx, mesh)
             del model
             state = init_state(params, tx, shardings)
-            opts = StepOptions(
-                grad_accum_steps=cfg.train.grad_accum_steps,
-                margin=cfg.train.margin,
-                center_coef=cfg.train.center_rewards_coefficient,
-            )
-            train_step = jax.jit(
-                make_train_step(graphdef, rest, tx, schedule, opts),
-                out_shardings=(shardings, None),
-                donate_argnums=(0,),
-            )
+            opts = step_options(cfg)
+            train_step = jit_train_step(graphdef, rest, tx, schedule, opts, shardings)
             # Replicated outputs: every process can read them (multi-host too).
             eval_step = jax.jit(
                 make_eval_step(graphdef, rest, opts),
