@@ -189,9 +189,30 @@ def setup_isolation(job):
             achieved.append("hidepid")
         _remount_readonly()
         achieved.append("readonly_fs")
+        # The interpreter's own files may live under /tmp (a virtualenv in a temporary clone,
+        # as CI makes): keep them visible, read-only, inside the private /tmp.
+        under_tmp = []
+        for p in sorted((os.path.realpath(p) for p in keep), key=len):
+            if p.startswith("/tmp/") and not any(p.startswith(t + "/") for t in under_tmp):
+                under_tmp.append(p)
+        handles = {}
+        for p in under_tmp:
+            try:
+                handles[p] = os.open(p, os.O_PATH)
+            except OSError:
+                pass
         tmp_opts = f"size={job['tmpfs_mb']}m,mode=1777"
         if mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, tmp_opts):
             achieved.append("private_tmp")
+            for p, fd in handles.items():
+                try:
+                    os.makedirs(p, 0o755, exist_ok=True)
+                except OSError:
+                    continue
+                if mount(f"/proc/self/fd/{fd}", p, None, MS_BIND | MS_REC):
+                    mount(None, p, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID)
+        for fd in handles.values():
+            os.close(fd)
             if os.path.isdir("/dev/shm"):
                 mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
                       "size=16m,mode=1777")
