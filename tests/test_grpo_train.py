@@ -316,3 +316,27 @@ def test_config_validation_names_the_key():
         load_config(GRPOConfig, "configs/grpo_tiny.yaml", ["rollout.engine=vllm"])
     with pytest.raises(ConfigError, match="rollout.nope"):
         load_config(GRPOConfig, "configs/grpo_tiny.yaml", ["rollout.nope=1"])
+
+
+def test_dry_run_compiles_rollout_logprob_and_update():
+    from codescaler_jax.train_grpo import dry_run
+
+    cfg = _cfg(["policy.num_hidden_layers=1", "rollout.max_new_tokens=32",
+                "data.max_prompt_length=64", "data.min_prompt_bucket=64"])
+    report = dry_run(cfg)
+    for program in ("rollout_decode_loop", "actor_logprobs", "train_step"):
+        assert report[program]["total_gib"] > 0 and report[program]["xla_flops_per_device"] > 0
+    assert report["responses_per_step"] == 16 and report["response_len"] == 32
+    # The train step does more arithmetic than the log-prob pass over the same rows.
+    assert (report["train_step"]["xla_flops_per_device"]
+            > report["actor_logprobs"]["xla_flops_per_device"])
+
+
+@pytest.mark.slow
+def test_dry_run_of_the_8b_recipe():
+    from codescaler_jax.config import load_config
+    from codescaler_jax.train_grpo import dry_run
+
+    report = dry_run(load_config(GRPOConfig, "configs/grpo_codescaler_8b.yaml"))
+    assert report["params"] == 8_190_735_360  # Qwen3-8B, untied head
+    assert report["responses_per_step"] == 1024 and report["response_len"] == 16384

@@ -41,8 +41,8 @@ def hf_lm(tmp_path_factory):
     return model, path
 
 
-def _prompts(seed=0):
-    vocab = TINY["mesh"]["vocab_size"]
+def _prompts(seed=0, name="mesh"):
+    vocab = TINY[name]["vocab_size"]
     rng = np.random.RandomState(seed)
     return [rng.randint(2, vocab, size=n).tolist() for n in PROMPT_LENS]
 
@@ -98,9 +98,19 @@ def _first_stop(row, eos):
     return int(hits[0]) + 1 if len(hits) else len(row)
 
 
-def test_greedy_matches_transformers_generate_and_full_forward(hf_lm):
-    hf, path = hf_lm
-    prompts = _prompts()
+@pytest.fixture(scope="module")
+def hf_lm_tied(tmp_path_factory):
+    """Tied embeddings: the sampler decodes with a transposed copy of the embedding."""
+    model = random_hf_model("mha_tied", "lm", seed=12)
+    path = tmp_path_factory.mktemp("lm_tied")
+    model.save_pretrained(path)
+    return model, path
+
+
+@pytest.mark.parametrize("which", ["hf_lm", "hf_lm_tied"])
+def test_greedy_matches_transformers_generate_and_full_forward(which, request):
+    hf, path = request.getfixturevalue(which)
+    prompts = _prompts(name="mesh" if which == "hf_lm" else "mha_tied")
     free, _ = _hf_greedy(hf, prompts)
     # An EOS id that row 0 reaches mid-way, so the parity covers stopping and padding too.
     eos = int(free[0, 10])
