@@ -16,7 +16,9 @@ machine torch's threads thrash and the single-thread run is many times faster).
 
 GRPO step: ``--grpo-steps`` steps of the tiny config (RM: ``runs/rm_tiny`` if it exists, else a
 random RM of the same architecture, as recorded in the JSON); the mean time of each phase
-over the steps after the first (which compiles).
+over the steps after the first (which compiles). Run twice: as configured (the random tiny
+policy writes no code, so nothing reaches the RM or the sandbox) and with every response sent
+to the RM.
 """
 
 from __future__ import annotations
@@ -129,7 +131,8 @@ def _bench_mode(ours, hf, mesh, prompts: np.ndarray, mode: str, new_tokens: int,
     return row
 
 
-def bench_grpo_phases(steps: int, rm_path: str | None) -> dict[str, Any]:
+def bench_grpo_phases(steps: int, rm_path: str | None,
+                      overrides: tuple[str, ...] = ()) -> dict[str, Any]:
     """Mean seconds per phase of a tiny-config GRPO step (after the first, compiling step)."""
     from flax import nnx
 
@@ -155,13 +158,14 @@ def bench_grpo_phases(steps: int, rm_path: str | None) -> dict[str, Any]:
             rm_note = "random weights, configs/rm_tiny.yaml architecture (runs/rm_tiny missing)"
         cfg = load_config(GRPOConfig, "configs/grpo_tiny.yaml", [
             f"run_dir={os.path.join(d, 'run')}", f"reward.rm_path={rm_path}",
-            f"train.steps={steps}", "train.save_every=0", "train.export_hf=false",
+            f"train.steps={steps}", "train.save_every=0", "train.export_hf=false", *overrides,
         ])
         summary = GRPOTrainer(cfg, progress=False).run()
     phases = summary["time_per_phase_s_after_first_step"]
     total = sum(phases.values())
     return {
-        "config": "configs/grpo_tiny.yaml", "rm": rm_note, "steps": steps,
+        "config": "configs/grpo_tiny.yaml", "overrides": list(overrides), "rm": rm_note,
+        "steps": steps,
         "responses_per_step": cfg.rollout.num_prompts * cfg.rollout.num_generations,
         "seconds_per_step": phases, "share": {k: v / total for k, v in phases.items()},
         "first_step_s": {k: summary["time_per_phase_s"][k] * steps - phases[k] * (steps - 1)
@@ -199,14 +203,19 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['transformers_tokens_per_s']:>10.0f} {r['speedup']:>7.1f}x "
               f"{r.get('transformers_1thread_tokens_per_s', float('nan')):>9.0f} "
               f"{r.get('speedup_1thread', float('nan')):>7.1f}x")
-    grpo = None
+    grpo = {}
     if args.grpo_steps > 1:
-        grpo = bench_grpo_phases(args.grpo_steps, args.rm_path)
-        print("\nGRPO step, configs/grpo_tiny.yaml (mean over steps after the first):")
-        for k, v in grpo["seconds_per_step"].items():
-            print(f"  {k:<8} {v:7.2f} s  {100 * grpo['share'][k]:5.1f} %")
+        # As configured, a random tiny policy writes no code block, so no response reaches the
+        # RM or the sandbox; the second run sends every response to the RM (the shaping that
+        # scores "no code" too) to show the cost of RM scoring in the step.
+        runs = {"as_configured": (), "every_response_rm_scored": ("reward.shaping=raw_unguarded",)}
+        for name, overrides in runs.items():
+            grpo[name] = bench_grpo_phases(args.grpo_steps, args.rm_path, overrides)
+            print(f"\nGRPO step, configs/grpo_tiny.yaml, {name} (mean over steps after the first):")
+            for k, v in grpo[name]["seconds_per_step"].items():
+                print(f"  {k:<8} {v:7.2f} s  {100 * grpo[name]['share'][k]:5.1f} %")
     payload = {
-        "decode": rows, "grpo_tiny_step": grpo,
+        "decode": rows, "grpo_tiny_step": grpo or None,
         "torch_threads": torch.get_num_threads(), "wall_s": time.perf_counter() - t0,
         "load_average_1m_before_after": [load_before[0], os.getloadavg()[0]],
         "argv": sys.argv[1:] if argv is None else argv,
