@@ -207,7 +207,7 @@ def make_train_step(
             zeros = jax.tree.map(jnp.zeros_like, params)
             grads, (c, r, per) = jax.lax.scan(body, zeros, mbs)
             c, r, per = c.reshape(-1), r.reshape(-1), per.reshape(-1)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         sums = bt_metrics(c, r, jnp.ones_like(c))
