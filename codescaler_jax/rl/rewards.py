@@ -229,12 +229,14 @@ def load_scorer(section: RewardSection, mesh: Mesh) -> RewardScorer:
     if not section.rm_path:
         raise ValueError("reward.rm_path is not set: the codescaler reward needs a reward model")
     path = Path(section.rm_path)
-    if not (path / "config.json").is_file() and not (path / "hf" / "config.json").is_file():
+    loadable = ((path / "config.json").is_file() or (path / "hf" / "config.json").is_file()
+                or ((path / "config.yaml").is_file() and (path / "checkpoints").is_dir()))
+    if not loadable:
         raise FileNotFoundError(
-            f"reward.rm_path={section.rm_path!r}: no reward model there (neither config.json nor "
-            "hf/config.json). Train one first: python -m codescaler_jax.train_rm --config "
-            "configs/rm_tiny.yaml (writes runs/rm_tiny), or point reward.rm_path at a Hugging "
-            "Face RM directory such as a CodeScaler checkpoint."
+            f"reward.rm_path={section.rm_path!r}: no reward model there (no config.json, no "
+            "train_rm hf/ export or checkpoints). Train one first: python -m "
+            "codescaler_jax.train_rm --config configs/rm_tiny.yaml (writes runs/rm_tiny), or "
+            "point reward.rm_path at a Hugging Face RM directory such as a CodeScaler checkpoint."
         )
     return RewardScorer.from_pretrained(
         path, tokenizer=section.rm_tokenizer, mesh=mesh, dtype=section.rm_dtype,
