@@ -122,7 +122,7 @@ def extraction_metrics(extractions: Sequence[Extraction]) -> dict[str, float]:
     return out
 
 
-class TestRunner:
+class ExecutionChecker:
     """Runs extracted code against problem tests in one sandbox kept open across steps (its
     runner servers start once). ``close`` stops it."""
 
@@ -186,7 +186,8 @@ class CodeScalerReward:
             raise ValueError(f"reward.shaping: unknown mode {shaping!r}; allowed {sorted(SHAPERS)}")
         self.scorer = scorer
         self.shaping = shaping
-        self.tests = TestRunner(time_limit_s=time_limit_s, workers=workers) if pass_rate else None
+        self.tests = (ExecutionChecker(time_limit_s=time_limit_s, workers=workers)
+                      if pass_rate else None)
 
     def __call__(self, batch: RolloutBatch) -> RewardResult:
         import jax
@@ -256,7 +257,7 @@ class ExecutionReward:
     """1.0 if the extracted code passes all tests in the sandbox, else 0.0."""
 
     def __init__(self, *, time_limit_s: float = 2.0, workers: int = 2):
-        self.tests = TestRunner(time_limit_s=time_limit_s, workers=workers)
+        self.tests = ExecutionChecker(time_limit_s=time_limit_s, workers=workers)
 
     def __call__(self, batch: RolloutBatch) -> RewardResult:
         ex = extract_batch(batch.responses, mode="train")
