@@ -125,18 +125,10 @@ def main(argv=None) -> int:
             from transformers import Qwen3ForSequenceClassification
 
             torch.manual_seed(0)
+            # The same architecture as ours, from our own config (rope theta and eps included).
             hf = Qwen3ForSequenceClassification(
                 HFConfig(
-                    vocab_size=a.vocab,
-                    hidden_size=a.hidden,
-                    intermediate_size=3 * a.hidden,
-                    num_hidden_layers=a.layers,
-                    num_attention_heads=a.heads,
-                    num_key_value_heads=a.kv_heads,
-                    head_dim=a.head_dim,
-                    num_labels=1,
-                    pad_token_id=0,
-                    max_position_embeddings=max(a.seq, 512),
+                    **cfg.to_hf_dict("Qwen3ForSequenceClassification"),
                     attn_implementation="sdpa",
                 )
             )
