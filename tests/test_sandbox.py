@@ -248,7 +248,7 @@ def test_unprivileged_mode_runs_and_cleans_up(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the working dirs are made
     code = "import os\nopen('scratch.txt', 'w').write('x')\nprint(sum(map(int, input().split())))\n"
-    with Sandbox(SandboxConfig(isolation="none", time_limit_s=1.0)) as sb:
+    with Sandbox(SandboxConfig(isolation="none", allow_weak_isolation=True, time_limit_s=1.0)) as sb:
         res = sb.run(code, StdioTests(("1 2",), ("3",)))
         slow = sb.run("while True:\n    pass\n", StdioTests(("",), ("",)))
     assert res.passed and "uid" not in res.isolation
@@ -323,7 +323,7 @@ def test_runner_death_is_reported_and_the_harness_recovers():
     """In "none" mode the program can kill its runner: that test is a runtime error, the next
     program runs normally. A server killed from outside is restarted on the next run."""
     good = ("print(input())\n", StdioTests(("7",), ("7",)))
-    with Sandbox(SandboxConfig(isolation="none", time_limit_s=1.0)) as sb:
+    with Sandbox(SandboxConfig(isolation="none", allow_weak_isolation=True, time_limit_s=1.0)) as sb:
         killer = sb.run("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n",
                         StdioTests(("", ""), ("", "")))
         assert [t.status for t in killer.tests] == ["runtime_error", "skipped"]

@@ -8,47 +8,87 @@ as the reference harness judges them (`codescaler_jax.code.compare`).
 
 Each program runs under `runner.py` (see its docstring for the mechanics) in its own session, in
 a fresh working directory, one forked child per test, with a per-test wall-clock limit and limits
-on memory (address space), processes, file size and output size. Guarantees by mode:
+on memory (address space), processes, file size and output size. Isolation modes
+(`SandboxConfig.isolation`; ``auto`` picks ``uid`` as root, else ``userns``):
 
-``uid`` (the default when running as root, as here and in CI):
+``uid`` (root, as here and in CI):
   - the program runs as a dedicated unprivileged uid per worker slot (62000+, claimed with a lock
     file so concurrent sandboxes never share one), with no supplementary groups and no-new-privs;
-  - no network (a new network namespace with only a down loopback);
-  - a private tmpfs /tmp as working directory, gone when the program ends; every other mount
-    read-only; /proc shows only its own processes; /root and the like hidden;
+  - no network (a new network namespace with only a down loopback), a new IPC namespace;
+  - a private tmpfs /tmp as working directory and a private /dev/shm, gone when the program
+    ends; every other mount read-only; /proc shows only its own processes; /root and the like
+    hidden;
   - after every test every process of the uid is killed in one atomic kill(-1) (fork bombs,
     setsid / double-fork escapees) and reaped; RLIMIT_NPROC bounds fork bombs;
   - it cannot signal, trace or read the environment of the harness (different uid, runner not
     dumpable) and sees only a scrubbed environment.
   If a namespace cannot be created (seccomp, containers) that feature is missing and reported
-  in `ProgramResult.isolation`; e.g. without a mount namespace the working directory is a host
-  temporary directory owned by the sandbox uid, removed afterwards, but /tmp stays writable.
-``none`` (not root; or asked for explicitly): own session and process group per test, rlimits,
-  scrubbed environment, temporary working directory removed afterwards, all descendants killed
-  (the runner is their subreaper). Weaker: the program keeps the user's network and file
-  access, can kill the runner (reported as a runtime error) and RLIMIT_NPROC is only relative to
-  the user's other processes. Use ``uid`` for anything hostile.
+  in `ProgramResult.isolation`.
+``userns`` (an ordinary user, e.g. on a TPU VM; needs unprivileged user namespaces):
+  - new user, mount, network, pid, ipc and uts namespaces; the program has no capabilities;
+  - a new root built from scratch: /usr, /etc and the interpreter's own directories read-only,
+    a minimal /dev, a private /tmp (working directory) and /dev/shm; home directories, the run
+    directory and everything else (/work, /var, /run, /mnt, /sys) do not exist in it;
+  - no network (an empty network namespace); its own pid namespace (host processes are
+    invisible and cannot be signalled; /proc is the namespace's);
+  - rlimits as above (RLIMIT_NPROC counts the namespace's processes only, so it is exact);
+    after every test everything in the namespace is killed at once by its init.
+  Where the kernel forbids unprivileged user namespaces (``kernel.unprivileged_userns_clone=0``,
+  ``user.max_user_namespaces=0``, Ubuntu's ``kernel.apparmor_restrict_unprivileged_userns=1``,
+  a seccomp filter) the sandbox logs once which setting is in the way and refuses to run, unless
+  the configuration accepts weak isolation (`SandboxConfig.allow_weak_isolation`, or
+  ``CODESCALER_SANDBOX_ALLOW_WEAK=1`` for the command-line tools).
+``none`` (weak; only with ``allow_weak_isolation``): own session and process group per test,
+  rlimits, scrubbed environment, temporary working directory removed afterwards, all
+  descendants killed (the runner is their subreaper). The program keeps the user's network and
+  file access, can kill the runner (reported as a runtime error) and RLIMIT_NPROC is only
+  relative to the user's other processes.
+``python -m codescaler_jax.sandbox_check`` prints which protections are in force.
 
 Statuses per test: passed, failed, timeout, runtime_error, memory_limit, syntax_error,
 output_limit (stdout+stderr over the cap, or the file-size limit hit), skipped (not run after an
 earlier failure with ``stop_on_first_failure``) and sandbox_error (the harness itself failed).
 
-Known limit: call-based and check tests run the call / the assertions inside the program's own
-process (as the reference does), so a program written to attack the harness can write its own
-status line: a forged "check passed", or a call result other than the one it computed (it still
-has to know the expected value, which never enters the sandbox). stdio verdicts cannot be forged:
-the parent compares the captured output, and expected outputs never enter the sandbox.
+Threat model for verdicts. The program is hostile and knows this harness; the tests, expected
+values and (for HumanEval) the prompt are trusted data, but the test code still runs only in
+the sandbox. A verdict of ``passed`` must mean the program computed values equal to the
+expected ones, compared with builtin semantics outside the program's reach:
+  - stdio: the parent compares the captured stdout; expected outputs never enter the sandbox.
+  - call-based: the return value must be plain JSON data (exact builtin types, checked with
+    ``type(x) is ...``), crosses as JSON text, and the parent compares the decoded value; the
+    expected value never enters the sandbox. Whatever the program writes where, the parent only
+    ever sees some plain value, which an honest program could have returned.
+  - check (HumanEval): ``check(candidate)`` runs in a judge process apart from the program's
+    process; ``candidate`` (and any other program function the test calls, but never a builtin
+    name, and never a helper the trusted prompt defines) is a proxy that sends plain-data
+    arguments to the program's process and decodes the reply into exact builtin objects (a
+    tuple stays a tuple; anything else, such as an object with a rigged ``__eq__``, ``__hash__``
+    or ``__len__``, an ``int``/``str``/``list`` subclass, a generator, is a failure the test
+    cannot catch). The asserts thus compare builtin data with the judge's own, unpatched
+    builtins (the program may patch ``isinstance``, ``AssertionError``, ``sys.settrace``,
+    ``sys.modules`` or anything else in its own process only). The program's process is forked
+    before the test text is fetched, so it cannot read the expected values from memory; the
+    judge is not dumpable (no ptrace, no /proc/<pid>/mem), and its verdict leaves through a
+    pipe the program does not hold, so fake status lines, printed success markers, writes to
+    any descriptor, ``os._exit(0)`` / ``sys.exit(0)`` / ``SystemExit`` before or during the
+    asserts, and killing the judge or the runner all end as ``failed``.
+Not covered: a program that really computes the answers (or guesses them); the program
+learning the test's inputs (it must, to answer); timing side channels; a hostile test or
+prompt (they are trusted, though confined like the program).
 """
 
 from __future__ import annotations
 
+import ast
 import fcntl
 import json
+import logging
 import os
 import pwd
 import queue
 import select
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -60,6 +100,8 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 from codescaler_jax.code import compare
+
+log = logging.getLogger(__name__)
 
 RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runner.py")
 
@@ -76,6 +118,8 @@ STATUSES = (
 )
 _SIGNAL_STATUS = {24: "timeout", 25: "output_limit"}  # SIGXCPU, SIGXFSZ
 _ERRNO_STATUS = {27: "output_limit", 28: "output_limit"}  # EFBIG (file-size limit), ENOSPC
+ISOLATION_MODES = ("auto", "uid", "userns", "none")
+ALLOW_WEAK_ENV = "CODESCALER_SANDBOX_ALLOW_WEAK"
 _STARTUP_S = 20.0  # safety net only: the runner itself enforces every limit precisely
 _MESSAGE_CHARS = 500
 
@@ -112,10 +156,16 @@ class CallTests:
 
 @dataclass(frozen=True)
 class CheckTest:
-    """HumanEval style: ``test`` defines ``check(candidate)``, called on ``entry_point``."""
+    """HumanEval style: ``test`` defines ``check(candidate)``, called on ``entry_point``.
+
+    ``prompt`` (optional, trusted Python: HumanEval's function stub with its helpers) is run in
+    the judge, so helpers the test uses (``poly``, ``encode_cyclic``) are the prompt's own and
+    not ones the program may have redefined.
+    """
 
     test: str
     entry_point: str
+    prompt: str = ""
 
 
 Tests = Union[StdioTests, CallTests, CheckTest]  # noqa: UP007 - also used at run time
@@ -179,6 +229,18 @@ def _from_lcb_list(cases: list) -> Tests:
     )
 
 
+def _python_or_empty(text: Any) -> str:
+    """``text`` if it is Python source (a HumanEval stub), else "" (e.g. a natural-language
+    prompt, which some records carry under the same key)."""
+    if not isinstance(text, str) or not text.strip():
+        return ""
+    try:
+        ast.parse(text)
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        return ""
+    return text
+
+
 def tests_from_record(obj: Mapping[str, Any] | Sequence[Any] | str) -> Tests:
     """Parse the common JSON test forms into a test spec. Raises ValueError on anything else.
 
@@ -190,7 +252,8 @@ def tests_from_record(obj: Mapping[str, Any] | Sequence[Any] | str) -> Tests:
     - ``[{"input", "output", "testtype": "stdin"|"functional", "metadata": {"func_name"}}]``
       (LiveCodeBench / DeepCoder lcb): functional inputs are one JSON value per line per
       argument, outputs JSON text;
-    - ``{"test": "<code defining check(candidate)>", "entry_point": str}`` (HumanEval);
+    - ``{"test": "<code defining check(candidate)>", "entry_point": str}`` (HumanEval), with
+      ``"prompt"`` kept as trusted helper code when it is Python (HumanEval's stub);
     - a JSON string of any of these.
     """
     if isinstance(obj, str | bytes):
@@ -206,7 +269,7 @@ def tests_from_record(obj: Mapping[str, Any] | Sequence[Any] | str) -> Tests:
         test, entry = obj["test"], obj["entry_point"]
         if not isinstance(test, str) or not isinstance(entry, str) or not entry:
             raise ValueError("'test' and 'entry_point' must be non-empty strings")
-        return CheckTest(test, entry)
+        return CheckTest(test, entry, _python_or_empty(obj.get("prompt")))
     if "input_output" in obj:
         return tests_from_record(obj["input_output"])
     if "inputs" in obj and "outputs" in obj:
@@ -250,24 +313,36 @@ class SandboxConfig:
     stop_on_first_failure: bool = True
     import_prelude: bool = True  # the reference's star-imports before stdio/call programs
     recursion_limit: int = 600_000  # set with the prelude, as the reference does
-    isolation: str = "auto"  # "auto": "uid" when root else "none"; "uid"; "none"
+    isolation: str = "auto"  # "auto": "uid" when root else "userns"; "uid"; "userns"; "none"
+    # Run untrusted code with weak isolation ("none") where user namespaces are unavailable
+    # (or when isolation="none" is asked for). Off by default: the sandbox refuses instead.
+    allow_weak_isolation: bool = field(
+        default_factory=lambda: os.environ.get(ALLOW_WEAK_ENV, "") == "1")
     uid_base: int = 62000  # sandbox uids: [uid_base, uid_base + uid_count), never real users
     uid_count: int = 512
     tmpfs_mb: int = 256  # size of the private /tmp (working directory)
+    shm_mb: int = 16  # size of the private /dev/shm
     stack_mb: int = 64
     max_open_files: int = 256
     python: str = sys.executable
 
     def __post_init__(self) -> None:
         positive = ("time_limit_s", "memory_mb", "max_processes", "max_file_mb", "max_output_mb",
-                    "workers", "uid_count", "tmpfs_mb", "stack_mb", "max_open_files",
+                    "workers", "uid_count", "tmpfs_mb", "shm_mb", "stack_mb", "max_open_files",
                     "recursion_limit")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"SandboxConfig.{name} must be > 0, got {getattr(self, name)!r}")
-        if self.isolation not in ("auto", "uid", "none"):
-            raise ValueError(f"SandboxConfig.isolation must be auto, uid or none, got "
-                             f"{self.isolation!r}")
+        if self.isolation not in ISOLATION_MODES:
+            raise ValueError(f"SandboxConfig.isolation must be one of {', '.join(ISOLATION_MODES)}"
+                             f", got {self.isolation!r}")
+        if not isinstance(self.allow_weak_isolation, bool):
+            raise ValueError(f"SandboxConfig.allow_weak_isolation must be true or false, got "
+                             f"{self.allow_weak_isolation!r}")
+        if self.isolation == "none" and not self.allow_weak_isolation:
+            raise ValueError("SandboxConfig.isolation='none' runs untrusted code without "
+                             "isolation; it needs SandboxConfig.allow_weak_isolation=True (or "
+                             f"{ALLOW_WEAK_ENV}=1)")
         if self.uid_base < 1000:
             raise ValueError("SandboxConfig.uid_base must be >= 1000 (system uids are off limits)")
 
@@ -357,6 +432,114 @@ def _is_known_uid(uid: int) -> bool:
     except KeyError:
         return False
     return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Isolation mode: which one this user gets
+
+
+class WeakIsolationError(RuntimeError):
+    """Untrusted code would run with weak isolation and the configuration does not accept it."""
+
+
+@dataclass(frozen=True)
+class UsernsSupport:
+    """Whether the userns set-up works for this user; ``reason`` says why not (the setting in
+    the way and how to change it), ``features`` what a successful probe achieved."""
+
+    available: bool
+    reason: str = ""
+    features: tuple[str, ...] = ()
+
+
+_SYSCTLS = (
+    # (file, value that forbids, setting, how to allow)
+    ("/proc/sys/kernel/unprivileged_userns_clone", "0", "kernel.unprivileged_userns_clone=0",
+     "sudo sysctl -w kernel.unprivileged_userns_clone=1"),
+    ("/proc/sys/user/max_user_namespaces", "0", "user.max_user_namespaces=0",
+     "sudo sysctl -w user.max_user_namespaces=15000"),
+    ("/proc/sys/kernel/apparmor_restrict_unprivileged_userns", "1",
+     "kernel.apparmor_restrict_unprivileged_userns=1 (Ubuntu's AppArmor restriction)",
+     "sudo sysctl -w kernel.apparmor_restrict_unprivileged_userns=0, or an AppArmor profile "
+     "that allows `userns,` for {python}"),
+)
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def userns_diagnosis(error: str, python: str = sys.executable) -> str:
+    """Why user namespaces fail here: the kernel setting in the way and how to change it."""
+    found = [f"{setting} (to allow: {how.format(python=python)})"
+             for path, bad, setting, how in _SYSCTLS if _read(path) == bad]
+    if found:
+        return f"{error}; in the way: " + "; ".join(found)
+    return (f"{error}; no sysctl forbids it, so a seccomp filter or a container runtime "
+            "probably does (for Docker: --security-opt seccomp=unconfined, or run as root)")
+
+
+_USERNS_CACHE: dict[str, UsernsSupport] = {}
+_WARNED: set[str] = set()
+
+
+def probe_userns(python: str = sys.executable) -> UsernsSupport:
+    """Try the real userns set-up once per interpreter (in a throw-away runner process)."""
+    if python not in _USERNS_CACHE:
+        try:
+            out = subprocess.run([python, "-I", "-B", RUNNER, "--probe"], capture_output=True,
+                                 env={"PATH": "/usr/bin:/bin"}, cwd="/", timeout=60, check=False)
+            result = json.loads(out.stdout.decode() or "{}")
+        except (OSError, ValueError, subprocess.TimeoutExpired) as e:
+            result = {"ok": False, "error": f"the probe did not run ({e})"}
+        if result.get("ok"):
+            support = UsernsSupport(True, features=tuple(result.get("features", ())))
+        else:
+            support = UsernsSupport(False, userns_diagnosis(
+                str(result.get("error", "unknown failure")), python))
+        _USERNS_CACHE[python] = support
+    return _USERNS_CACHE[python]
+
+
+def resolve_isolation(config: SandboxConfig, *, euid: int | None = None,
+                      userns: UsernsSupport | None = None) -> str:
+    """The isolation mode a sandbox with ``config`` gets: "uid", "userns" or "none".
+
+    ``euid`` and ``userns`` default to this process's and to `probe_userns` (injectable for
+    tests). Raises WeakIsolationError when only weak isolation is possible and the config does
+    not accept it; warns once per reason when it does.
+    """
+    euid = os.geteuid() if euid is None else euid
+    mode = config.isolation
+    if mode == "uid" and euid != 0:
+        raise RuntimeError("SandboxConfig.isolation='uid' needs root")
+    if mode == "userns" and euid == 0:
+        raise RuntimeError("SandboxConfig.isolation='userns' is for unprivileged users; as root "
+                           "use 'uid' (or 'auto'), which gives the program a uid of its own")
+    if mode == "auto" and euid == 0:
+        return "uid"
+    if mode in ("auto", "userns"):
+        support = userns if userns is not None else probe_userns(config.python)
+        if support.available:
+            return "userns"
+        message = ("the sandbox cannot isolate untrusted code for this user: unprivileged user "
+                   f"namespaces are unavailable ({support.reason})")
+        if message not in _WARNED:
+            _WARNED.add(message)
+            log.warning("%s", message)
+        if mode == "userns" or not config.allow_weak_isolation:
+            raise WeakIsolationError(
+                f"{message}. Refusing to run untrusted code with weak isolation (the program "
+                "could read and delete your files, reach the network and see your processes). "
+                "Fix the setting above, run as root, or accept weak isolation explicitly with "
+                f"SandboxConfig.allow_weak_isolation=True ({ALLOW_WEAK_ENV}=1 for the "
+                "command-line tools)")
+        return "none"
+    return mode
 
 
 # ---------------------------------------------------------------------------------------------
@@ -463,13 +646,10 @@ class Sandbox:
     servers and release the claimed uids.
     """
 
-    def __init__(self, config: SandboxConfig | None = None):
+    def __init__(self, config: SandboxConfig | None = None, *,
+                 userns: UsernsSupport | None = None):
         self.config = config or SandboxConfig()
-        mode = self.config.isolation
-        if mode == "auto":
-            mode = "uid" if os.geteuid() == 0 else "none"
-        if mode == "uid" and os.geteuid() != 0:
-            raise RuntimeError("SandboxConfig.isolation='uid' needs root")
+        mode = resolve_isolation(self.config, userns=userns)
         self.mode = mode
         self._uids = _UidPool(self.config, self.config.workers) if mode == "uid" else None
         uids = list(self._uids.locks) if self._uids is not None else [None] * self.config.workers
@@ -536,7 +716,9 @@ class Sandbox:
         elif isinstance(tests, CallTests):
             kind, cases = "call", [{"args": list(a)} for a in tests.inputs]
         else:
-            kind, cases = "check", [{"test": tests.test, "entry_point": tests.entry_point}]
+            # The test text is sent only when the runner asks for it (after forking the
+            # program's process, which must never hold it).
+            kind, cases = "check", [{"entry_point": tests.entry_point}]
         return {
             "code": code,
             "kind": kind,
@@ -545,10 +727,12 @@ class Sandbox:
             "time_limit_s": cfg.time_limit_s,
             "prelude": cfg.import_prelude and kind != "check",
             "recursion_limit": cfg.recursion_limit,
+            "mode": self.mode,
             "uid": uid,
             "gid": uid,
             "workdir": workdir,
             "tmpfs_mb": cfg.tmpfs_mb,
+            "shm_mb": cfg.shm_mb,
             "limits": {
                 "as": cfg.memory_mb * mb,
                 "nproc": cfg.max_processes,
@@ -563,8 +747,21 @@ class Sandbox:
         wall = float(record.get("wall_s", 0.0))
         outcome = record.get("outcome")
         message = _short(str(record.get("message", "")))
+        check = isinstance(tests, CheckTest)
         if outcome in ("timeout", "output_limit", "syntax_error"):
             return TestResult(outcome, wall, message)
+        if outcome in ("unplain", "exit_early"):
+            return TestResult("failed", wall, message)
+        if outcome == "harness_error":
+            return TestResult("sandbox_error", wall, message)
+        if outcome == "candidate_ended":
+            # The program's process died: a crash (signal) is a runtime error; exiting on its
+            # own before answering (os._exit, closing its pipe) only dodges the asserts.
+            sig = record.get("signal")
+            if isinstance(sig, int) and sig not in (signal.SIGKILL,):
+                status = _SIGNAL_STATUS.get(sig, "runtime_error")
+                return TestResult(status, wall, f"{message} (killed by signal {sig})")
+            return TestResult("failed", wall, message)
         if outcome == "exception":
             exc = record.get("exc_type")
             if exc == "MemoryError":
@@ -574,16 +771,21 @@ class Sandbox:
             if exc == "AssertionError" and isinstance(tests, CheckTest):
                 return TestResult("failed", wall, message or "AssertionError")
             return TestResult("runtime_error", wall, message)
-        if outcome == "unplain":
-            return TestResult("failed", wall, message)
         if outcome == "signal":
             sig = int(record.get("signal", 0))
+            if check and sig not in _SIGNAL_STATUS:
+                # The judge process was killed: only the program could have done that.
+                return TestResult("failed", wall, f"the test's judge process was killed by "
+                                                  f"signal {sig}")
             status = _SIGNAL_STATUS.get(sig, "runtime_error")
             return TestResult(status, wall, f"killed by signal {sig}")
         if outcome == "exit" and not (isinstance(tests, StdioTests)
                                       and record.get("exit_code") == 0):
             stderr = record.get("stderr", "")
-            return TestResult("runtime_error", wall, _short(
+            # stdio: a crash. call / check: the status line never came, so the program left
+            # (os._exit) before its result was taken: that is no pass, and no crash either.
+            status = "runtime_error" if isinstance(tests, StdioTests) else "failed"
+            return TestResult(status, wall, _short(
                 f"exited with status {record.get('exit_code')} before finishing. {stderr}"))
         if outcome not in ("ok", "exit"):
             return TestResult("sandbox_error", wall, f"unknown outcome {outcome!r}")
@@ -624,6 +826,11 @@ class Sandbox:
             per_test = cfg.time_limit_s + 5.0  # cleanup patience + slack; limits are the runner's
             for i in range(n):
                 record = _message(lines, per_test)
+                if "need_test" in record and isinstance(tests, CheckTest):
+                    proc.stdin.write((json.dumps({"test": tests.test, "prompt": tests.prompt})
+                                      + "\n").encode())
+                    proc.stdin.flush()
+                    record = _message(lines, per_test)
                 if "ended" in record:
                     raise _HarnessError(f"program process ended early (status "
                                         f"{record.get('status')})")
