@@ -8,11 +8,11 @@ keeps the package off ``sys.path`` on purpose) and never runs untrusted code its
 Three modes (``job["mode"]``):
 
 ``uid`` (root). The program process stays root, outside the reach of the program, and:
-- moves into new network and mount namespaces (no network; a private tmpfs on /tmp and on
-  /dev/shm that vanish with the namespace; every other mount read-only; /proc remounted with
-  hidepid so other users' processes are invisible; directories on the interpreter's path that
-  an unprivileged user could not traverse, such as /root, replaced by a tmpfs holding only the
-  interpreter's files);
+- moves into new network, mount, ipc and uts namespaces and pivots into a new root built from
+  scratch (`build_root`: the system directories and the interpreter's own, read-only; a
+  minimal /dev; a private tmpfs /tmp and /dev/shm that vanish with the namespace; /proc
+  mounted with hidepid so other users' processes are invisible); home directories, the run
+  directory and everything else do not exist there;
 - becomes a child subreaper, so every process the program leaves behind is re-parented to it;
 - forks one child per test, which calls setsid, drops to the sandbox uid (no supplementary
   groups, no-new-privs, parent-death signal), applies rlimits (address space, processes,
@@ -25,12 +25,12 @@ Three modes (``job["mode"]``):
 ``userns`` (an ordinary user; needs unprivileged user namespaces). The program process creates
 new user, mount, network, pid, ipc and uts namespaces (the user's uid maps to itself, so files
 keep their owner), then forks the namespace's init (pid 1), which:
-- builds a new root from scratch and pivots into it: /usr, /etc and the top-level links to
-  them bound read-only, the interpreter's own directories (prefixes and the ``sys.path``
-  entries under them) bound read-only at their paths, a minimal /dev (null, zero, full,
-  random, urandom; a private tmpfs /dev/shm), a fresh /proc of the new pid namespace, and a
-  private tmpfs /tmp. Nothing else exists there: home directories, the run directory, /work,
-  /var, /run (and its sockets), /mnt, /sys are absent, not merely read-only;
+- pivots into the same new root (`build_root`): /usr, /etc and the top-level links to them
+  bound read-only, the interpreter's own directories (prefixes and the ``sys.path`` entries
+  under them) bound read-only at their paths, a minimal /dev (null, zero, full, random,
+  urandom; a private tmpfs /dev/shm), a fresh /proc of the new pid namespace, and a private
+  tmpfs /tmp. Nothing else exists there: home directories, the run directory, /work, /var,
+  /run (and its sockets), /mnt, /sys are absent, not merely read-only;
 - forbids nested user namespaces (user.max_user_namespaces=0 inside) and sets the hostname;
 - forks one child per test, which drops every capability (bounding set included), sets
   no-new-privs and the rlimits (RLIMIT_NPROC counts per user namespace, so it is exact);
@@ -204,7 +204,7 @@ def drop_capabilities():
 
 
 # ---------------------------------------------------------------------------------------------
-# Isolation set-up: uid mode (runner is root)
+# Isolation set-up: the filesystem view (both modes)
 
 
 def _mountinfo():
@@ -239,119 +239,6 @@ def _remount_readonly(writable=()):
     return failed
 
 
-def _blocked_ancestor(path):
-    """The shallowest ancestor of ``path`` that others cannot traverse, and the child under it."""
-    parts = [p for p in path.split("/") if p]
-    current = ""
-    for i, part in enumerate(parts[:-1] if len(parts) > 1 else parts):
-        current += "/" + part
-        try:
-            mode = os.stat(current).st_mode
-        except OSError:
-            return None
-        if not mode & 0o001 and i + 1 < len(parts):
-            return current, parts[i + 1]
-    return None
-
-
-def _expose_interpreter(paths):
-    """Replace untraversable ancestors of the interpreter's paths by a tmpfs holding only them.
-
-    With the interpreter under /root (pyenv), the dropped uid could not import a module that
-    was not imported before the drop. The tmpfs also hides the rest of that directory.
-    """
-    wanted = {}
-    for path in paths:
-        hit = _blocked_ancestor(os.path.realpath(path))
-        if hit is not None:
-            wanted.setdefault(hit[0], set()).add(hit[1])
-    done = []
-    for top in sorted(wanted, key=len):
-        if any(top.startswith(d + "/") for d in done):
-            continue
-        handles = {}
-        for child in wanted[top]:
-            try:
-                handles[child] = os.open(os.path.join(top, child), os.O_PATH)
-            except OSError:
-                continue
-        if mount("tmpfs", top, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755"):
-            for child, fd in handles.items():
-                target = os.path.join(top, child)
-                try:
-                    os.mkdir(target, 0o755)
-                except OSError:
-                    pass
-                mount(f"/proc/self/fd/{fd}", target, None, MS_BIND | MS_REC)
-            done.append(top)
-        for fd in handles.values():
-            os.close(fd)
-
-
-def setup_isolation(job):
-    """Namespaces and mounts for the uid mode; returns the features achieved and the workdir."""
-    achieved = ["uid", "rlimits", "session"]
-    if _libc.unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC) == 0:
-        achieved += ["netns", "mntns", "ipcns"]
-    elif _libc.unshare(CLONE_NEWNS) == 0:
-        achieved.append("mntns")
-    # Only with private propagation may anything be mounted: otherwise mounts would leak out.
-    if "mntns" in achieved and mount(None, "/", None, MS_REC | MS_PRIVATE):
-        keep = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
-                os.path.dirname(os.path.realpath(sys.executable))}
-        keep.update(p for p in sys.path if p and os.path.isdir(p))
-        _expose_interpreter(sorted(keep))
-        for hidden in ("/run", "/var/tmp", "/var/run"):
-            if os.path.isdir(hidden) and not os.path.islink(hidden):
-                mount("tmpfs", hidden, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
-        if (mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "hidepid=invisible")
-                or mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "hidepid=2")):
-            achieved.append("hidepid")
-        _remount_readonly()
-        achieved.append("readonly_fs")
-        # The interpreter's own files may live under /tmp (a virtualenv in a temporary clone,
-        # as CI makes): keep them visible, read-only, inside the private /tmp.
-        under_tmp = []
-        for p in sorted((os.path.realpath(p) for p in keep), key=len):
-            if p.startswith("/tmp/") and not any(p.startswith(t + "/") for t in under_tmp):
-                under_tmp.append(p)
-        handles = {}
-        for p in under_tmp:
-            try:
-                handles[p] = os.open(p, os.O_PATH)
-            except OSError:
-                pass
-        tmp_opts = f"size={job['tmpfs_mb']}m,mode=1777"
-        if mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, tmp_opts):
-            achieved.append("private_tmp")
-            for p, fd in handles.items():
-                try:
-                    os.makedirs(p, 0o755, exist_ok=True)
-                except OSError:
-                    continue
-                if mount(f"/proc/self/fd/{fd}", p, None, MS_BIND | MS_REC):
-                    mount(None, p, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID)
-        for fd in handles.values():
-            os.close(fd)
-        # Whether or not interpreter files had to be kept under /tmp (this was once inside
-        # the loop above, so /dev/shm stayed the host's unless such files existed).
-        if os.path.isdir("/dev/shm") and mount("tmpfs", "/dev/shm", "tmpfs",
-                                                MS_NOSUID | MS_NODEV | MS_NOEXEC,
-                                                f"size={job['shm_mb']}m,mode=1777"):
-            achieved.append("private_shm")
-    if "private_tmp" in achieved:
-        workdir = "/tmp/work"
-        os.mkdir(workdir, 0o700)
-    else:
-        workdir = job["workdir"]
-    os.chown(workdir, job["uid"], job["gid"])
-    return achieved, workdir
-
-
-# ---------------------------------------------------------------------------------------------
-# Isolation set-up: userns mode (runner is an ordinary user)
-
-
 def interpreter_paths():
     """The directories the interpreter needs, as a minimal set of real paths.
 
@@ -380,22 +267,8 @@ def interpreter_paths():
 
 
 def _in_system_dirs(path):
-    """Whether ``path`` (a real path) is visible in the userns view through a system dir."""
+    """Whether ``path`` (a real path) is visible in the new root through a system directory."""
     return path.strip("/").split("/", 1)[0] in SYSTEM_DIRS
-
-
-def enter_userns():
-    """unshare(2) user/mount/net/pid/ipc/uts namespaces and map the caller's uid/gid to itself."""
-    uid, gid = os.getuid(), os.getgid()
-    if _libc.unshare(USERNS_FLAGS) != 0:
-        raise IsolationError("unshare(CLONE_NEWUSER|NEWNS|NEWNET|NEWPID|NEWIPC|NEWUTS)")
-    for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1\n"),
-                       ("gid_map", f"{gid} {gid} 1\n")):
-        try:
-            with open(f"/proc/self/{name}", "w") as f:
-                f.write(text)
-        except OSError as e:
-            raise IsolationError(f"write /proc/self/{name}", e.errno) from None
 
 
 def _bind(fd, target, *, is_dir=True):
@@ -407,11 +280,25 @@ def _bind(fd, target, *, is_dir=True):
     must_mount(f"/proc/self/fd/{fd}", target, None, MS_BIND | MS_REC)
 
 
-def setup_userns_fs(job):
-    """As init of the new namespaces: build and enter the new root; returns features, workdir.
+def _mount_proc(target, options):
+    for opts in options:
+        if mount("proc", target, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, opts):
+            return opts
+    raise IsolationError(f"mount proc on {target}")
 
-    The new root is a tmpfs on /tmp (so host /tmp is never visible); every source is opened
-    (O_PATH) before anything is mounted over it, and bound from its descriptor.
+
+def build_root(job, proc_options):
+    """In a private mount namespace: build a new root from scratch and pivot into it.
+
+    The new root holds only: the system directories (`SYSTEM_DIRS`, bound recursively), the
+    interpreter's directories (`interpreter_paths`) at their own paths (inside the private /tmp
+    when they live under /tmp, as a virtualenv in a temporary clone does), a minimal /dev with
+    a private /dev/shm, a fresh /proc (mounted with the first of ``proc_options`` that works)
+    and a private tmpfs /tmp. Intermediate directories are new (mode 0755), so a dropped uid
+    can reach the interpreter under /root without seeing anything else there. It is a tmpfs
+    mounted on /tmp, so host /tmp is never visible; every source is opened (O_PATH) before
+    anything is mounted over it and bound from its descriptor. Everything is remounted
+    read-only except /tmp and /dev/shm. Returns the proc options used.
     """
     must_mount(None, "/", None, MS_REC | MS_PRIVATE)
     sources = {}  # path -> O_PATH descriptor, bound at the same path in the new root
@@ -436,7 +323,7 @@ def setup_userns_fs(job):
         for name, target in links.items():
             os.symlink(target, f"{root}/{name}")
         # System directories first, then the interpreter's (which may lie under /tmp, i.e.
-        # inside the private /tmp mounted next).
+        # inside the private /tmp mounted in between).
         for path in sorted(p for p in sources if _in_system_dirs(p)):
             _bind(sources[path], root + path)
         os.makedirs(f"{root}/tmp", 0o755)
@@ -455,7 +342,7 @@ def setup_userns_fs(job):
         must_mount("tmpfs", f"{root}/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
                    f"size={job['shm_mb']}m,mode=1777")
         os.makedirs(f"{root}/proc", 0o755)
-        must_mount("proc", f"{root}/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        used = _mount_proc(f"{root}/proc", proc_options)
     finally:
         for fd in list(sources.values()) + list(devs.values()):
             os.close(fd)
@@ -466,10 +353,61 @@ def setup_userns_fs(job):
     if _libc.umount2(b".", MNT_DETACH) != 0:
         raise IsolationError("umount old root")
     os.chdir("/")
+    return used
+
+
+def setup_isolation(job):
+    """uid mode (root): namespaces and the new root; returns the features and the workdir.
+
+    Without a mount namespace (seccomp, some containers) the working directory is a host
+    temporary directory owned by the sandbox uid, and the missing features are reported.
+    """
+    achieved = ["uid", "rlimits", "session"]
+    if _libc.unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS) == 0:
+        achieved += ["netns", "mntns", "ipcns", "utsns"]
+        _libc.sethostname(b"sandbox", 7)
+    elif _libc.unshare(CLONE_NEWNS) == 0:
+        achieved.append("mntns")
+    workdir = job["workdir"]
+    if "mntns" in achieved:
+        proc_options = build_root(job, ("hidepid=invisible", "hidepid=2"))
+        achieved += ["new_root", "private_tmp", "private_shm", "hidepid"] if proc_options else [
+            "new_root", "private_tmp", "private_shm"]
+        failed = _remount_readonly(writable=("/tmp", "/dev/shm"))
+        if failed:
+            raise IsolationError(f"remount read-only {failed[0]}", errno_mod.EPERM)
+        achieved.append("readonly_fs")
+        workdir = "/tmp/work"
+        os.mkdir(workdir, 0o700)
+    os.chown(workdir, job["uid"], job["gid"])
+    return achieved, workdir
+
+
+# ---------------------------------------------------------------------------------------------
+# Isolation set-up: userns mode (runner is an ordinary user)
+
+
+def enter_userns():
+    """unshare(2) user/mount/net/pid/ipc/uts namespaces and map the caller's uid/gid to itself."""
+    uid, gid = os.getuid(), os.getgid()
+    if _libc.unshare(USERNS_FLAGS) != 0:
+        raise IsolationError("unshare(CLONE_NEWUSER|NEWNS|NEWNET|NEWPID|NEWIPC|NEWUTS)")
+    for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1\n"),
+                       ("gid_map", f"{gid} {gid} 1\n")):
+        try:
+            with open(f"/proc/self/{name}", "w") as f:
+                f.write(text)
+        except OSError as e:
+            raise IsolationError(f"write /proc/self/{name}", e.errno) from None
+
+
+def setup_userns(job):
+    """As init (pid 1) of the new namespaces: the new root and the rest; features, workdir."""
+    build_root(job, (None,))
     achieved = ["userns", "mntns", "netns", "pidns", "ipcns", "utsns", "rlimits", "session",
-                "no_caps", "private_tmp", "private_shm", "new_root"]
-    # No nested user namespaces: one less kernel surface for the program (best effort; the
-    # mounts would stay locked in one anyway).
+                "no_caps", "new_root", "private_tmp", "private_shm"]
+    # No nested user namespaces: one less kernel surface for the program (the mounts would
+    # stay locked in one anyway). This is our user namespace's own limit, not the host's.
     try:
         with open("/proc/sys/user/max_user_namespaces", "w") as f:
             f.write("0")
@@ -498,7 +436,7 @@ def probe_userns():
             init = os.fork()
             if init == 0:
                 try:
-                    features, _ = setup_userns_fs({"tmpfs_mb": 1, "shm_mb": 1})
+                    features, _ = setup_userns({"tmpfs_mb": 1, "shm_mb": 1})
                     payload = {"ok": True, "features": features}
                 except OSError as e:
                     payload = {"ok": False, "error": str(e), "errno": e.errno}
@@ -737,6 +675,15 @@ def _status(payload, fd=STATUS_FD):
         pass
 
 
+def _reply(payload):
+    """A candidate's message to the judge; if the program broke the means to send it (patched
+    json, builtins, a closed pipe), end the process so the judge sees it gone, not silent."""
+    try:
+        _write_all(STATUS_FD, (json.dumps(payload) + "\n").encode())
+    except BaseException:  # noqa: BLE001
+        os._exit(125)
+
+
 def _exc_payload(exc):
     text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
     errno_ = getattr(exc, "errno", None)
@@ -806,6 +753,12 @@ def _run_program(job, test):
     _status({"outcome": "ok"})
 
 
+def _no_int_digit_limit():
+    # Values cross as JSON text: a big int must survive the trip, as it would in-process.
+    if hasattr(sys, "set_int_max_str_digits"):
+        sys.set_int_max_str_digits(0)
+
+
 class _LineReader:
     """Newline-framed reads from a raw fd, refusing lines over ``cap`` bytes."""
 
@@ -833,6 +786,7 @@ def _serve_candidate(job):
     Replies go to STATUS_FD (here: the reply pipe), requests come on CALL_FD. Nothing here is
     trusted by the judge beyond its plain-data content.
     """
+    _no_int_digit_limit()
     code = _compile_program(job)
     if code is None:
         return
@@ -846,7 +800,7 @@ def _serve_candidate(job):
         _status(_exc_payload(exc))
         return
     callables = sorted(k for k, v in ns.items() if type(k) is str and callable(v))
-    _status({"loaded": True, "callables": callables})
+    _reply({"loaded": True, "callables": callables})
     requests = _LineReader(CALL_FD, job["limits"]["output_bytes"])
     while True:
         line = requests.readline()
@@ -860,19 +814,17 @@ def _serve_candidate(job):
             value = fn(*args, **kwargs)
         except BaseException as exc:  # noqa: BLE001 - the judge re-raises it on its side
             payload = _exc_payload(exc)
-            _status({"raised": payload["exc_type"], "errno": payload["errno"],
-                     "message": payload["message"]})
+            _reply({"raised": payload["exc_type"], "errno": payload["errno"],
+                    "message": payload["message"]})
             if isinstance(exc, SystemExit | KeyboardInterrupt):
                 return
             continue
         try:
-            reply = json.dumps({"value": encode_plain(value)})
+            encoded = encode_plain(value)
         except (TypeError, ValueError, RecursionError) as exc:
-            reply = json.dumps({"unplain": str(exc)[:MESSAGE_CHARS]})
-        try:
-            _write_all(STATUS_FD, (reply + "\n").encode())
-        except OSError:
-            return
+            _reply({"unplain": str(exc)[:MESSAGE_CHARS]})
+            continue
+        _reply({"value": encoded})
 
 
 class CandidateFailed(BaseException):  # noqa: N818 - not an Exception: tests cannot catch it
@@ -974,6 +926,7 @@ def _referenced_names(code):
 
 def _judge_check(job, test):
     """Run ``check(candidate)`` against proxies; the verdict goes to STATUS_FD."""
+    _no_int_digit_limit()
     judge = _Judge(job["limits"]["output_bytes"])
     try:
         loaded = judge.read()
@@ -1336,7 +1289,7 @@ def run_job(job, lines):
             try:
                 prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
                 try:
-                    achieved, workdir = setup_userns_fs(job)
+                    achieved, workdir = setup_userns(job)
                 except OSError as e:
                     _send({"error": f"user namespace set-up failed: {e}"})
                     os._exit(1)
