@@ -7,20 +7,33 @@ hand-worked cases of the reference harness's rules (recipe section 5.6).
 
 import ast
 import json
+import logging
 import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
 
 import pytest
 
+from codescaler_jax import sandbox_check
 from codescaler_jax.code import compare
 from codescaler_jax.code.sandbox import (
+    ALLOW_WEAK_ENV,
     CallTests,
     CheckTest,
     ProgramResult,
     Sandbox,
     SandboxConfig,
     StdioTests,
+    UsernsSupport,
+    WeakIsolationError,
+    resolve_isolation,
     tests_from_record,
+    userns_diagnosis,
 )
+
+REPO = Path(__file__).resolve().parents[1]
 
 # Most tests run in whichever mode the machine allows ("uid" as root, "none" otherwise); the
 # ones about the uid isolation itself need root.
@@ -248,7 +261,8 @@ def test_unprivileged_mode_runs_and_cleans_up(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the working dirs are made
     code = "import os\nopen('scratch.txt', 'w').write('x')\nprint(sum(map(int, input().split())))\n"
-    with Sandbox(SandboxConfig(isolation="none", allow_weak_isolation=True, time_limit_s=1.0)) as sb:
+    cfg = SandboxConfig(isolation="none", allow_weak_isolation=True, time_limit_s=1.0)
+    with Sandbox(cfg) as sb:
         res = sb.run(code, StdioTests(("1 2",), ("3",)))
         slow = sb.run("while True:\n    pass\n", StdioTests(("",), ("",)))
     assert res.passed and "uid" not in res.isolation
@@ -256,13 +270,233 @@ def test_unprivileged_mode_runs_and_cleans_up(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_config_validation():
+def test_config_validation(monkeypatch):
     with pytest.raises(ValueError, match="time_limit_s"):
         SandboxConfig(time_limit_s=0)
     with pytest.raises(ValueError, match="isolation"):
         SandboxConfig(isolation="docker")
     with pytest.raises(ValueError, match="uid_base"):
         SandboxConfig(uid_base=0)
+    # Weak isolation is never implicit: asking for "none" needs the key that accepts it.
+    with pytest.raises(ValueError, match="allow_weak_isolation"):
+        SandboxConfig(isolation="none")
+    with pytest.raises(ValueError, match="allow_weak_isolation must be true or false"):
+        SandboxConfig(allow_weak_isolation="yes")
+    assert SandboxConfig().allow_weak_isolation is False
+    monkeypatch.setenv(ALLOW_WEAK_ENV, "1")
+    assert SandboxConfig(isolation="none").allow_weak_isolation is True
+
+
+# --- isolation modes: resolution, refusal, the check command -----------------------------------
+
+BLOCKED = UsernsSupport(False, "kernel.apparmor_restrict_unprivileged_userns=1 (Ubuntu's "
+                               "AppArmor restriction)")
+
+
+def test_mode_resolution_and_refusal_of_weak_isolation(caplog):
+    """Where user namespaces are unavailable (the probe result injected), an ordinary user's
+    sandbox refuses, naming the setting and the config key; with the key it runs weak. The
+    warning comes once, however many sandboxes ask."""
+    ok = UsernsSupport(True)
+    assert resolve_isolation(SandboxConfig(), euid=0, userns=BLOCKED) == "uid"
+    assert resolve_isolation(SandboxConfig(), euid=1000, userns=ok) == "userns"
+    caplog.set_level(logging.WARNING, logger="codescaler_jax.code.sandbox")
+    for _ in range(3):
+        with pytest.raises(WeakIsolationError) as err:
+            resolve_isolation(SandboxConfig(), euid=1000, userns=BLOCKED)
+        assert "apparmor_restrict_unprivileged_userns=1" in str(err.value)
+        assert "allow_weak_isolation=True" in str(err.value)
+    weak = SandboxConfig(allow_weak_isolation=True)
+    assert resolve_isolation(weak, euid=1000, userns=BLOCKED) == "none"
+    warnings = [r for r in caplog.records if "user namespaces are unavailable" in r.message]
+    assert len(warnings) == 1 and "apparmor" in warnings[0].message
+    # An explicit "userns" never falls back, and is for ordinary users only.
+    with pytest.raises(WeakIsolationError):
+        resolve_isolation(SandboxConfig(isolation="userns", allow_weak_isolation=True),
+                          euid=1000, userns=BLOCKED)
+    with pytest.raises(RuntimeError, match="for unprivileged users"):
+        resolve_isolation(SandboxConfig(isolation="userns"), euid=0, userns=ok)
+    with pytest.raises(RuntimeError, match="needs root"):
+        resolve_isolation(SandboxConfig(isolation="uid"), euid=1000, userns=ok)
+
+
+@pytest.mark.parametrize("file, value, named", [
+    ("/proc/sys/kernel/unprivileged_userns_clone", "0", "kernel.unprivileged_userns_clone=0"),
+    ("/proc/sys/user/max_user_namespaces", "0", "user.max_user_namespaces=0"),
+    ("/proc/sys/kernel/apparmor_restrict_unprivileged_userns", "1",
+     "kernel.apparmor_restrict_unprivileged_userns=1"),
+])
+def test_userns_diagnosis_names_the_setting(file, value, named):
+    text = userns_diagnosis("unshare: Operation not permitted", "/usr/bin/python3",
+                            read=lambda path: value if path == file else None)
+    assert named in text and "sudo sysctl -w" in text
+    assert "seccomp" in userns_diagnosis("x", read=lambda path: None)
+
+
+@needs_root
+def test_real_probe_detects_a_forbidding_kernel_setting(tmp_path):
+    """The real probe, in a user namespace whose user.max_user_namespaces is 0 (so nothing
+    outside changes): unavailable, and the diagnosis names that sysctl."""
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import ctypes, json, os, sys\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "assert libc.unshare(0x10000000) == 0, os.strerror(ctypes.get_errno())\n"
+        "for name, text in (('setgroups', 'deny'), ('uid_map', '0 0 1'), ('gid_map', '0 0 1')):\n"
+        "    open('/proc/self/' + name, 'w').write(text)\n"
+        "open('/proc/sys/user/max_user_namespaces', 'w').write('0')\n"
+        "from codescaler_jax.code.sandbox import probe_userns\n"
+        "s = probe_userns(sys.executable)\n"
+        "print(json.dumps([s.available, s.reason]))\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, timeout=60,
+                         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}, check=False)
+    assert out.returncode == 0, out.stderr.decode()
+    available, reason = json.loads(out.stdout)
+    assert not available
+    assert "user.max_user_namespaces=0" in reason and "No space left" in reason
+
+
+def test_sandbox_check_reports_each_protection():
+    report = sandbox_check.check()
+    expected_mode = "uid" if os.geteuid() == 0 else "userns"
+    assert report["mode"] == expected_mode and report["ok"], report
+    for name in report["required"]:
+        assert report["protections"][name][0], (name, report["protections"][name])
+    # The check can fail: unconfined, it reports the network, the paths and the processes.
+    weak = sandbox_check.check(SandboxConfig(isolation="none", allow_weak_isolation=True,
+                                             time_limit_s=10.0))
+    assert weak["mode"] == "weak (accepted)" and not weak["ok"]
+    for name in ("no network", "hidden paths", "host processes hidden", "private /tmp"):
+        assert not weak["protections"][name][0], name
+    refused = sandbox_check.check(euid=1000, userns=BLOCKED)
+    assert refused["mode"] == "weak (refused)" and not refused["ok"]
+    assert "apparmor" in refused["error"] and "allow_weak_isolation" in refused["error"]
+
+
+@needs_root
+def test_sandbox_check_as_an_unprivileged_user():
+    out = _as_nobody([sys.executable, "-m", "codescaler_jax.sandbox_check"], cwd=str(REPO))
+    assert out.returncode == 0, out.stdout.decode() + out.stderr.decode()
+    text = out.stdout.decode()
+    assert "uid 65534: userns" in text and "all protections of this mode hold" in text
+    for name in ("user namespace", "pid namespace", "net namespace", "private /dev/shm",
+                 "hidden paths", "no network", "host processes hidden", "no capabilities"):
+        assert f"yes  {name}" in text, name
+
+
+# --- /dev/shm is private whether or not the interpreter lives under /tmp ------------------------
+
+
+@needs_root
+@pytest.mark.parametrize("mode", ["root", "unprivileged"])
+def test_private_dev_shm_with_and_without_interpreter_under_tmp(tmp_path, mode):
+    """The interpreter's files under /tmp (a virtualenv in a temporary clone, as CI makes)
+    must be kept visible in the private /tmp; /dev/shm is private in both cases (it once was
+    only when such files existed)."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    token = uuid.uuid4().hex
+    marker = Path("/dev/shm") / f"codescaler-host-{token}"
+    marker.write_text("host")
+    marker.chmod(0o644)
+    code = ("import os, sys\n"
+            f"open('/dev/shm/codescaler-inside-{token}', 'w').write('x')\n"
+            f"print(os.path.exists({str(marker)!r}), sys.prefix, os.path.isdir(sys.prefix))\n")
+    try:
+        for python, prefix in ((sys.executable, sys.prefix), (str(venv / "bin" / "python"),
+                                                               str(venv))):
+            tests = {"inputs": [""], "outputs": [f"False {prefix} True"]}
+            if mode == "root":
+                with Sandbox(SandboxConfig(python=python)) as sb:
+                    res = sb.run(code, tests)
+                status, isolation, msg = res.status, res.isolation, res.tests[0].message
+            else:
+                batch = _batch_as_nobody({"python": python}, [[code, tests]],
+                                         expose=[str(venv)])
+                r = batch["results"][0]
+                status, isolation, msg = r["status"], r["isolation"], r["messages"][0]
+            assert status == "passed", (python, msg)
+            assert "private_shm" in isolation and "private_tmp" in isolation
+            assert not (Path("/dev/shm") / f"codescaler-inside-{token}").exists()
+    finally:
+        marker.unlink()
+
+
+def _as_nobody(command: list[str], *, cwd: str = "/", stdin: bytes | None = None,
+               expose: list[str] = ()) -> subprocess.CompletedProcess:
+    args = [sys.executable, str(Path(__file__).parent / "as_user.py"), "--cwd", cwd]
+    for path in expose:
+        args += ["--expose", path]
+    return subprocess.run(args + ["--", *command], input=stdin, capture_output=True,
+                          timeout=600, check=False,
+                          env={"PATH": "/usr/local/bin:/usr/bin:/bin", "PYTHONPATH": str(REPO),
+                               "LANG": "C.UTF-8"})
+
+
+def _batch_as_nobody(config: dict, items: list, expose: list[str] = ()) -> dict:
+    out = _as_nobody([sys.executable, str(Path(__file__).parent / "sandbox_batch.py")],
+                     stdin=json.dumps({"config": config, "items": items}).encode(),
+                     expose=expose)
+    assert out.returncode == 0, out.stderr.decode()[-3000:]
+    return json.loads(out.stdout)
+
+
+# --- check tests: the two-process judge ----------------------------------------------------------
+
+
+def test_check_values_cross_as_exact_builtins(sandbox):
+    """Returned values reach the test as exact builtin types (tuple stays tuple, sets, dict
+    keys, bytes, complex, NaN, big ints); the program's exceptions reach it as themselves."""
+    code = ("def f():\n    return (1, [2, (3,)], {(4, 5): 'x'}, {6}, frozenset({7}), b'8', 9j,"
+            " None, True, 1.5, float('inf'), float('nan'), 10**5000)\n"
+            "def g(x):\n    if x < 0:\n        raise ValueError('negative')\n    return x\n")
+    test = (
+        "import math\n"
+        "def check(candidate):\n"
+        "    v = candidate()\n"
+        "    assert v[:11] == (1, [2, (3,)], {(4, 5): 'x'}, {6}, frozenset({7}), b'8', 9j, None,"
+        " True, 1.5, float('inf'))\n"
+        "    assert [type(x) for x in v[:4]] == [int, list, dict, set] and type(v) is tuple\n"
+        "    assert math.isnan(v[11]) and v[12] == 10**5000\n"
+        "    try:\n        g(-1)\n    except ValueError as e:\n"
+        "        assert 'negative' in str(e)\n"
+        "    else:\n        raise AssertionError('no ValueError')\n"
+        "    assert g(x=3) == 3\n")
+    res = sandbox.run(code, CheckTest(test, "f"))
+    assert res.passed, res.tests[0].message
+
+
+def test_check_uses_the_trusted_prompt_helpers(sandbox):
+    """HumanEval tests call helpers from the prompt (encode_cyclic, poly). With the prompt
+    given, the judge runs its own copy, so a program that redefines the helper to remember
+    its input cannot echo it back; without one the program's helper is used (the reference's
+    behaviour, where the program could do just that)."""
+    prompt = ("def enc(s):\n    return s[::-1]\n"
+              "def dec(s):\n    \"\"\"Undo enc.\"\"\"\n")
+    test = ("def check(candidate):\n    for s in ('hello', 'abc'):\n"
+            "        assert candidate(enc(s)) == s\n")
+    honest = prompt + "    return s[::-1]\n"
+    cheat = ("seen = []\n"
+             "def enc(s):\n    seen.append(s)\n    return s\n"
+             "def dec(s):\n    return seen[-1]\n")
+    assert sandbox.run(honest, CheckTest(test, "dec", prompt)).passed
+    assert not sandbox.run(cheat, CheckTest(test, "dec", prompt)).passed
+    assert sandbox.run(cheat, CheckTest(test, "dec")).passed
+    # The HumanEval record form carries the prompt; a non-Python "prompt" is not kept.
+    rec = {"test": test, "entry_point": "dec", "prompt": prompt}
+    assert tests_from_record(rec).prompt == prompt
+    assert tests_from_record(dict(rec, prompt="Write a decoder.")).prompt == ""
+
+
+def test_check_reports_what_cannot_be_judged(sandbox):
+    """A test passing a value the judge cannot send (a function) is a sandbox_error naming
+    it; a missing entry point is a runtime error, as in the reference."""
+    code = "def apply(f, x):\n    return f(x)\n"
+    test = "def check(candidate):\n    assert candidate(abs, -2) == 2\n"
+    res = sandbox.run(code, CheckTest(test, "apply"))
+    assert res.status == "sandbox_error" and "cannot send" in res.tests[0].message
+    missing = sandbox.run("x = 1\n", CheckTest(test, "apply"))
+    assert missing.status == "runtime_error" and "NameError" in missing.tests[0].message
 
 
 # --- HumanEval -----------------------------------------------------------------------------------
@@ -323,7 +557,8 @@ def test_runner_death_is_reported_and_the_harness_recovers():
     """In "none" mode the program can kill its runner: that test is a runtime error, the next
     program runs normally. A server killed from outside is restarted on the next run."""
     good = ("print(input())\n", StdioTests(("7",), ("7",)))
-    with Sandbox(SandboxConfig(isolation="none", allow_weak_isolation=True, time_limit_s=1.0)) as sb:
+    cfg = SandboxConfig(isolation="none", allow_weak_isolation=True, time_limit_s=1.0)
+    with Sandbox(cfg) as sb:
         killer = sb.run("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n",
                         StdioTests(("", ""), ("", "")))
         assert [t.status for t in killer.tests] == ["runtime_error", "skipped"]

@@ -94,7 +94,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -473,10 +473,14 @@ def _read(path: str) -> str | None:
         return None
 
 
-def userns_diagnosis(error: str, python: str = sys.executable) -> str:
-    """Why user namespaces fail here: the kernel setting in the way and how to change it."""
+def userns_diagnosis(error: str, python: str = sys.executable,
+                     read: Callable[[str], str | None] = _read) -> str:
+    """Why user namespaces fail here: the kernel setting in the way and how to change it.
+
+    ``read`` reads a /proc/sys file (None when absent); injectable for tests.
+    """
     found = [f"{setting} (to allow: {how.format(python=python)})"
-             for path, bad, setting, how in _SYSCTLS if _read(path) == bad]
+             for path, bad, setting, how in _SYSCTLS if read(path) == bad]
     if found:
         return f"{error}; in the way: " + "; ".join(found)
     return (f"{error}; no sysctl forbids it, so a seccomp filter or a container runtime "
@@ -679,6 +683,17 @@ class Sandbox:
         finally:
             self._slots.put(slot)
 
+    def run_for_output(self, code: str, stdin: str = "") -> tuple[ProgramResult, str]:
+        """Run ``code`` once on ``stdin`` and return its stdout (up to 64 KB) beside the
+        result, for diagnostics (`codescaler_jax.sandbox_check`); verdicts never need it."""
+        outputs: list[str] = []
+        slot = self._slots.get()
+        try:
+            result = self._run_one(code, StdioTests((stdin,), ("",)), slot, outputs)
+        finally:
+            self._slots.put(slot)
+        return result, outputs[0] if outputs else ""
+
     def run_many(self, items: Iterable[tuple[str, Tests]]) -> list[ProgramResult]:
         """Run many ``(code, tests)`` pairs on ``config.workers`` workers; results in order."""
         items = [(c, t if isinstance(t, StdioTests | CallTests | CheckTest)
@@ -806,7 +821,8 @@ class Sandbox:
         return TestResult("failed", wall, _short(
             f"expected {tests.outputs[i]!r}, got {value!r}"))
 
-    def _run_one(self, code: str, tests: Tests, slot: _Slot) -> ProgramResult:
+    def _run_one(self, code: str, tests: Tests, slot: _Slot,
+                 outputs: list[str] | None = None) -> ProgramResult:
         cfg = self.config
         t0 = time.monotonic()
         n = num_tests(tests)
@@ -836,6 +852,8 @@ class Sandbox:
                                         f"{record.get('status')})")
                 result = self._judge(record, tests, i)
                 results.append(result)
+                if outputs is not None:
+                    outputs.append(str(record.get("stdout", ""))[:1 << 16])
                 stop = result.status != "passed" and (
                     cfg.stop_on_first_failure or result.status == "syntax_error")
                 if i == n - 1:
