@@ -46,7 +46,6 @@ REPO_FILE = REPO / "codescaler_jax" / "__init__.py"
 TIME_LIMIT = 1.0
 # recursion_limit: the reference's 600,000 takes 1.7-2.5 s to overflow here (traceback objects
 # and GC on the way back), which would make unbounded recursion a timeout under a 1 s limit.
-# memory_mb: 256, so the memory bomb's page faults fit the limit on a loaded 2-core machine.
 CONFIG = dict(time_limit_s=TIME_LIMIT, memory_mb=256, max_processes=32, max_file_mb=4,
               max_output_mb=4, workers=2, recursion_limit=50_000)
 SECRET_NAME = "CODESCALER_SANDBOX_SECRET"
@@ -197,14 +196,16 @@ def hostile_programs(world: dict) -> dict[str, tuple[str, dict, str]]:
     listable = [str(world["home"]), str(world["run_dir"]), str(world["base"]), "/home",
                 "/root", "/work", "/var/tmp"]
     return {
+        # First, so that it does not share the two cores with the fork bomb; bytes(n) is
+        # calloc'd (fresh zero pages), so it reaches the limit without paging in 256 MB.
+        "memory_bomb": (
+            "hog = []\nwhile True:\n    hog.append(bytes(32 * 2**20))\n", _one(),
+            "memory_limit"),
         "infinite_loop": ("while True:\n    pass\n", _one(), "timeout"),
         "sleep_past_limit": ("import time\ntime.sleep(100)\n", _one(), "timeout"),
         "fork_bomb": (
             "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n"
             "        pass\n", _one(), "timeout"),
-        "memory_bomb": (
-            "hog = []\nwhile True:\n    hog.append(bytearray(32 * 2**20))\n", _one(),
-            "memory_limit"),
         "stdout_flood": (
             "import sys\nchunk = 'x' * 65536\nwhile True:\n    sys.stdout.write(chunk)\n",
             _one(), "output_limit"),

@@ -53,7 +53,7 @@ the candidate process loads the program and answers calls; a separate judge proc
 test code with ``candidate`` (and any other program function the test uses that is not a
 builtin or defined by the trusted prompt) replaced by proxies that send plain-data arguments to
 the candidate process and get plain-data results back, decoded into exact builtin types in the
-judge. The candidate is forked before the runner asks the parent for the test text, so the test
+judge. The candidate is forked before the runner reads the test text from its stdin, so the test
 (and its expected values) never enters the candidate's memory; the judge is not dumpable, so
 the candidate cannot read or trace it, and its verdict leaves through a pipe the candidate does
 not hold. See `codescaler_jax.code.sandbox` for the threat model.
@@ -371,7 +371,7 @@ def setup_isolation(job):
         achieved.append("mntns")
     workdir = job["workdir"]
     if "mntns" in achieved:
-        proc_options = build_root(job, ("hidepid=invisible", "hidepid=2"))
+        proc_options = build_root(job, ("hidepid=invisible", "hidepid=2", None))
         achieved += ["new_root", "private_tmp", "private_shm", "hidepid"] if proc_options else [
             "new_root", "private_tmp", "private_shm"]
         failed = _remount_readonly(writable=("/tmp", "/dev/shm"))

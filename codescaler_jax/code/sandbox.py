@@ -70,14 +70,17 @@ expected ones, compared with builtin semantics outside the program's reach:
     cannot catch). The asserts thus compare builtin data with the judge's own, unpatched
     builtins (the program may patch ``isinstance``, ``AssertionError``, ``sys.settrace``,
     ``sys.modules`` or anything else in its own process only). The program's process is forked
-    before the test text is fetched, so it cannot read the expected values from memory; the
+    before the runner reads the test text, so it cannot read the expected values from memory; the
     judge is not dumpable (no ptrace, no /proc/<pid>/mem), and its verdict leaves through a
     pipe the program does not hold, so fake status lines, printed success markers, writes to
     any descriptor, ``os._exit(0)`` / ``sys.exit(0)`` / ``SystemExit`` before or during the
     asserts, and killing the judge or the runner all end as ``failed``.
 Not covered: a program that really computes the answers (or guesses them); the program
-learning the test's inputs (it must, to answer); timing side channels; a hostile test or
-prompt (they are trusted, though confined like the program).
+learning the test's inputs (it must, to answer); helpers a test calls that no trusted prompt
+defines are the program's own, as in the reference; timing side channels; kernel exploits (no
+seccomp filter); a hostile test or prompt (they are trusted, though confined like the program).
+Semantics of the two-process check: arguments are copies (a test that inspects an argument the
+program mutated sees the original) and must be plain data (else ``sandbox_error``).
 """
 
 from __future__ import annotations
