@@ -68,13 +68,11 @@ for d in ("/", "/usr", "/etc", "/tmp", "/dev/shm", HOME, CWD):
         with open(p, "w") as f:
             f.write("x")
         r["writable"][d] = True
-        if d not in ("/tmp", "/dev/shm"):
-            os.remove(p)
     except OSError:
         r["writable"][d] = False
 for d in SENSITIVE:
     try:
-        r["listing"][d] = sorted(os.listdir(d))
+        r["listing"][d] = sorted(n for n in os.listdir(d) if token not in n)
     except OSError as e:
         r["listing"][d] = e.strerror
 r["network"] = []
@@ -136,6 +134,14 @@ def check(config: SandboxConfig | None = None, *, euid: int | None = None,
         listener.close()
         for path in markers:
             os.unlink(path)
+    # What the probe wrote must not be on the host (home and the run directory may lie under
+    # /tmp, where the sandbox has a private copy of the path: writable there, never here).
+    leaked = []
+    for d in ("/", "/usr", "/etc", home, cwd, "/tmp", "/dev/shm"):
+        path = os.path.join(d, f".codescaler-check-{token}")
+        if os.path.lexists(path):
+            leaked.append(d)
+            os.unlink(path)
     report: dict[str, Any] = {"mode": "weak (accepted)" if mode == "none" else mode,
                               "features": list(result.isolation)}
     try:
@@ -155,8 +161,10 @@ def check(config: SandboxConfig | None = None, *, euid: int | None = None,
                             "host /tmp invisible, a private tmpfs is writable"]
     prot["private /dev/shm"] = [not inside["shm_marker"] and inside["writable"]["/dev/shm"],
                                 "host /dev/shm invisible, a private tmpfs is writable"]
-    ro = [d for d in ("/", "/usr", "/etc", home, cwd) if not inside["writable"][d]]
-    prot["read-only root"] = [len(ro) == 5, "not writable: " + ", ".join(ro)]
+    ro = [d for d in ("/", "/usr", "/etc") if not inside["writable"][d]]
+    prot["read-only root"] = [len(ro) == 3 and not leaked,
+                              f"not writable: {', '.join(ro)}; nothing written reached the host"
+                              if not leaked else f"writes reached the host in {leaked}"]
     shown = {}
     for d, listing in inside["listing"].items():
         if isinstance(listing, list):
