@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -554,13 +555,17 @@ def _naive_call(program: str, tmp_path: Path) -> bool:
 def test_forgeries_pass_a_naive_harness(tmp_path):
     """The controls: every forgery (but the one that kills its judge, which has no naive pass
     to show) is judged passed by a naive harness, so the sandbox's "failed" means something."""
-    naive = {name: _naive(prog, rec["test"], rec["entry_point"], harness, tmp_path)
-             for name, (prog, rec, harness) in FORGERIES.items() if harness}
+    with ThreadPoolExecutor(4) as pool:  # interpreter start-ups, mostly waiting
+        naive = dict(zip(
+            [n for n, (_, _, harness) in FORGERIES.items() if harness],
+            pool.map(lambda f: _naive(f[0], f[1]["test"], f[1]["entry_point"], f[2], tmp_path),
+                     [f for f in FORGERIES.values() if f[2]]), strict=True))
+        # Call-based: the naive in-process comparison. The forged status line and the patched
+        # serialiser target the old in-process serialisation; unconfined they simply exit 0.
+        names = [n for n in CALL_FORGERIES if "forged" not in n and "patched" not in n]
+        call = dict(zip(names, pool.map(lambda n: _naive_call(CALL_FORGERIES[n], tmp_path),
+                                        names), strict=True))
     assert all(naive.values()), [n for n, ok in naive.items() if not ok]
-    # Call-based: the naive in-process comparison. The forged status line and the patched
-    # serialiser target the old in-process serialisation; unconfined they simply exit 0.
-    call = {name: _naive_call(prog, tmp_path) for name, prog in CALL_FORGERIES.items()
-            if "forged" not in name and "patched" not in name}
     assert all(call.values()), [n for n, ok in call.items() if not ok]
 
 
