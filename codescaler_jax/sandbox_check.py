@@ -94,9 +94,11 @@ print(json.dumps(r))
 
 
 def _allowed_children(path: str, keep: list[str]) -> set[str]:
-    """Names under ``path`` that the sandbox shows on purpose: the way to the interpreter."""
+    """Names under ``path`` that the sandbox shows on purpose: the way to the interpreter, and
+    in /tmp (a home or run directory may be /tmp itself) the sandbox's own working directory."""
     prefix = path.rstrip("/") + "/"
-    return {k[len(prefix):].split("/", 1)[0] for k in keep if k.startswith(prefix)}
+    names = {k[len(prefix):].split("/", 1)[0] for k in keep if k.startswith(prefix)}
+    return names | {"work"} if path.rstrip("/") == "/tmp" else names
 
 
 def check(config: SandboxConfig | None = None, *, euid: int | None = None,

@@ -36,11 +36,6 @@ import pytest
 
 from codescaler_jax.code.sandbox import Sandbox, SandboxConfig, StdioTests, tests_from_record
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0,
-    reason="the suite runs the root mode and starts `nobody` for the unprivileged one: needs root",
-)
-
 TESTS_DIR = Path(__file__).resolve().parent
 REPO = TESTS_DIR.parent
 REPO_FILE = REPO / "codescaler_jax" / "__init__.py"
@@ -50,8 +45,14 @@ TIME_LIMIT = 1.0
 CONFIG = dict(time_limit_s=TIME_LIMIT, memory_mb=256, max_processes=32, max_file_mb=4,
               max_output_mb=4, workers=2, recursion_limit=50_000)
 SECRET_NAME = "CODESCALER_SANDBOX_SECRET"
-MODES = ("root", "unprivileged")
-NOBODY = pwd.getpwnam("nobody")
+IS_ROOT = os.geteuid() == 0
+# As root (here, CI) both modes run; as an ordinary user the unprivileged mode runs as that
+# user directly, and the root mode cannot run at all.
+MODES = (pytest.param("root", marks=pytest.mark.skipif(
+    not IS_ROOT, reason="the uid mode needs root; run the suite as root to cover it")),
+         "unprivileged")
+# The unprivileged user: nobody when the suite runs as root, else whoever runs it.
+USER = pwd.getpwnam("nobody") if IS_ROOT else pwd.getpwuid(os.getuid())
 
 
 # --- running a batch in either mode ------------------------------------------------------------
@@ -61,7 +62,7 @@ def run_batch(mode: str, items: list, world: dict, **config) -> dict:
     """Run ``(code, tests record)`` items; {"mode", "results": [{status, passed, messages,
     isolation, wall_s}]}. "unprivileged" runs as nobody, with HOME and cwd in its world."""
     cfg = {**CONFIG, **config}
-    if mode == "root":
+    if mode == "root" or not IS_ROOT:
         with Sandbox(SandboxConfig(**cfg)) as sandbox:
             results = sandbox.run_many(items)
             got_mode, uids = sandbox.mode, sandbox.uids
@@ -140,8 +141,9 @@ def _make_world(tmp_root: Path, owner: pwd.struct_passwd, token: str) -> dict:
     for c in shared:
         c.write_text(f"shared-{token}")
         c.chmod(0o666)
-    for path in (base, home, run_dir, secret, checkpoint, *shared):
-        os.chown(path, owner.pw_uid, owner.pw_gid)
+    if IS_ROOT:
+        for path in (base, home, run_dir, secret, checkpoint, *shared):
+            os.chown(path, owner.pw_uid, owner.pw_gid)
     base.chmod(0o755)
     home.chmod(0o700)
     secret.chmod(0o600)
@@ -160,13 +162,15 @@ def worlds():
     server.setblocking(False)
     made = {}
     holders = []
-    for mode, owner in (("root", pwd.getpwuid(0)), ("unprivileged", NOBODY)):
+    owners = [("unprivileged", USER)] + ([("root", pwd.getpwuid(0))] if IS_ROOT else [])
+    for mode, owner in owners:
         root_dir = Path(tempfile.mkdtemp(prefix="codescaler-hostile-", dir="/var/tmp"))
         root_dir.chmod(0o755)
         world = _make_world(root_dir, owner, token)
+        as_owner = {"user": owner.pw_uid, "group": owner.pw_gid, "extra_groups": []}
         holder = subprocess.Popen(
-            ["sleep", "300"], env={SECRET_NAME: token, "PATH": "/usr/bin:/bin"},
-            user=owner.pw_uid, group=owner.pw_gid, extra_groups=[], cwd="/")
+            ["sleep", "300"], env={SECRET_NAME: token, "PATH": "/usr/bin:/bin"}, cwd="/",
+            **(as_owner if IS_ROOT else {}))
         holders.append(holder)
         world.update(mode=mode, uid=owner.pw_uid, holder=holder, port=server.getsockname()[1],
                      server=server, root_dir=root_dir,
