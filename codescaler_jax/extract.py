@@ -20,15 +20,14 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
 import sys
-import tempfile
 from dataclasses import asdict
 from typing import Any
 
 from codescaler_jax.code import validity
 from codescaler_jax.code.extract import MODES, extract_code
 from codescaler_jax.code.sandbox import Sandbox, SandboxConfig, Tests, tests_from_record
+from codescaler_jax.fsutil import atomic_output
 
 EXIT_BAD_INPUT = 2
 
@@ -128,17 +127,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     outputs[index]["execution"] = _execution(result)
                 bar.update(len(part))
 
-    out_dir = os.path.dirname(os.path.abspath(args.output))
-    os.makedirs(out_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".extract-", suffix=".jsonl", dir=out_dir)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for out in outputs:
-                f.write(json.dumps(out, ensure_ascii=False) + "\n")
-        os.replace(tmp, args.output)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    # A temporary file next to the output, moved into place when complete, with the mode the
+    # umask asks for (not tempfile's 0600).
+    with atomic_output(args.output) as f:
+        for out in outputs:
+            f.write(json.dumps(out, ensure_ascii=False) + "\n")
     executed = [o["execution"] for o in outputs if "execution" in o]
     return {
         "records": len(outputs),

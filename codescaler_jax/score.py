@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from codescaler_jax.fsutil import atomic_output
+
 PROBLEM_KEYS = ("problem", "prompt", "question_content")
 
 
@@ -102,7 +104,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     counts = {"scored": 0, "skipped": 0, "valid": 0}
     bar = tqdm(desc="score", unit="resp", disable=args.no_progress)
-    tmp = args.output.with_suffix(args.output.suffix + ".partial")
 
     def flush(chunk: list[dict[str, Any]], out) -> None:
         ex = [extract_code(r["response"], mode=args.mode, language=args.language) for r in chunk]
@@ -124,8 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         counts["valid"] += int(valid.sum())
         bar.update(len(chunk))
 
+    # Written to a temporary file next to the output and moved into place at the end: on any
+    # failure nothing is left behind and an existing output is kept as it was.
     try:
-        with open(tmp, "w", encoding="utf-8") as out:
+        with atomic_output(args.output) as out:
             chunk: list[dict[str, Any]] = []
             for rec in _records(args.input, args.skip_bad, counts):
                 chunk.append(rec)
@@ -135,14 +138,11 @@ def main(argv: list[str] | None = None) -> int:
             if chunk:
                 flush(chunk, out)
     except BadInput as e:
-        print(
-            f"error: {e} (use --skip-bad to skip bad records); "
-            f"{counts['scored']} records already written to {tmp}",
-            file=sys.stderr,
-        )
+        print(f"error: {e} (use --skip-bad to skip bad records); nothing written to "
+              f"{args.output}", file=sys.stderr)
         return 2
-    bar.close()
-    tmp.replace(args.output)
+    finally:
+        bar.close()
     print(json.dumps(counts), file=sys.stderr)
     return 0
 

@@ -8,6 +8,7 @@ memory, a real SIGKILL, a server under slow clients).
 from __future__ import annotations
 
 import importlib
+import json
 import re
 from pathlib import Path
 
@@ -60,3 +61,64 @@ def test_b9_readme_points_inside_the_repository_and_creates_one_venv():
     assert "pytest" in commands[0] and "train_rm --config configs/rm_tiny.yaml" in commands[1]
     for cfg in (REPO / "configs").glob("*.yaml"):
         assert "shared/reference" not in cfg.read_text(), cfg
+
+
+# ---- shared fixtures ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rm_dir(tmp_path_factory):
+    from tiny_rm import save_tiny_rm
+
+    return save_tiny_rm(tmp_path_factory.mktemp("rm") / "tiny_rm")
+
+
+def _write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+GOOD = {"problem": "Return 1.", "response": "```python\ndef f():\n    return 1\n```"}
+
+
+# ---- B6: partial outputs and file modes --------------------------------------------------------
+
+
+def test_b6_score_leaves_no_partial_file_and_keeps_the_old_output(rm_dir, tmp_path, capsys):
+    from codescaler_jax.score import main as score_main
+
+    inp = _write_jsonl(tmp_path / "in.jsonl", [GOOD, GOOD, '{"problem": 3}'])
+    out = tmp_path / "out.jsonl"
+    out.write_text("an earlier result\n")
+    args = ["--rm", str(rm_dir), "--input", str(inp), "--output", str(out), "--max-length",
+            "128", "--batch-size", "8", "--chunk", "1", "--no-progress"]
+    assert score_main(args) == 2  # two records were already scored when line 3 failed
+    err = capsys.readouterr().err
+    assert f"{inp}:3" in err and "nothing written" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]
+    assert out.read_text() == "an earlier result\n"
+    assert score_main([*args, "--skip-bad"]) == 0
+    assert len(out.read_text().splitlines()) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_b6_extract_and_hf_export_respect_the_umask(tmp_path, umask):
+    import os
+
+    from tiny_rm import save_tiny_rm
+
+    from codescaler_jax.extract import main as extract_main
+
+    inp = _write_jsonl(tmp_path / "in.jsonl", [GOOD])
+    old = os.umask(umask)
+    try:
+        assert extract_main(["--input", str(inp), "--output", str(tmp_path / "o.jsonl"),
+                             "--no-progress"]) == 0
+        hf = save_tiny_rm(tmp_path / "hf")
+    finally:
+        os.umask(old)
+    want = 0o666 & ~umask
+    assert (tmp_path / "o.jsonl").stat().st_mode & 0o777 == want
+    for f in hf.iterdir():
+        assert f.stat().st_mode & 0o777 == want, f.name
