@@ -24,15 +24,17 @@ import sys
 from dataclasses import asdict
 from typing import Any
 
+from codescaler_jax.cli import guarded, positive_float, positive_int
 from codescaler_jax.code import validity
 from codescaler_jax.code.extract import MODES, extract_code
 from codescaler_jax.code.sandbox import Sandbox, SandboxConfig, Tests, tests_from_record
+from codescaler_jax.errors import InputError
 from codescaler_jax.fsutil import atomic_output
 
 EXIT_BAD_INPUT = 2
 
 
-class BadInput(ValueError):
+class BadInput(InputError):
     """A problem with the input, already phrased for the user (file and line included)."""
 
 
@@ -160,13 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="language of untagged blocks with --language auto (default: python)")
     p.add_argument("--run-tests", action="store_true", help="run extracted code on its tests")
     p.add_argument("--workers", type=int, default=1, help="sandbox workers (default: 1)")
-    p.add_argument("--time-limit", type=float, default=2.0, help="seconds per test (default 2)")
-    p.add_argument("--memory-mb", type=int, default=1024, help="memory per program (MB)")
+    p.add_argument("--time-limit", type=positive_float, default=2.0,
+                   help="seconds per test (default 2)")
+    p.add_argument("--memory-mb", type=positive_int, default=1024, help="memory per program (MB)")
     p.add_argument("--skip-bad", action="store_true", help="skip and count bad lines")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
+@guarded
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.workers < 1:

@@ -19,13 +19,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from codescaler_jax.cli import guarded, positive_int, shaping_choices
+from codescaler_jax.code.validity import SUPPORTED_LANGUAGES
+from codescaler_jax.errors import InputError
 from codescaler_jax.fsutil import atomic_output
 
 PROBLEM_KEYS = ("problem", "prompt", "question_content")
 
 
-class BadInput(ValueError):
-    pass
+class BadInput(InputError):
+    """A bad input record; the message names the file and line."""
 
 
 def _records(path: Path, skip_bad: bool, counts: dict[str, int]) -> Iterator[dict[str, Any]]:
@@ -62,6 +65,7 @@ def _records(path: Path, skip_bad: bool, counts: dict[str, int]) -> Iterator[dic
             yield rec
 
 
+@guarded
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m codescaler_jax.score",
@@ -78,15 +82,20 @@ def main(argv: list[str] | None = None) -> int:
         default="train",
         help="extraction mode (train: exactly one valid block; eval: last block)",
     )
-    p.add_argument("--language", default="python", help="python (reference) or auto")
-    p.add_argument("--shaping", default="softplus", help="softplus | sigmoid | raw | raw_unguarded")
-    p.add_argument("--max-length", type=int, default=4096)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--chunk", type=int, default=1024, help="records scored per chunk")
+    p.add_argument("--language", default="python", choices=("auto",) + SUPPORTED_LANGUAGES,
+                   help="python (the reference), auto (from the fence tag) or a language")
+    p.add_argument("--shaping", default="softplus", choices=shaping_choices(),
+                   help="reward shaping mode (softplus: the reference)")
+    p.add_argument("--max-length", type=positive_int, default=4096)
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--chunk", type=positive_int, default=1024, help="records scored per chunk")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
     p.add_argument("--skip-bad", action="store_true", help="skip and count bad records")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    # Checked before the model loads: a wrong path fails in a second, not after the load.
+    if not args.input.is_file():
+        raise InputError(f"--input {args.input}: no such file")
 
     import numpy as np
     from tqdm.auto import tqdm

@@ -28,6 +28,21 @@ import sys
 import threading
 import time
 
+from codescaler_jax.cli import guarded, positive_float, positive_int, shaping_choices
+
+
+def _int_list(text: str) -> list[int]:
+    """``--row-buckets 4,16,32`` -> ``[4, 16, 32]`` (argparse names the argument on error)."""
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return out
+
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
@@ -38,32 +53,39 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rm", required=True, help="HF RM directory or train_rm run directory")
     p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=5000, help="0 picks a free port")
-    p.add_argument("--max-batch", type=int, default=32, help="most items per forward pass")
+    p.add_argument("--max-batch", type=positive_int, default=32,
+                   help="most items per forward pass")
     p.add_argument(
-        "--row-buckets", default=None,
+        "--row-buckets", default=None, type=_int_list,
         help="comma-separated batch row counts to compile (default: data_ways*4^k, max-batch)",
     )
-    p.add_argument("--max-wait-ms", type=float, default=5.0, help="batch fill wait")
-    p.add_argument("--max-length", type=int, default=4096, help="RM input truncation")
-    p.add_argument("--min-bucket", type=int, default=64, help="smallest length bucket")
+    p.add_argument("--max-wait-ms", type=positive_float, default=5.0, help="batch fill wait")
+    p.add_argument("--max-length", type=positive_int, default=4096, help="RM input truncation")
+    p.add_argument("--min-bucket", type=positive_int, default=64, help="smallest length bucket")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
     p.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the RM's own)")
-    p.add_argument("--shaping", default="softplus", help="reward shaping mode")
+    p.add_argument("--shaping", default="softplus", choices=shaping_choices(),
+                   help="reward shaping mode (softplus: the reference)")
     p.add_argument(
         "--prompt-format", default="auto", choices=["auto", "chatml", "raw"],
         help="how /get_reward prompts become the RM's problem text",
     )
-    p.add_argument("--max-items", type=int, default=256, help="items per request")
-    p.add_argument("--max-body-mb", type=float, default=8.0, help="request body limit")
-    p.add_argument("--max-chars", type=int, default=200_000, help="longest string accepted")
-    p.add_argument("--max-pending", type=int, default=4096, help="items waiting before 503")
-    p.add_argument("--max-connections", type=int, default=256, help="open connections cap")
-    p.add_argument("--socket-timeout", type=float, default=60.0, help="idle socket timeout (s)")
+    p.add_argument("--max-items", type=positive_int, default=256, help="items per request")
+    p.add_argument("--max-body-mb", type=positive_float, default=8.0, help="request body limit")
+    p.add_argument("--max-chars", type=positive_int, default=200_000,
+                   help="longest string accepted")
+    p.add_argument("--max-pending", type=positive_int, default=4096,
+                   help="items waiting before 503")
+    p.add_argument("--max-connections", type=positive_int, default=256,
+                   help="open connections cap")
+    p.add_argument("--socket-timeout", type=positive_float, default=60.0,
+                   help="idle socket timeout (s)")
     p.add_argument("--no-warmup", action="store_true", help="compile shapes lazily")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
 
+@guarded
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     logging.basicConfig(
@@ -76,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     from codescaler_jax.serving.server import RewardHTTPServer, RewardService
 
     t0 = time.perf_counter()
-    rows = [int(x) for x in args.row_buckets.split(",")] if args.row_buckets else None
+    rows = args.row_buckets
     service = RewardService.from_pretrained(
         args.rm, max_batch=args.max_batch, row_buckets=rows, max_length=args.max_length,
         min_bucket=args.min_bucket, dtype=args.dtype, tokenizer=args.tokenizer,

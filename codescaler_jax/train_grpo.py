@@ -20,7 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from codescaler_jax.config import ConfigError, load_config
+from codescaler_jax.cli import guarded
+from codescaler_jax.config import load_config
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -146,15 +147,14 @@ def dry_run(cfg) -> dict:
     return report
 
 
+@guarded
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     from codescaler_jax.rl.config import GRPOConfig
 
-    try:
-        cfg = load_config(GRPOConfig, args.config, args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(GRPOConfig, args.config, args.overrides)
+    if not args.dry_run:
+        cfg.check_paths()  # before any model or data work, naming the key
     if args.dry_run:
         print(json.dumps(dry_run(cfg), indent=2))
         return 0
@@ -164,11 +164,7 @@ def main(argv: list[str] | None = None) -> int:
 
     log = setup_logging(cfg.run_dir)
     log.info("run directory: %s", Path(cfg.run_dir).absolute())
-    try:
-        summary = GRPOTrainer(cfg, resume=args.resume, progress=not args.no_progress).run()
-    except FileNotFoundError as e:
-        log.error("%s", e)
-        return 1
+    summary = GRPOTrainer(cfg, resume=args.resume, progress=not args.no_progress).run()
     hist = summary["history"]
     if hist:
         log.info("reward mean: first step %.4f -> last step %.4f (%d steps run)",

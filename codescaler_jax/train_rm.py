@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from codescaler_jax.cli import guarded
 from codescaler_jax.config import ConfigError, load_config
 
 
@@ -158,24 +159,22 @@ def dry_run(cfg) -> dict:
     return report
 
 
+@guarded
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     from codescaler_jax.rm.config import RMTrainConfig
 
-    try:
-        overrides = args.overrides + (["data.skip_bad=true"] if args.skip_bad else [])
-        cfg = load_config(RMTrainConfig, args.config, overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    overrides = args.overrides + (["data.skip_bad=true"] if args.skip_bad else [])
+    cfg = load_config(RMTrainConfig, args.config, overrides)
+    if not args.dry_run:
+        cfg.check_paths()  # before any data work: a missing file fails now, naming its key
     from codescaler_jax.distributed import initialize
 
     # Before any other JAX call: on a multi-host launch every process joins one device set.
     try:
         initialize(cfg.distributed)
     except ValueError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+        raise ConfigError(str(e)) from e
     if args.dry_run:
         report = dry_run(cfg)
         print(json.dumps(report, indent=2))

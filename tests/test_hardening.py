@@ -122,3 +122,105 @@ def test_b6_extract_and_hf_export_respect_the_umask(tmp_path, umask):
     assert (tmp_path / "o.jsonl").stat().st_mode & 0o777 == want
     for f in hf.iterdir():
         assert f.stat().st_mode & 0o777 == want, f.name
+
+
+# ---- B5: bad config and arguments fail at load, naming the key, with no traceback --------------
+
+
+def _bad_rm(tmp_path: Path) -> Path:
+    d = tmp_path / "bad_rm"
+    d.mkdir()
+    (d / "config.json").write_text('{"model_type": "qwen3", oops}')
+    return d
+
+
+def _b5_cases(tmp: Path) -> list[tuple[str, list[str], str]]:
+    """(module, argv, what the one-line error must name)."""
+    run = ["--config", "configs/rm_tiny.yaml", "--no-progress", "--set", f"run_dir={tmp}/run"]
+    grpo = ["--config", "configs/grpo_tiny.yaml", "--no-progress", "--set", f"run_dir={tmp}/run"]
+    bad_rm = str(_bad_rm(tmp))
+    inp = str(_write_jsonl(tmp / "in.jsonl", [GOOD]))
+    bad_jsonl = str(_write_jsonl(tmp / "bad.jsonl", ["{not json"]))
+    out = str(tmp / "out.jsonl")
+    return [
+        ("train_rm", [*run, "--set", "train.global_batch_size=-4"], "train.global_batch_size"),
+        ("train_rm", [*run, "--set", "train.grad_accum_steps=0"], "train.grad_accum_steps"),
+        ("train_rm", [*run, "--set", f"data.source={tmp}/nope/pairs.jsonl"], "data.source"),
+        ("train_rm", [*run, "--set", f"data.tokenizer={tmp}/nope"], "data.tokenizer"),
+        ("train_rm", [*run, "--set", f"model.init_from={tmp}/nope"], "model.init_from"),
+        ("train_rm", [*run, "--set", "optim.b2=1.5"], "optim.b2"),
+        ("train_grpo", [*grpo, "--set", "rollout.batch_size=0"], "rollout.batch_size"),
+        ("train_grpo", [*grpo, "--set", f"data.source={tmp}/nope.jsonl"], "data.source"),
+        ("train_grpo", [*grpo, "--set", f"reward.rm_path={tmp}/nope"], "reward.rm_path"),
+        ("score", ["--rm", bad_rm, "--input", inp, "--output", out], f"{bad_rm}/config.json"),
+        ("score", ["--rm", bad_rm, "--input", f"{tmp}/nope.jsonl", "--output", out], "nope.jsonl"),
+        ("serve", ["--rm", bad_rm, "--port", "0"], f"{bad_rm}/config.json"),
+        ("serve", ["--rm", f"{tmp}/nope", "--port", "0"], f"{tmp}/nope"),
+        ("best_of_n", ["--rm", bad_rm, "--problems", "humaneval", "--limit", "2", "--candidates",
+                       bad_jsonl, "--out-dir", f"{tmp}/bon"], "bad.jsonl:1"),
+        ("eval.codegen", ["--problems", f"{tmp}/nope.jsonl", "--samples", inp, "--out-dir",
+                          f"{tmp}/cg"], "nope.jsonl"),
+        ("eval.rm_bench", ["--rm", bad_rm, "--pairs", inp, "--out", out], "config.json"),
+        ("eval.rm_bench", ["--from-scores", "--data", bad_jsonl, "--out", out], "bad.jsonl"),
+        ("extract", ["--input", bad_jsonl, "--output", out], "bad.jsonl:1"),
+    ]
+
+
+def test_b5_bad_input_is_one_error_line_and_exit_2_before_any_work(tmp_path, capsys):
+    import time
+
+    for module, argv, names in _b5_cases(tmp_path):
+        main = importlib.import_module(f"codescaler_jax.{module}").main
+        t0 = time.perf_counter()
+        rc = main(argv)  # an exception escaping here (a traceback for the user) fails the test
+        took = time.perf_counter() - t0
+        err = capsys.readouterr().err
+        assert rc == 2, (module, argv, err)
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("error: ") and names in last, (module, names, err)
+        assert "Traceback" not in err
+        assert took < 30, (module, took)  # refused up front, not after loading or scoring
+        assert not (tmp_path / "run").exists(), module  # no run directory work started
+        assert not (tmp_path / "out.jsonl").exists(), module
+
+
+@pytest.mark.parametrize(
+    "module, argv, names",
+    [
+        ("score", ["--rm", "x", "--input", "x", "--output", "y", "--shaping", "softmax"],
+         "--shaping"),
+        ("score", ["--rm", "x", "--input", "x", "--output", "y", "--batch-size", "0"],
+         "--batch-size"),
+        ("serve", ["--rm", "x", "--shaping", "softmax"], "--shaping"),
+        ("serve", ["--rm", "x", "--row-buckets", "4,x"], "--row-buckets"),
+        ("extract", ["--input", "x", "--output", "y", "--time-limit", "0"], "--time-limit"),
+        ("best_of_n", ["--rm", "x", "--problems", "humaneval", "--candidates", "c",
+                       "--format", "nope"], "--format"),
+        ("eval.codegen", ["--problems", "humaneval", "--samples", "s", "--k", "-1"], "--k"),
+    ],
+)
+def test_b5_bad_arguments_are_refused_by_the_parser(module, argv, names, capsys):
+    main = importlib.import_module(f"codescaler_jax.{module}").main
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert names in capsys.readouterr().err
+
+
+def test_b5_no_traceback_from_the_real_entry_point(tmp_path):
+    """The same through ``python -m`` in a child process: one line on stderr, status 2."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    res = subprocess.run(
+        [sys.executable, "-m", "codescaler_jax.train_rm", "--config", "configs/rm_tiny.yaml",
+         "--set", f"run_dir={tmp_path}/run", "--set", "train.grad_accum_steps=0"],
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=120,
+    )
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        "error: train.grad_accum_steps must be >= 1, got 0"
+    ], res.stderr
+    assert not (tmp_path / "run").exists()

@@ -16,6 +16,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from codescaler_jax.errors import InputError
+
 PAIR_FIELDS = ("question_content", "code_pos", "code_neg")
 DEFAULT_MAX_RECORD_BYTES = 1 << 20
 
@@ -53,7 +55,7 @@ class Candidate:
     kind: str = ""
 
 
-class BadRecordError(ValueError):
+class BadRecordError(InputError):
     """A data record is malformed; the message names the file and line (or row) and the field."""
 
 

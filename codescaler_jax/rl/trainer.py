@@ -33,7 +33,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from codescaler_jax.config import save_config, to_dict
+from codescaler_jax.config import ConfigError, save_config, to_dict
 from codescaler_jax.data.problems import Problem, humaneval_problems, read_problems_jsonl
 from codescaler_jax.data.tokenizer import load_tokenizer, resolve_tokenizer_path
 from codescaler_jax.eval.sampling import render_prompts
@@ -184,6 +184,7 @@ class GRPOTrainer:
     def run(self) -> dict[str, Any]:
         """Train ``train.steps`` steps (from the latest checkpoint when resuming)."""
         self._reward_fn = None
+        self.cfg.check_paths()
         try:
             return self._run()
         finally:
@@ -208,7 +209,7 @@ class GRPOTrainer:
         problems = [problems_all[i] for i in keep]
         prompts = [rendered[i] for i in keep]
         if len(problems) < r.num_prompts:
-            raise ValueError(f"only {len(problems)} usable prompts, fewer than "
+            raise ConfigError(f"only {len(problems)} usable prompts, fewer than "
                              f"rollout.num_prompts={r.num_prompts}")
         reward_fn = self._reward_fn = build_reward(cfg.reward, mesh)
 

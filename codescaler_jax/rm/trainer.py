@@ -27,7 +27,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from codescaler_jax.config import save_config, to_dict
+from codescaler_jax.config import ConfigError, save_config, to_dict
 from codescaler_jax.data.pairs import Pair, read_pairs, split_by_problem, write_pairs_jsonl
 from codescaler_jax.data.pipeline import (
     eval_batches,
@@ -244,6 +244,7 @@ class RMTrainer:
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
         t_start = time.perf_counter()
+        cfg.check_paths()
         assert_shared_directory(self.run_dir)
         if jax.process_index() == 0:
             save_config(cfg, self.run_dir / "config.yaml")
@@ -252,7 +253,7 @@ class RMTrainer:
         tokenizer = load_tokenizer(cfg.data.tokenizer)
         train_pairs, held_pairs, data_stats = self.load_pairs()
         if len(train_pairs) < cfg.train.global_batch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"only {len(train_pairs)} training pairs, fewer than "
                 f"train.global_batch_size={cfg.train.global_batch_size}"
             )

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from codescaler_jax.data.tokenizer import bucket_length
+from codescaler_jax.errors import InputError
 from codescaler_jax.serving.batcher import Batcher, Overloaded
 from codescaler_jax.serving.protocol import (
     Item,
@@ -45,7 +46,7 @@ log = logging.getLogger("codescaler_jax.serve")
 def default_row_buckets(max_batch: int, data_ways: int) -> tuple[int, ...]:
     """Row counts to compile: ``data_ways * 4**k`` below ``max_batch``, then ``max_batch``."""
     if max_batch % data_ways:
-        raise ValueError(f"max_batch={max_batch} must be a multiple of data ways {data_ways}")
+        raise InputError(f"max_batch={max_batch} must be a multiple of data ways {data_ways}")
     out, b = [], data_ways
     while b < max_batch:
         out.append(b)
@@ -114,31 +115,10 @@ class RewardService:
         """Load the RM once and build a scorer per row bucket on ``mesh`` (default: all
         devices). ``path`` is what `RewardScorer.from_pretrained` takes: an HF RM directory, or a
         train_rm run directory (its ``hf/`` export, else its latest Orbax checkpoint)."""
-        from codescaler_jax.data.tokenizer import load_tokenizer
-        from codescaler_jax.models.hf_io import load_hf_model
-        from codescaler_jax.models.qwen3 import Qwen3RewardModel
-        from codescaler_jax.models.sharding import make_mesh
-        from codescaler_jax.rm.scorer import RewardScorer
+        from codescaler_jax.rm.scorer import RewardScorer, load_rm
 
-        # The same resolution as RewardScorer.from_pretrained, which cannot share one loaded
-        # model between several batch sizes.
-        path = Path(path)
-        if not (path / "config.json").is_file() and (path / "hf" / "config.json").is_file():
-            path = path / "hf"
-        mesh = mesh if mesh is not None else make_mesh()
-        if (path / "config.json").is_file():
-            model = load_hf_model(path, Qwen3RewardModel, mesh=mesh, param_dtype=dtype,
-                                  dtype=dtype)
-            tok = load_tokenizer(tokenizer or str(path))
-        elif (path / "config.yaml").is_file() and (path / "checkpoints").is_dir():
-            from codescaler_jax.rm.trainer import load_run_checkpoint
-
-            model, tok = load_run_checkpoint(path, mesh=mesh)
-            tok = load_tokenizer(tokenizer) if tokenizer else tok
-        else:
-            raise FileNotFoundError(
-                f"{path}: neither an HF RM directory nor a train_rm run directory"
-            )
+        # Loaded once, shared by the scorers of every row bucket.
+        model, tok, mesh = load_rm(path, tokenizer=tokenizer, mesh=mesh, dtype=dtype)
         data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
         rows = tuple(row_buckets) if row_buckets else default_row_buckets(max_batch, data_ways)
         scorers = {
