@@ -8,6 +8,12 @@ extracted code, "" for no code), ``valid``, ``language``, ``reason``, ``score`` 
 score of (problem, code), as the reference scores "" for no code) and ``reward`` (the shaped
 reward: softplus(score) for valid code, 0 otherwise, by default). ``--rm`` is a Hugging Face
 RM directory or a ``train_rm`` run directory.
+
+A line longer than ``--max-record-bytes`` (1 MiB) is a bad record, named by file and line: an
+error, or skipped and counted with ``--skip-bad``; only that many bytes of it are ever read into
+memory. Each RM input is cut to a character budget (``max_length`` times the longest token of
+the vocabulary) before it is tokenised, so a long record costs no more than ``max_length``
+tokens' worth of text.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Any
 
 from codescaler_jax.cli import guarded, positive_int, shaping_choices
 from codescaler_jax.code.validity import SUPPORTED_LANGUAGES
+from codescaler_jax.data.jsonl import DEFAULT_MAX_RECORD_BYTES, RecordError, iter_jsonl
 from codescaler_jax.errors import InputError
 from codescaler_jax.fsutil import atomic_output
 
@@ -31,38 +38,34 @@ class BadInput(InputError):
     """A bad input record; the message names the file and line."""
 
 
-def _records(path: Path, skip_bad: bool, counts: dict[str, int]) -> Iterator[dict[str, Any]]:
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                try:
-                    rec = json.loads(raw.decode("utf-8"))
-                except UnicodeDecodeError as e:
-                    raise BadInput(f"{where}: not valid UTF-8 ({e.reason})") from None
-                except json.JSONDecodeError as e:
-                    raise BadInput(f"{where}: not valid JSON ({e.msg})") from None
-                if not isinstance(rec, dict):
-                    raise BadInput(f"{where}: expected a JSON object")
-                key = next((k for k in PROBLEM_KEYS if k in rec), None)
-                if key is None:
-                    raise BadInput(f"{where}: missing field 'problem'")
-                for k in (key, "response"):
-                    if k not in rec:
-                        raise BadInput(f"{where}: missing field {k!r}")
-                    if not isinstance(rec[k], str):
-                        raise BadInput(
-                            f"{where}: field {k!r} must be a string, got {type(rec[k]).__name__}"
-                        )
-                rec["_problem"] = rec[key]
-            except BadInput:
-                if not skip_bad:
-                    raise
-                counts["skipped"] += 1
-                continue
-            yield rec
+def _records(
+    path: Path, skip_bad: bool, counts: dict[str, int], max_record_bytes: int
+) -> Iterator[dict[str, Any]]:
+    for where, rec in iter_jsonl(path, max_record_bytes=max_record_bytes):
+        try:
+            if isinstance(rec, RecordError):
+                raise BadInput(str(rec))
+            if not isinstance(rec, dict):
+                raise BadInput(f"{where}: expected a JSON object")
+            key = next((k for k in PROBLEM_KEYS if k in rec), None)
+            if key is None:
+                raise BadInput(f"{where}: missing field 'problem'")
+            for k in (key, "response"):
+                if k not in rec:
+                    raise BadInput(f"{where}: missing field {k!r}")
+                if not isinstance(rec[k], str):
+                    raise BadInput(
+                        f"{where}: field {k!r} must be a string, got {type(rec[k]).__name__}"
+                    )
+            rec["_problem"] = rec[key]
+        except BadInput as e:
+            if not skip_bad:
+                raise
+            counts["skipped"] += 1
+            if counts["skipped"] <= 5:
+                print(f"skipped {e}", file=sys.stderr)
+            continue
+        yield rec
 
 
 @guarded
@@ -91,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk", type=positive_int, default=1024, help="records scored per chunk")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
     p.add_argument("--skip-bad", action="store_true", help="skip and count bad records")
+    p.add_argument("--max-record-bytes", type=positive_int, default=DEFAULT_MAX_RECORD_BYTES,
+                   help="longest input line accepted (default 1 MiB); longer ones are bad "
+                   "records (an error, or skipped with --skip-bad)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     # Checked before the model loads: a wrong path fails in a second, not after the load.
@@ -139,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with atomic_output(args.output) as out:
             chunk: list[dict[str, Any]] = []
-            for rec in _records(args.input, args.skip_bad, counts):
+            for rec in _records(args.input, args.skip_bad, counts, args.max_record_bytes):
                 chunk.append(rec)
                 if len(chunk) >= args.chunk:
                     flush(chunk, out)

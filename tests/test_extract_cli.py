@@ -74,7 +74,7 @@ def test_eval_mode_and_auto_language(tmp_path):
 @pytest.mark.parametrize(
     "bad_line, message",
     [
-        ('{"problem": "p", "response": "r"\n', "in.jsonl:3: invalid JSON"),
+        ('{"problem": "p", "response": "r"\n', "in.jsonl:3: not valid JSON"),
         ('["a list"]\n', "in.jsonl:3: record must be a JSON object, got list"),
         ('{"problem": "p"}\n', "in.jsonl:3: missing field 'response'"),
         ('{"problem": "p", "response": 7}\n', "in.jsonl:3: field 'response' must be a string"),

@@ -129,6 +129,27 @@ class RewardScorer:
             return nnx.merge(graphdef, params, rest)(ids, mask)
 
         self._forward = jax.jit(forward)
+        self._compiled: dict[int, Any] = {}
+
+    def compiled(self, length: int):
+        """The forward pass of ``[batch_size, length]`` inputs, compiled ahead of time and kept
+        (the executable `score_ids` runs for that length)."""
+        exe = self._compiled.get(length)
+        if exe is None:
+            sds = jax.ShapeDtypeStruct((self.batch_size, length), np.int32,
+                                       sharding=self._sharding)
+            with jax.set_mesh(self.mesh):
+                exe = self._forward.lower(self.params, sds, sds).compile()
+            self._compiled[length] = exe
+        return exe
+
+    def pass_bytes(self, length: int) -> int:
+        """Memory one forward pass of ``[batch_size, length]`` needs on top of the resident
+        parameters, per device: XLA's temporaries and outputs, read from the compiled program
+        (nothing is run)."""
+        mem = self.compiled(length).memory_analysis()
+        return int((getattr(mem, "temp_size_in_bytes", 0) or 0)
+                   + (getattr(mem, "output_size_in_bytes", 0) or 0))
 
     @classmethod
     def from_pretrained(
@@ -167,7 +188,7 @@ class RewardScorer:
                 mask = jax.device_put(mask, self._sharding)
                 # device_get blocks on each batch (independent calls must not pile up on
                 # fake CPU devices, see tests/conftest.py)
-                scores = jax.device_get(self._forward(self.params, ids, mask))
+                scores = jax.device_get(self.compiled(length)(self.params, ids, mask))
                 out[idx] = scores[: len(idx)]
         return out
 
