@@ -369,6 +369,8 @@ class RewardService:
             "pending": self.batcher.pending,
             "memory_budget_bytes": self.memory_budget_bytes,
             "max_rows_per_length": self.memory_plan(),
+            # {length: [rows, bytes]}: the first row bucket over the budget, per length
+            "over_budget": {str(k): list(v) for k, v in sorted(self._too_big.items())},
         }
 
     def close(self) -> None:
