@@ -40,6 +40,7 @@ import threading
 import time
 
 from codescaler_jax.cli import guarded, positive_float, positive_int, shaping_choices
+from codescaler_jax.errors import InputError
 
 
 def _int_list(text: str) -> list[int]:
@@ -149,10 +150,14 @@ def main(argv: list[str] | None = None) -> int:
         max_body_bytes=int(args.max_body_mb * (1 << 20)), max_items=args.max_items,
         max_chars=args.max_chars,
     )
-    server = RewardHTTPServer(
-        (args.host, args.port), service, limits=limits, max_connections=args.max_connections,
-        socket_timeout_s=args.socket_timeout, request_timeout_s=args.request_timeout,
-    )
+    try:
+        server = RewardHTTPServer(
+            (args.host, args.port), service, limits=limits, max_connections=args.max_connections,
+            socket_timeout_s=args.socket_timeout, request_timeout_s=args.request_timeout,
+        )
+    except OSError as e:  # port in use, no permission, unknown host
+        service.close()
+        raise InputError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
 
     def stop(signum, frame):
         # shutdown() waits for serve_forever to return, so it must not run on this thread.

@@ -207,6 +207,22 @@ def test_b5_bad_arguments_are_refused_by_the_parser(module, argv, names, capsys)
     assert names in capsys.readouterr().err
 
 
+def test_b5_serve_on_a_busy_port_is_one_error_line(rm_dir, capsys):
+    import socket
+
+    from codescaler_jax.serve import main as serve_main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        rc = serve_main(["--rm", str(rm_dir), "--port", str(port), "--max-length", "64",
+                         "--max-batch", "8", "--no-warmup"])
+    assert rc == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"error: cannot listen on 127.0.0.1:{port}"), last
+
+
 def test_b5_no_traceback_from_the_real_entry_point(tmp_path):
     """The same through ``python -m`` in a child process: one line on stderr, status 2."""
     import os
