@@ -7,7 +7,7 @@ holds any of them would mix two runs (cached pairs of one, checkpoints of the ot
 - a used directory is refused unless ``--resume`` (continue the run there) or ``--overwrite``
   (delete the previous run's files first; files the run did not write are left alone);
 - ``--resume`` refuses a config that differs from the run's ``config.yaml`` in anything but the
-  keys in the command's ``allowed`` set, and names the keys that differ. The allowed keys are
+  keys its `ResumePolicy` allows, and names the keys that differ. The allowed keys are
   the step budget (``train.max_steps`` and ``train.num_epochs`` for ``train_rm``,
   ``train.steps`` for ``train_grpo``; raising it continues the run, the learning-rate schedule
   is rebuilt for the new total) and bookkeeping that cannot change what is trained: how often
@@ -17,7 +17,9 @@ holds any of them would mix two runs (cached pairs of one, checkpoints of the ot
 - on resume at step ``s``, TensorBoard events past ``s`` (written after the last checkpoint by
   the run that stopped) are removed from the event files, so that every step has one point.
 
-``prepare_run_dir`` does the first two; ``purge_events_after`` the last.
+``prepare_run_dir`` does the first two (``claim_run_dir``: the same for every process of a
+multi-host run); ``resume_tensorboard`` / ``purge_events_after`` the last. The trainers also
+flush TensorBoard before each checkpoint, so no step up to a checkpoint is lost to a kill.
 """
 
 from __future__ import annotations
