@@ -896,6 +896,7 @@ def _long_code(tokens: int) -> str:
     return "".join(f"v{i} = {i} * 7\n" for i in range(tokens // 6))
 
 
+@pytest.mark.slow  # the defaults compile 28 programs: 54-156 s here, by load
 def test_b2_server_starts_at_its_defaults_with_bounded_memory(tmp_path):
     """``python -m codescaler_jax.serve --rm DIR`` at its defaults (4,096 tokens, 32 rows, every
     shape compiled at start-up) with a 2-layer RM (the embedded default's shape) starts, serves
