@@ -42,6 +42,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from codescaler_jax.cli import guarded, positive_float, positive_int
+from codescaler_jax.eval.problem_formats import FORMATS, TEMPLATES
+
 _F32 = jnp.finfo(jnp.float32)
 
 
@@ -276,29 +279,33 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--rm", required=True, help="HF RM directory or train_rm run directory")
     p.add_argument("--problems", required=True, help="'humaneval' or a problem file")
-    p.add_argument("--format", default="auto", help="problem format (default: per record)")
-    p.add_argument("--template", default="auto", help="prompt template: auto, raw or lcb")
-    p.add_argument("--limit", type=int, default=None, help="first N problems only")
+    p.add_argument("--format", default="auto", choices=FORMATS,
+                   help="problem format (default: per record)")
+    p.add_argument("--template", default="auto", choices=TEMPLATES,
+                   help="prompt template: auto, raw or lcb")
+    p.add_argument("--limit", type=positive_int, default=None, help="first N problems only")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--candidates", help="JSONL {problem_id, responses: [...]} per problem")
     src.add_argument("--policy", help="HF policy directory to sample N candidates from")
-    p.add_argument("--n", type=int, default=8, help="candidates per problem (with --policy)")
+    p.add_argument("--n", type=positive_int, default=8,
+                   help="candidates per problem (with --policy)")
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--max-new-tokens", type=int, default=16384)
-    p.add_argument("--max-prompt-len", type=int, default=4096)
-    p.add_argument("--sample-batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=positive_int, default=16384)
+    p.add_argument("--max-prompt-len", type=positive_int, default=4096)
+    p.add_argument("--sample-batch-size", type=positive_int, default=8)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-length", type=int, default=4096, help="RM input truncation")
-    p.add_argument("--batch-size", type=int, default=16, help="RM rows per forward pass")
+    p.add_argument("--max-length", type=positive_int, default=4096, help="RM input truncation")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="RM rows per forward pass")
     p.add_argument("--no-tests", action="store_true", help="RM selection only, no execution")
-    p.add_argument("--time-limit", type=float, default=2.0, help="seconds per test")
-    p.add_argument("--workers", type=int, default=2, help="sandbox workers")
+    p.add_argument("--time-limit", type=positive_float, default=2.0, help="seconds per test")
+    p.add_argument("--workers", type=positive_int, default=2, help="sandbox workers")
     p.add_argument("--out-dir", default="best_of_n", help="picks.jsonl + summary.json")
     return p.parse_args(argv)
 
 
+@guarded
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     from codescaler_jax.eval.codegen import read_samples

@@ -15,10 +15,12 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
+from codescaler_jax.errors import InputError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config key is unknown or its value has the wrong type or range."""
 
 
@@ -125,7 +127,59 @@ def from_dict(cls: type[T], data: dict[str, Any], *, prefix: str = "") -> T:
     except ConfigError:
         raise
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from e
+        where, msg = prefix.rstrip(".") or cls.__name__, str(e)
+        # Range checks already name their dotted key ("train.max_steps must be ...").
+        raise ConfigError(msg if msg.startswith(where + ".") else f"{where}: {msg}") from e
+
+
+def check_at_least(prefix: str, section: Any, **minimum: float) -> None:
+    """Raise ``ValueError`` naming ``prefix.key`` for the first field below its minimum (``None``
+    values pass: they mean "not set"). For ``__post_init__`` range checks."""
+    for key, lo in minimum.items():
+        v = getattr(section, key)
+        if v is not None and v < lo:
+            raise ValueError(f"{prefix}.{key} must be >= {lo}, got {v}")
+
+
+def check_fraction(prefix: str, section: Any, *keys: str, high: float = 1.0) -> None:
+    """Raise ``ValueError`` naming ``prefix.key`` for the first field outside ``[0, high]``."""
+    for key in keys:
+        v = getattr(section, key)
+        if v is not None and not 0.0 <= v <= high:
+            raise ValueError(f"{prefix}.{key} must be in [0, {high}], got {v}")
+
+
+_LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".yaml", ".yml")
+
+
+def check_input_path(
+    key: str, value: str | None, *, need: str = "exists", hint: str = ""
+) -> None:
+    """Raise ConfigError naming ``key`` when the local path ``value`` is missing.
+
+    ``need``: ``"exists"``, ``"file"`` or ``"dir"``. A value that is not a local path (no file
+    suffix, not absolute or relative-with-dots, e.g. a Hugging Face dataset name ``org/name``)
+    passes: it is resolved later, by the library that reads it. ``None`` and the built-in names
+    (``humaneval``, ``qwen3``) pass too. ``hint`` is appended to the message.
+    """
+    if value is None or value in ("humaneval", "qwen3"):
+        return
+    p = Path(value).expanduser()
+    if p.exists():
+        if need == "file" and not p.is_file():
+            raise ConfigError(f"{key}: {value} is not a file")
+        if need == "dir" and not p.is_dir():
+            raise ConfigError(f"{key}: {value} is not a directory")
+        return
+    local = (
+        need != "exists"
+        or value.endswith(_LOCAL_SUFFIXES)
+        or value.startswith(("/", "./", "../", "~"))
+        or value.count("/") > 1
+    )
+    if local:
+        what = "directory" if need == "dir" else "file"
+        raise ConfigError(f"{key}: no such {what}: {value}" + (f" ({hint})" if hint else ""))
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -9,9 +9,10 @@ the input object plus ``line`` (1-based input line), ``code``, ``valid``, ``lang
 ``reason`` and, with ``--run-tests`` and tests present, ``execution``: ``{passed, status,
 wall_s, tests: [{status, wall_s, message}]}`` (status ``no_code`` when nothing was extracted).
 
-All input is checked before any work starts: a bad line (invalid JSON, not an object, a missing
-field, a field of the wrong type, unparseable tests) stops the run with an error naming the file
-and line, unless ``--skip-bad`` skips and counts such lines. The output is written to a
+All input is checked before any work starts: a bad line (longer than ``--max-record-bytes``,
+1 MiB by default; invalid JSON; not an object; a missing field, a field of the wrong type,
+unparseable tests) stops the run with an error naming the file and line, unless ``--skip-bad``
+skips and counts such lines. The output is written to a
 temporary file and moved into place at the end, so an existing output is never half-replaced.
 """
 
@@ -20,20 +21,22 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
 import sys
-import tempfile
 from dataclasses import asdict
 from typing import Any
 
+from codescaler_jax.cli import guarded, positive_float, positive_int
 from codescaler_jax.code import validity
 from codescaler_jax.code.extract import MODES, extract_code
 from codescaler_jax.code.sandbox import Sandbox, SandboxConfig, Tests, tests_from_record
+from codescaler_jax.data.jsonl import DEFAULT_MAX_RECORD_BYTES, RecordError, iter_jsonl
+from codescaler_jax.errors import InputError
+from codescaler_jax.fsutil import atomic_output
 
 EXIT_BAD_INPUT = 2
 
 
-class BadInput(ValueError):
+class BadInput(InputError):
     """A problem with the input, already phrased for the user (file and line included)."""
 
 
@@ -53,33 +56,32 @@ def _record_problem(obj: Any, run_tests: bool) -> str | None:
     return None
 
 
-def read_records(path: str, *, run_tests: bool, skip_bad: bool) -> tuple[list, list[str]]:
+def read_records(
+    path: str, *, run_tests: bool, skip_bad: bool, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
+) -> tuple[list, list[str]]:
     """All good records as ``(line_number, record)`` and the messages of skipped bad lines."""
     good, bad = [], []
     try:
-        f = open(path, "rb")  # noqa: SIM115 - closed by the with below
+        records = list(_numbered(path, max_record_bytes))
     except OSError as e:
         raise BadInput(f"cannot read {path}: {e.strerror}") from None
-    with f:
-        for line_no, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                problem = f"not UTF-8 ({e.reason} at byte {e.start})"
-            except ValueError as e:
-                problem = f"invalid JSON ({e})"
-            else:
-                problem = _record_problem(obj, run_tests)
-            if problem is None:
-                good.append((line_no, obj))
-                continue
-            message = f"{path}:{line_no}: {problem}"
-            if not skip_bad:
-                raise BadInput(message)
-            bad.append(message)
+    for line_no, where, obj in records:
+        problem = str(obj).split(": ", 1)[1] if isinstance(obj, RecordError) else None
+        if problem is None:
+            problem = _record_problem(obj, run_tests)
+        if problem is None:
+            good.append((line_no, obj))
+            continue
+        message = f"{where}: {problem}"
+        if not skip_bad:
+            raise BadInput(message)
+        bad.append(message)
     return good, bad
+
+
+def _numbered(path: str, max_record_bytes: int):
+    for where, obj in iter_jsonl(path, max_record_bytes=max_record_bytes):
+        yield int(where.rsplit(":", 1)[1]), where, obj
 
 
 def _execution(result) -> dict[str, Any]:
@@ -95,7 +97,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Do the work; returns a summary. Raises BadInput for bad input."""
     from tqdm import tqdm
 
-    records, skipped = read_records(args.input, run_tests=args.run_tests, skip_bad=args.skip_bad)
+    records, skipped = read_records(args.input, run_tests=args.run_tests, skip_bad=args.skip_bad,
+                                    max_record_bytes=args.max_record_bytes)
     outputs = []
     to_run: list[tuple[int, str, Tests]] = []
     progress = tqdm(records, desc="extracting", unit="rec", file=sys.stderr,
@@ -128,17 +131,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     outputs[index]["execution"] = _execution(result)
                 bar.update(len(part))
 
-    out_dir = os.path.dirname(os.path.abspath(args.output))
-    os.makedirs(out_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".extract-", suffix=".jsonl", dir=out_dir)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for out in outputs:
-                f.write(json.dumps(out, ensure_ascii=False) + "\n")
-        os.replace(tmp, args.output)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    # A temporary file next to the output, moved into place when complete, with the mode the
+    # umask asks for (not tempfile's 0600).
+    with atomic_output(args.output) as f:
+        for out in outputs:
+            f.write(json.dumps(out, ensure_ascii=False) + "\n")
     executed = [o["execution"] for o in outputs if "execution" in o]
     return {
         "records": len(outputs),
@@ -167,13 +164,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="language of untagged blocks with --language auto (default: python)")
     p.add_argument("--run-tests", action="store_true", help="run extracted code on its tests")
     p.add_argument("--workers", type=int, default=1, help="sandbox workers (default: 1)")
-    p.add_argument("--time-limit", type=float, default=2.0, help="seconds per test (default 2)")
-    p.add_argument("--memory-mb", type=int, default=1024, help="memory per program (MB)")
+    p.add_argument("--time-limit", type=positive_float, default=2.0,
+                   help="seconds per test (default 2)")
+    p.add_argument("--memory-mb", type=positive_int, default=1024, help="memory per program (MB)")
     p.add_argument("--skip-bad", action="store_true", help="skip and count bad lines")
+    p.add_argument("--max-record-bytes", type=positive_int, default=DEFAULT_MAX_RECORD_BYTES,
+                   help="longest input line accepted (default 1 MiB); longer ones are bad lines")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
+@guarded
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.workers < 1:

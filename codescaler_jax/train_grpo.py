@@ -3,6 +3,7 @@
     python -m codescaler_jax.train_grpo --config configs/grpo_tiny.yaml
     python -m codescaler_jax.train_grpo --config configs/grpo_tiny.yaml --set train.steps=4
     python -m codescaler_jax.train_grpo --config configs/grpo_tiny.yaml --resume
+    python -m codescaler_jax.train_grpo --config configs/grpo_tiny.yaml --overwrite
     python -m codescaler_jax.train_grpo --config configs/grpo_codescaler_8b.yaml --dry-run
 
 The loop: rollout (JAX sampler, KV cache) -> reward (registered by name; ``codescaler`` = shaped
@@ -10,6 +11,9 @@ RM score) -> group advantages -> clipped policy update. ``--dry-run`` builds the
 abstractly, lowers and compiles the three device programs of a step (the decode loop, the
 actor log-prob pass, the train step) for the configured mesh and shapes without loading weights
 or data, and prints XLA's per-device memory and FLOPs for each.
+
+A run directory that already holds a run is refused unless ``--resume`` (only ``train.steps``
+and bookkeeping keys may differ from its ``config.yaml``) or ``--overwrite`` (start clean).
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-from codescaler_jax.config import ConfigError, load_config
+from codescaler_jax.cli import guarded
+from codescaler_jax.config import load_config
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -33,6 +38,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.steps=4 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the run already in run_dir (checkpoints, tb, hf, summary) first")
     p.add_argument("--dry-run", action="store_true",
                    help="compile the step's programs abstractly; print memory and FLOPs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -146,15 +153,14 @@ def dry_run(cfg) -> dict:
     return report
 
 
+@guarded
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     from codescaler_jax.rl.config import GRPOConfig
 
-    try:
-        cfg = load_config(GRPOConfig, args.config, args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(GRPOConfig, args.config, args.overrides)
+    if not args.dry_run:
+        cfg.check_paths()  # before any model or data work, naming the key
     if args.dry_run:
         print(json.dumps(dry_run(cfg), indent=2))
         return 0
@@ -162,13 +168,14 @@ def main(argv: list[str] | None = None) -> int:
     from codescaler_jax.logging_utils import setup_logging
     from codescaler_jax.rl.trainer import GRPOTrainer
 
+    trainer = GRPOTrainer(cfg, resume=args.resume, overwrite=args.overwrite,
+                          progress=not args.no_progress)
+    trainer.prepare()  # refuse or clean the run directory before the log file is opened there
     log = setup_logging(cfg.run_dir)
     log.info("run directory: %s", Path(cfg.run_dir).absolute())
-    try:
-        summary = GRPOTrainer(cfg, resume=args.resume, progress=not args.no_progress).run()
-    except FileNotFoundError as e:
-        log.error("%s", e)
-        return 1
+    summary = trainer.run()
+    if summary.get("nothing_to_train"):
+        return 0
     hist = summary["history"]
     if hist:
         log.info("reward mean: first step %.4f -> last step %.4f (%d steps run)",

@@ -3,11 +3,16 @@
     python -m codescaler_jax.train_rm --config configs/rm_tiny.yaml
     python -m codescaler_jax.train_rm --config configs/rm_tiny.yaml --set train.max_steps=20
     python -m codescaler_jax.train_rm --config configs/rm_tiny.yaml --resume
+    python -m codescaler_jax.train_rm --config configs/rm_tiny.yaml --overwrite
     python -m codescaler_jax.train_rm --config configs/rm_codescaler_8b.yaml --dry-run
 
 ``--dry-run`` builds abstract parameters, lowers and compiles the train step for the configured
 mesh and shapes without loading weights or data, and prints per-device memory and the FLOPs
 of one step from XLA, so you know before renting a pod whether it fits.
+
+A run directory that already holds a run is refused unless ``--resume`` (continue it; only the
+step budget ``train.max_steps`` / ``train.num_epochs`` and bookkeeping keys may differ from its
+``config.yaml``) or ``--overwrite`` (delete that run's files and start clean).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from codescaler_jax.cli import guarded
 from codescaler_jax.config import ConfigError, load_config
 
 
@@ -37,6 +43,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="override a config key, e.g. --set train.max_steps=20 (repeatable)",
     )
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the run already in run_dir (checkpoints, data cache, tb, hf, summary) first",
+    )
     p.add_argument(
         "--dry-run",
         action="store_true",
@@ -158,24 +169,22 @@ def dry_run(cfg) -> dict:
     return report
 
 
+@guarded
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     from codescaler_jax.rm.config import RMTrainConfig
 
-    try:
-        overrides = args.overrides + (["data.skip_bad=true"] if args.skip_bad else [])
-        cfg = load_config(RMTrainConfig, args.config, overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    overrides = args.overrides + (["data.skip_bad=true"] if args.skip_bad else [])
+    cfg = load_config(RMTrainConfig, args.config, overrides)
+    if not args.dry_run:
+        cfg.check_paths()  # before any data work: a missing file fails now, naming its key
     from codescaler_jax.distributed import initialize
 
     # Before any other JAX call: on a multi-host launch every process joins one device set.
     try:
         initialize(cfg.distributed)
     except ValueError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+        raise ConfigError(str(e)) from e
     if args.dry_run:
         report = dry_run(cfg)
         print(json.dumps(report, indent=2))
@@ -184,16 +193,28 @@ def main(argv: list[str] | None = None) -> int:
     from codescaler_jax.logging_utils import setup_logging
     from codescaler_jax.rm.trainer import RMTrainer
 
+    trainer = RMTrainer(
+        cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress
+    )
+    trainer.prepare()  # refuse or clean the run directory before the log file is opened there
     log = setup_logging(cfg.run_dir)
     log.info("run directory: %s", Path(cfg.run_dir).absolute())
-    summary = RMTrainer(cfg, resume=args.resume, progress=not args.no_progress).run()
+    summary = trainer.run()
+    if summary.get("nothing_to_train"):
+        e = summary.get("checkpoint_eval")
+        if e and "accuracy" in e:
+            log.info(
+                "nothing trained; held-out pairwise accuracy recorded at step %d (not "
+                "re-measured): %.4f", e["step"], e["accuracy"],
+            )
+        return 0
     u, f = summary.get("untrained_eval"), summary.get("final_eval")
     if u and f:
         log.info(
             "held-out pairwise accuracy: untrained %.4f -> trained %.4f (%d pairs)",
             u["accuracy"],
             f["accuracy"],
-            summary["data"]["eval_pairs"],
+            summary["data"]["eval_pairs_used"],
         )
     log.info("done in %.1f s; summary at %s/summary.json", summary["wall_s"], cfg.run_dir)
     return 0

@@ -74,13 +74,13 @@ def test_eval_mode_and_auto_language(tmp_path):
 @pytest.mark.parametrize(
     "bad_line, message",
     [
-        ('{"problem": "p", "response": "r"\n', "in.jsonl:3: invalid JSON"),
+        ('{"problem": "p", "response": "r"\n', "in.jsonl:3: not valid JSON"),
         ('["a list"]\n', "in.jsonl:3: record must be a JSON object, got list"),
         ('{"problem": "p"}\n', "in.jsonl:3: missing field 'response'"),
         ('{"problem": "p", "response": 7}\n', "in.jsonl:3: field 'response' must be a string"),
         ('{"problem": "p", "response": "r", "tests": {"inputs": ["1"], "outputs": []}}\n',
          "in.jsonl:3: field 'tests': 1 inputs but 0 outputs"),
-        (b'{"problem": "p", "response": "\xff"}\n', "in.jsonl:3: not UTF-8"),
+        (b'{"problem": "p", "response": "\xff"}\n', "in.jsonl:3: not valid UTF-8"),
     ],
 )
 def test_bad_record_is_an_error_naming_file_and_line(tmp_path, capsys, bad_line, message):

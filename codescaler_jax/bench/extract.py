@@ -481,7 +481,9 @@ def _cpu_s() -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m codescaler_jax.bench.extract", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--n", type=int, default=400, help="responses per size")
     parser.add_argument("--repeat", type=int, default=7, help="interleaved repeats (best taken)")
     parser.add_argument("--seed", type=int, default=0)

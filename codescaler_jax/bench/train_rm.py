@@ -21,7 +21,9 @@ import numpy as np
 
 
 def _args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m codescaler_jax.bench.train_rm", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--heads", type=int, default=8)

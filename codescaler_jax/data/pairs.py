@@ -16,6 +16,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from codescaler_jax.data.jsonl import RecordError, iter_jsonl
+from codescaler_jax.errors import InputError
+
 PAIR_FIELDS = ("question_content", "code_pos", "code_neg")
 DEFAULT_MAX_RECORD_BYTES = 1 << 20
 
@@ -53,7 +56,7 @@ class Candidate:
     kind: str = ""
 
 
-class BadRecordError(ValueError):
+class BadRecordError(InputError):
     """A data record is malformed; the message names the file and line (or row) and the field."""
 
 
@@ -200,21 +203,12 @@ def _check_record(rec: Any, where: str, max_bytes: int, size: int) -> Pair:
     )
 
 
-def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any, int]]:
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            if not raw.strip():
-                continue
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield where, BadRecordError(f"{where}: not valid UTF-8 ({e.reason})"), len(raw)
-                continue
-            try:
-                yield where, json.loads(text), len(raw)
-            except json.JSONDecodeError as e:
-                yield where, BadRecordError(f"{where}: not valid JSON ({e.msg})"), len(raw)
+def _iter_jsonl(path: Path, max_record_bytes: int) -> Iterator[tuple[str, Any, int]]:
+    # The size limit is enforced while reading: an oversized line is never held in memory.
+    for where, rec in iter_jsonl(
+        path, max_record_bytes=max_record_bytes, limit_name="max_record_bytes"
+    ):
+        yield where, (BadRecordError(str(rec)) if isinstance(rec, RecordError) else rec), 0
 
 
 def _iter_rows(rows: Iterable[dict[str, Any]], name: str) -> Iterator[tuple[str, Any, int]]:
@@ -239,7 +233,7 @@ def read_pairs(
     """
     path = Path(source)
     if path.suffix in (".jsonl", ".json") and path.is_file():
-        records: Iterable[tuple[str, Any, int]] = _iter_jsonl(path)
+        records: Iterable[tuple[str, Any, int]] = _iter_jsonl(path, max_record_bytes)
     elif path.suffix == ".parquet" and path.is_file():
         import pyarrow.parquet as pq
 

@@ -62,6 +62,21 @@ def tokenize_pairs(
     return TokenizedPairs(chosen, rejected)
 
 
+def drop_identical(
+    pairs: Sequence[Pair], tokens: TokenizedPairs
+) -> tuple[list[Pair], TokenizedPairs, int]:
+    """Drop pairs whose chosen and rejected RM inputs are the same token ids (after
+    truncation: two codes that differ only past ``max_length``). Such a pair carries no
+    preference: the model must score both sides the same, so it can be neither learned nor
+    judged. Returns the kept pairs, their tokens and how many were dropped."""
+    keep = [
+        i for i, (c, r) in enumerate(zip(tokens.chosen, tokens.rejected))
+        if len(c) != len(r) or not np.array_equal(c, r)
+    ]
+    kept = TokenizedPairs([tokens.chosen[i] for i in keep], [tokens.rejected[i] for i in keep])
+    return [pairs[i] for i in keep], kept, len(pairs) - len(keep)
+
+
 def make_buckets(max_length: int, smallest: int = 64) -> tuple[int, ...]:
     """Power-of-two buckets from ``smallest`` up to ``max_length`` (which is always the last)."""
     out = []

@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from codescaler_jax.errors import InputError
+
 HUMANEVAL_INSTRUCTION = (
     "Complete the following Python function so that it satisfies its docstring. "
     "Return the whole function in one ```python code block.\n\n"
@@ -65,13 +67,13 @@ def read_problems_jsonl(path: str | Path) -> list[Problem]:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from e
+                raise InputError(f"{where}: not valid JSON ({e.msg})") from e
             if not isinstance(rec, dict):
-                raise ValueError(f"{where}: expected a JSON object")
+                raise InputError(f"{where}: expected a JSON object")
             pid = rec.get("problem_id", rec.get("task_id"))
             prompt = rec.get("prompt", rec.get("question_content"))
             if not isinstance(prompt, str) or not prompt:
-                raise ValueError(f"{where}: missing or empty field 'prompt'")
+                raise InputError(f"{where}: missing or empty field 'prompt'")
             tests = rec.get("tests")
             if tests is None and "test" in rec and "entry_point" in rec:
                 tests = {"test": rec["test"], "entry_point": rec["entry_point"]}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -73,13 +74,48 @@ def render_rm_text(tokenizer, problem: str, code: str) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
 
 
+_MAX_TOKEN_CHARS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Characters past the budget proper: the pre-tokenizer looks a few characters ahead at the cut.
+_BUDGET_SLACK = 1024
+
+
+def max_token_chars(tokenizer) -> int:
+    """The most characters one token can stand for: the longest vocabulary entry (byte-level
+    BPE entries spell one character per byte, so they bound the decoded text too)."""
+    try:
+        return _MAX_TOKEN_CHARS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    n = max(map(len, tokenizer.get_vocab()))
+    try:
+        _MAX_TOKEN_CHARS[tokenizer] = n
+    except TypeError:
+        pass
+    return n
+
+
+def char_budget(tokenizer, max_length: int) -> int:
+    """How many characters of a problem or a code can reach the first ``max_length`` tokens of
+    the RM input: ``max_length`` tokens of at most `max_token_chars` characters each, plus a
+    margin. Text past it is cut before tokenising (it would be truncated away anyway), so a
+    20 MB response costs what ``max_length`` tokens of text cost, not 20 MB of tokens."""
+    return max_length * max_token_chars(tokenizer) + _BUDGET_SLACK
+
+
 def encode_rm_inputs(
     tokenizer, problems: Sequence[str], codes: Sequence[str], max_length: int
 ) -> list[list[int]]:
-    """Token ids of each (problem, code) RM input, right-truncated to ``max_length``."""
+    """Token ids of each (problem, code) RM input, right-truncated to ``max_length``.
+
+    Each problem and code is first cut to `char_budget` characters: the ids are the same as
+    tokenising the whole text (a chat template that rewrites a message from text past the
+    budget, e.g. a ``</think>`` half a megabyte in, is the exception)."""
     if len(problems) != len(codes):
         raise ValueError(f"{len(problems)} problems but {len(codes)} codes")
-    texts = [render_rm_text(tokenizer, p, c) for p, c in zip(problems, codes)]
+    budget = char_budget(tokenizer, max_length)
+    texts = [
+        render_rm_text(tokenizer, p[:budget], c[:budget]) for p, c in zip(problems, codes)
+    ]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     return [list(x[:max_length]) for x in ids]
 

@@ -29,7 +29,10 @@ from typing import Any
 
 import numpy as np
 
+from codescaler_jax.cli import guarded, positive_float, positive_int
 from codescaler_jax.data.problems import Problem
+from codescaler_jax.errors import InputError
+from codescaler_jax.eval.problem_formats import FORMATS, TEMPLATES
 
 NO_CODE = "no_code"
 
@@ -137,24 +140,24 @@ def read_samples(path: str | Path, problems: Sequence[Problem]) -> list[list[str
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from e
+                raise InputError(f"{where}: not valid JSON ({e.msg})") from e
             if not isinstance(rec, dict) or "problem_id" not in rec:
-                raise ValueError(f"{where}: expected an object with 'problem_id'")
+                raise InputError(f"{where}: expected an object with 'problem_id'")
             pid = str(rec["problem_id"])
             if pid not in known:
-                raise ValueError(f"{where}: unknown problem_id {pid!r}")
+                raise InputError(f"{where}: unknown problem_id {pid!r}")
             if "responses" in rec:
                 rs = rec["responses"]
                 if not isinstance(rs, list) or not all(isinstance(r, str) for r in rs):
-                    raise ValueError(f"{where}: 'responses' must be a list of strings")
+                    raise InputError(f"{where}: 'responses' must be a list of strings")
                 by_id[pid].extend(rs)
             elif isinstance(rec.get("response"), str):
                 by_id[pid].append(rec["response"])
             else:
-                raise ValueError(f"{where}: needs 'response' (string) or 'responses' (list)")
+                raise InputError(f"{where}: needs 'response' (string) or 'responses' (list)")
     missing = [p.problem_id for p in problems if not by_id.get(p.problem_id)]
     if missing:
-        raise ValueError(f"{path}: no responses for {len(missing)} problems, e.g. {missing[:3]}")
+        raise InputError(f"{path}: no responses for {len(missing)} problems, e.g. {missing[:3]}")
     return [by_id[p.problem_id] for p in problems]
 
 
@@ -197,28 +200,32 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--problems", required=True, help="'humaneval' or a problem file")
-    p.add_argument("--format", default="auto", help="problem format (default: per record)")
-    p.add_argument("--template", default="auto", help="prompt template: auto, raw or lcb")
-    p.add_argument("--limit", type=int, default=None, help="first N problems only")
+    p.add_argument("--format", default="auto", choices=FORMATS,
+                   help="problem format (default: per record)")
+    p.add_argument("--template", default="auto", choices=TEMPLATES,
+                   help="prompt template: auto, raw or lcb")
+    p.add_argument("--limit", type=positive_int, default=None, help="first N problems only")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--policy", help="HF policy directory to sample from")
     src.add_argument("--samples", help="JSONL of responses per problem")
-    p.add_argument("--k", type=int, default=8, help="samples per problem (with --policy)")
+    p.add_argument("--k", type=positive_int, default=8, help="samples per problem (with --policy)")
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--top-k", type=int, default=0, help="0 = off (the reference's eval)")
-    p.add_argument("--max-new-tokens", type=int, default=16384)
-    p.add_argument("--max-prompt-len", type=int, default=4096)
-    p.add_argument("--batch-size", type=int, default=8, help="sampler rows per decode loop")
+    p.add_argument("--max-new-tokens", type=positive_int, default=16384)
+    p.add_argument("--max-prompt-len", type=positive_int, default=4096)
+    p.add_argument("--batch-size", type=positive_int, default=8,
+                   help="sampler rows per decode loop")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer", default=None, help="policy tokenizer dir (default: policy's)")
-    p.add_argument("--time-limit", type=float, default=2.0, help="seconds per test")
-    p.add_argument("--memory-mb", type=int, default=1024, help="address space per test")
-    p.add_argument("--workers", type=int, default=2, help="sandbox workers")
+    p.add_argument("--time-limit", type=positive_float, default=2.0, help="seconds per test")
+    p.add_argument("--memory-mb", type=positive_int, default=1024, help="address space per test")
+    p.add_argument("--workers", type=positive_int, default=2, help="sandbox workers")
     p.add_argument("--out-dir", default="eval_codegen", help="results.jsonl + summary.json")
     return p.parse_args(argv)
 
 
+@guarded
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     from codescaler_jax.eval.problem_formats import load_problems

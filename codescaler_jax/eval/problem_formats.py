@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from codescaler_jax.data.problems import HUMANEVAL_INSTRUCTION, Problem, humaneval_problems
+from codescaler_jax.errors import InputError
 
 FORMATS = ("auto", "humaneval", "livecodebench", "deepcoder", "genverse", "generic")
 TEMPLATES = ("auto", "raw", "lcb")
@@ -61,7 +62,7 @@ LCB_FORMATTING_WITHOUT_STARTER_CODE = (
 )
 
 
-class ProblemFormatError(ValueError):
+class ProblemFormatError(InputError):
     """A problem record that cannot be read; the message names the file, record and field."""
 
 

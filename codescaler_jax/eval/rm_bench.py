@@ -40,6 +40,9 @@ from typing import Any
 
 import numpy as np
 
+from codescaler_jax.cli import guarded, positive_int
+from codescaler_jax.errors import InputError
+
 NUM_STYLES = 3
 STYLES = ("concise", "detailed_plain", "detailed_markdown")
 DOMAINS = ("chat", "math", "code", "safety")
@@ -62,7 +65,7 @@ class RMBenchItem:
     score_rejected: tuple[float, ...] | None = None
 
 
-class RMBenchFormatError(ValueError):
+class RMBenchFormatError(InputError):
     """An RM-Bench record is malformed; the message names the file, item and field."""
 
 
@@ -303,8 +306,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="use the score_chosen/score_rejected stored in --data instead of running an RM",
     )
-    p.add_argument("--max-length", type=int, default=4096, help="RM input truncation")
-    p.add_argument("--batch-size", type=int, default=16, help="rows per RM forward pass")
+    p.add_argument("--max-length", type=positive_int, default=4096, help="RM input truncation")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="rows per RM forward pass")
     p.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the RM's own)")
     p.add_argument("--out", default="rm_bench.json", help="JSON output path")
     args = p.parse_args(argv)
@@ -317,6 +320,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+@guarded
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     scorer = None
@@ -335,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
                 it.item_id for it in items if it.score_chosen is None or it.score_rejected is None
             ]
             if missing:
-                raise SystemExit(f"--from-scores: items without scores: {missing[:5]}")
+                raise InputError(f"--from-scores: items without scores: {missing[:5]}")
             sc = np.array([it.score_chosen for it in items])
             sr = np.array([it.score_rejected for it in items])
         else:

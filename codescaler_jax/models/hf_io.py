@@ -38,6 +38,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from codescaler_jax.fsutil import apply_umask
 from codescaler_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM, Qwen3RewardModel
 from codescaler_jax.models.sharding import Rules, flat_param_shardings
 
@@ -322,6 +323,7 @@ def save_hf_model(
             total += host.nbytes
         if writer:
             save_file(tensors, os.path.join(path, fname), metadata={"format": "pt"})
+            apply_umask(os.path.join(path, fname))  # safetensors writes 0600
         del tensors
     if writer and n > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}

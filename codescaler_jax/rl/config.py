@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
+from codescaler_jax.config import check_at_least, check_input_path
 from codescaler_jax.models.sharding import MeshConfig
 from codescaler_jax.rl.advantages import ADVANTAGE_ESTIMATORS
 from codescaler_jax.rl.losses import PolicyLossConfig
@@ -54,6 +55,7 @@ class DataSection:
     def __post_init__(self):
         if self.max_prompt_length < 1:
             raise ValueError(f"data.max_prompt_length must be >= 1, got {self.max_prompt_length}")
+        check_at_least("data", self, min_prompt_bucket=1, max_problems=1)
 
 
 @dataclasses.dataclass
@@ -85,6 +87,9 @@ class RolloutSection:
             raise ValueError(f"rollout.num_prompts must be >= 1, got {self.num_prompts}")
         if self.min_response_bucket < 1:
             raise ValueError("rollout.min_response_bucket must be >= 1")
+        check_at_least("rollout", self, max_new_tokens=1, temperature=0.0, top_k=0, batch_size=1)
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
 
 
 @dataclasses.dataclass
@@ -117,6 +122,11 @@ class RewardSection:
         REWARDS.check(self.name)
         if self.shaping not in SHAPERS:
             raise ValueError(f"shaping: unknown mode {self.shaping!r}; allowed {sorted(SHAPERS)}")
+        check_at_least("reward", self, rm_max_length=8, rm_batch_size=1, sandbox_workers=1)
+        if self.sandbox_time_limit_s <= 0:
+            raise ValueError(
+                f"reward.sandbox_time_limit_s must be > 0, got {self.sandbox_time_limit_s}"
+            )
 
 
 @dataclasses.dataclass
@@ -147,6 +157,7 @@ class AlgorithmSection:
         self.loss_config()  # validates the loss knobs now, naming the bad one
         if self.num_minibatches < 1 or self.micro_batches < 1:
             raise ValueError("algorithm.num_minibatches and micro_batches must be >= 1")
+        check_at_least("algorithm", self, logprob_chunk=1, eps=0.0)
 
     def loss_config(self) -> PolicyLossConfig:
         """The policy-loss knobs of this section."""
@@ -185,6 +196,10 @@ class TrainSection:
     def __post_init__(self):
         if self.steps < 1:
             raise ValueError(f"train.steps must be >= 1, got {self.steps}")
+        check_at_least(
+            "train", self, log_every=1, samples_every=0, num_text_samples=0, save_every=0,
+            keep_checkpoints=1,
+        )
 
 
 @dataclasses.dataclass
@@ -200,6 +215,19 @@ class GRPOConfig:
     optim: GRPOOptimSection = dataclasses.field(default_factory=GRPOOptimSection)
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+
+    def check_paths(self) -> None:
+        """Raise ``ConfigError`` naming the key of an input path that does not exist (called
+        before any data or model work, not at load)."""
+        check_input_path("data.source", self.data.source, need="file")
+        check_input_path("policy.init_from", self.policy.init_from, need="dir")
+        check_input_path("policy.tokenizer", self.policy.tokenizer, need="dir")
+        check_input_path(
+            "reward.rm_path", self.reward.rm_path, need="dir",
+            hint="train one first: python -m codescaler_jax.train_rm --config "
+            "configs/rm_tiny.yaml writes runs/rm_tiny; or point it at a Hugging Face RM",
+        )
+        check_input_path("reward.rm_tokenizer", self.reward.rm_tokenizer, need="dir")
 
     def __post_init__(self):
         rows = self.rollout.num_prompts * self.rollout.num_generations

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from codescaler_jax.code.extract import Extraction, extract_batch
+from codescaler_jax.config import ConfigError
 from codescaler_jax.data.problems import Problem
 from codescaler_jax.rl.registry import Registry
 
@@ -228,7 +229,7 @@ def load_scorer(section: RewardSection, mesh: Mesh) -> RewardScorer:
     from codescaler_jax.rm.scorer import RewardScorer
 
     if not section.rm_path:
-        raise ValueError("reward.rm_path is not set: the codescaler reward needs a reward model")
+        raise ConfigError("reward.rm_path is not set: the codescaler reward needs a reward model")
     path = Path(section.rm_path)
     loadable = ((path / "config.json").is_file() or (path / "hf" / "config.json").is_file()
                 or ((path / "config.yaml").is_file() and (path / "checkpoints").is_dir()))

@@ -33,7 +33,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from codescaler_jax.config import save_config, to_dict
+from codescaler_jax.config import ConfigError, save_config, to_dict
 from codescaler_jax.data.problems import Problem, humaneval_problems, read_problems_jsonl
 from codescaler_jax.data.tokenizer import load_tokenizer, resolve_tokenizer_path
 from codescaler_jax.eval.sampling import render_prompts
@@ -64,6 +64,7 @@ from codescaler_jax.rm.train_step import (
     split_model,
     state_shardings,
 )
+from codescaler_jax.training.run_dir import GRPO_RESUME, claim_run_dir, resume_tensorboard
 
 log = logging.getLogger("codescaler_jax")
 
@@ -135,15 +136,28 @@ def decode_responses(tokenizer, out: SampleOutput, eos_ids: tuple[int, ...]) -> 
 class GRPOTrainer:
     """Builds every piece of a GRPO run from its config and runs it."""
 
-    def __init__(self, cfg: GRPOConfig, *, resume: bool = False, progress: bool = True,
-                 mesh: Mesh | None = None):
-        """``mesh``: run on this mesh instead of ``make_mesh(cfg.mesh)`` over all devices."""
+    def __init__(self, cfg: GRPOConfig, *, resume: bool = False, overwrite: bool = False,
+                 progress: bool = True, mesh: Mesh | None = None):
+        """``mesh``: run on this mesh instead of ``make_mesh(cfg.mesh)`` over all devices.
+        ``overwrite``: delete a previous run in ``run_dir`` first (else a used directory is
+        refused unless ``resume``; see ``codescaler_jax.training.run_dir``)."""
         self.cfg = cfg
         self.resume = resume
+        self.overwrite = overwrite
         self.progress = progress
         self.mesh = mesh
         self.run_dir = Path(cfg.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._prepared = False
+
+    def prepare(self) -> None:
+        """Check the input paths and claim the run directory (``InputError`` when refused)
+        before any model or data work. Called by `run`."""
+        if self._prepared:
+            return
+        self.cfg.check_paths()
+        claim_run_dir(self.run_dir, self.cfg, resume=self.resume, overwrite=self.overwrite,
+                      policy=GRPO_RESUME)
+        self._prepared = True
 
     # ------------------------------------------------------------------ pieces
     def build_policy(self, mesh, tokenizer) -> Qwen3ForCausalLM:
@@ -184,6 +198,7 @@ class GRPOTrainer:
     def run(self) -> dict[str, Any]:
         """Train ``train.steps`` steps (from the latest checkpoint when resuming)."""
         self._reward_fn = None
+        self.prepare()
         try:
             return self._run()
         finally:
@@ -208,7 +223,7 @@ class GRPOTrainer:
         problems = [problems_all[i] for i in keep]
         prompts = [rendered[i] for i in keep]
         if len(problems) < r.num_prompts:
-            raise ValueError(f"only {len(problems)} usable prompts, fewer than "
+            raise ConfigError(f"only {len(problems)} usable prompts, fewer than "
                              f"rollout.num_prompts={r.num_prompts}")
         reward_fn = self._reward_fn = build_reward(cfg.reward, mesh)
 
@@ -274,13 +289,26 @@ class GRPOTrainer:
                 log.info("resumed from step %d", start_step)
             elif self.resume:
                 log.info("--resume: no checkpoint in %s, starting from scratch", self.run_dir)
+            if start_step >= cfg.train.steps:
+                log.warning(
+                    "nothing to train: the checkpoint in %s is at step %d and train.steps is "
+                    "%d; raise train.steps to continue. hf/, summary.json and tb/ are left as "
+                    "they were", self.run_dir / "checkpoints", start_step, cfg.train.steps)
+                ckpt.close()
+                self.state, self.graphdef, self.rest = state, graphdef, rest
+                return {"steps": start_step, "steps_run": 0, "first_step": start_step,
+                        "nothing_to_train": True, "history": history, "last": {},
+                        "wall_s": time.perf_counter() - t_start, "config": to_dict(cfg)}
 
             def save(step: int) -> None:
+                writer.flush()  # events up to `step` are on disk before its checkpoint exists
                 meta = {"data_state": it.get_state(), "step": step, "history": history,
                         "rng_key": np.asarray(jax.random.key_data(key)).tolist()}
                 ckpt.save(step, args=ocp.args.Composite(
                     state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
 
+            if self.resume:
+                resume_tensorboard(self.run_dir / "tb", start_step)
             writer = Writer(self.run_dir / "tb")
             bar = tqdm(total=cfg.train.steps, initial=start_step, desc="train_grpo", unit="step",
                        disable=not self.progress or jax.process_index() != 0)

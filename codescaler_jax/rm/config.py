@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from codescaler_jax.config import check_at_least, check_fraction, check_input_path
 from codescaler_jax.distributed import DistributedConfig
 from codescaler_jax.models.sharding import MeshConfig
 
@@ -61,8 +62,15 @@ class DataSection:
     def __post_init__(self):
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
-        if self.max_length < 8:
-            raise ValueError(f"data.max_length must be >= 8, got {self.max_length}")
+        check_at_least(
+            "data", self, max_length=8, min_bucket=1, mutants_per_problem=1,
+            max_pairs_per_problem=1, max_record_bytes=1, max_pairs=1, sandbox_workers=1,
+        )
+        check_fraction("data", self, "line_mutant_fraction", "unaligned_fraction")
+        if self.sandbox_time_limit_s <= 0:
+            raise ValueError(
+                f"data.sandbox_time_limit_s must be > 0, got {self.sandbox_time_limit_s}"
+            )
 
 
 @dataclasses.dataclass
@@ -79,6 +87,15 @@ class OptimSection:
     eps: float = 1e-8
     max_grad_norm: float = 1.0
     freeze: list[str] = dataclasses.field(default_factory=list)  # param path prefixes to freeze
+
+    def __post_init__(self):
+        check_at_least(
+            "optim", self, learning_rate=0.0, warmup_steps=0, weight_decay=0.0,
+            max_grad_norm=0.0,
+        )
+        check_fraction("optim", self, "min_lr_ratio", "b1", "b2")
+        if self.eps <= 0:
+            raise ValueError(f"optim.eps must be > 0, got {self.eps}")
 
 
 @dataclasses.dataclass
@@ -100,6 +117,12 @@ class TrainSection:
     export_hf: bool = True
 
     def __post_init__(self):
+        # Ranges first: a zero or negative count fails here, naming its key, instead of as a
+        # ZeroDivisionError below or a Grain error after the data is built.
+        check_at_least(
+            "train", self, global_batch_size=1, grad_accum_steps=1, num_epochs=1, max_steps=1,
+            eval_every=0, eval_batch_size=1, save_every=0, keep_checkpoints=1, log_every=1,
+        )
         if self.global_batch_size % self.grad_accum_steps:
             raise ValueError(
                 f"train.global_batch_size={self.global_batch_size} is not divisible by "
@@ -118,3 +141,13 @@ class RMTrainConfig:
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+
+    def check_paths(self) -> None:
+        """Raise ``ConfigError`` naming the key of an input path that does not exist.
+
+        Called before any data work (not at load: a finished run's config stays loadable after
+        its data files are gone)."""
+        check_input_path("data.source", self.data.source)
+        check_input_path("data.eval_source", self.data.eval_source)
+        check_input_path("data.tokenizer", self.data.tokenizer, need="dir")
+        check_input_path("model.init_from", self.model.init_from, need="dir")

@@ -42,6 +42,7 @@ def bt_metrics(chosen: jax.Array, rejected: jax.Array, weight: jax.Array) -> dic
     return {
         "count": w.sum(),
         "correct": (w * (chosen > rejected)).sum(),
+        "ties": (w * (chosen == rejected)).sum(),
         "margin_sum": (w * (chosen - rejected)).sum(),
         "chosen_sum": (w * chosen).sum(),
         "chosen_sq_sum": (w * chosen**2).sum(),
@@ -51,7 +52,10 @@ def bt_metrics(chosen: jax.Array, rejected: jax.Array, weight: jax.Array) -> dic
 
 
 def finalize_metrics(sums: dict[str, jax.Array | float]) -> dict[str, float]:
-    """Turn summed statistics from ``bt_metrics`` into accuracy, mean margin, mean and std."""
+    """Turn summed statistics from ``bt_metrics`` into accuracy, mean margin, mean and std.
+
+    ``accuracy`` counts pairs with ``chosen > rejected``; ``tie_fraction`` the pairs scored
+    exactly equal, which are neither right nor wrong and reported apart."""
     n = max(float(sums["count"]), 1.0)
 
     def std(s: str, sq: str) -> float:
@@ -60,6 +64,7 @@ def finalize_metrics(sums: dict[str, jax.Array | float]) -> dict[str, float]:
 
     out = {
         "accuracy": float(sums["correct"]) / n,
+        "tie_fraction": float(sums.get("ties", 0.0)) / n,
         "margin": float(sums["margin_sum"]) / n,
         "chosen_mean": float(sums["chosen_sum"]) / n,
         "chosen_std": std("chosen_sum", "chosen_sq_sum"),

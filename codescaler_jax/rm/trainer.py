@@ -4,7 +4,10 @@
 directory holds ``config.yaml``, ``data/`` (the pairs used, their statistics), ``tb/``
 (TensorBoard), ``checkpoints/`` (Orbax), ``hf/`` (the exported Hugging Face RM),
 ``log.p<process>.txt`` and ``summary.json``. ``resume=True`` restores the latest checkpoint
-(parameters, optimizer, step, data-iterator position) and continues exactly.
+(parameters, optimizer, step, data-iterator position) and continues exactly; a directory that
+already holds a run is refused unless ``resume`` or ``overwrite`` (see
+``codescaler_jax.training.run_dir``). The pairs cached in ``data/`` are keyed by the data config
+and the identity of the source files, so a changed ``data`` section rebuilds them.
 """
 
 from __future__ import annotations
@@ -27,9 +30,10 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from codescaler_jax.config import save_config, to_dict
+from codescaler_jax.config import ConfigError, save_config, to_dict
 from codescaler_jax.data.pairs import Pair, read_pairs, split_by_problem, write_pairs_jsonl
 from codescaler_jax.data.pipeline import (
+    drop_identical,
     eval_batches,
     make_buckets,
     pair_batches,
@@ -37,6 +41,7 @@ from codescaler_jax.data.pipeline import (
 )
 from codescaler_jax.data.tokenizer import load_tokenizer, resolve_tokenizer_path
 from codescaler_jax.distributed import assert_shared_directory
+from codescaler_jax.errors import InputError
 from codescaler_jax.logging_utils import Writer
 from codescaler_jax.models.qwen3 import Qwen3Config, Qwen3RewardModel
 from codescaler_jax.models.sharding import batch_sharding, create_sharded, make_mesh
@@ -54,6 +59,7 @@ from codescaler_jax.rm.train_step import (
     split_model,
     state_shardings,
 )
+from codescaler_jax.training.run_dir import RM_RESUME, claim_run_dir, resume_tensorboard
 
 log = logging.getLogger("codescaler_jax")
 
@@ -110,6 +116,41 @@ def jit_train_step(graphdef, rest, tx, schedule, opts: StepOptions, shardings: d
     )
 
 
+# Data keys that change only tokenization or speed, not which pairs are built.
+_NOT_PAIR_KEYS = ("tokenizer", "max_length", "min_bucket", "sandbox_workers")
+
+
+def _file_identity(value: str | None) -> dict[str, Any] | None:
+    """Path, size and modification time of a local data file (of each file in a dataset
+    directory); None for names that are not local paths (``humaneval``, hub datasets)."""
+    if not value or not Path(value).exists():
+        return None
+    p = Path(value).resolve()
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    return {
+        "path": str(p),
+        "files": [[str(f.relative_to(p) if p.is_dir() else f.name), f.stat().st_size,
+                   f.stat().st_mtime_ns] for f in files],
+    }
+
+
+def pairs_cache_key(cfg: RMTrainConfig) -> dict[str, Any]:
+    """What the cached pairs of a run depend on: the data section (less its tokenization and
+    speed keys), the seed (split and shuffles) and the identity of the source files; with its
+    ``sha256``."""
+    data = {k: v for k, v in to_dict(cfg.data).items() if k not in _NOT_PAIR_KEYS}
+    key: dict[str, Any] = {
+        "data": data,
+        "seed": cfg.train.seed,
+        "sources": {
+            "source": _file_identity(cfg.data.source),
+            "eval_source": _file_identity(cfg.data.eval_source),
+        },
+    }
+    key["sha256"] = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    return key
+
+
 def _problem_key(p: Pair) -> Pair:
     if p.problem_id:
         return p
@@ -125,17 +166,32 @@ class RMTrainer:
         cfg: RMTrainConfig,
         *,
         resume: bool = False,
+        overwrite: bool = False,
         progress: bool = True,
         on_step: Callable[[int, dict[str, float]], None] | None = None,
     ):
         """``on_step(step, metrics)`` is called after every optimizer step (and its eval /
-        checkpoint), e.g. to stream metrics elsewhere or to stop a run early."""
+        checkpoint), e.g. to stream metrics elsewhere or to stop a run early. ``overwrite``:
+        delete a previous run in ``run_dir`` first."""
         self.cfg = cfg
         self.on_step = on_step
         self.resume = resume
+        self.overwrite = overwrite
         self.progress = progress
         self.run_dir = Path(cfg.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._prepared = False
+
+    def prepare(self) -> None:
+        """Check the input paths and the run directory before any work (refuse a used
+        directory without ``resume``/``overwrite``, a changed config on resume; with
+        ``overwrite`` delete the previous run). Raises ``InputError``. Called by `run`."""
+        if self._prepared:
+            return
+        self.cfg.check_paths()
+        claim_run_dir(
+            self.run_dir, self.cfg, resume=self.resume, overwrite=self.overwrite, policy=RM_RESUME
+        )
+        self._prepared = True
 
     # ------------------------------------------------------------------ data
     def load_pairs(self) -> tuple[list[Pair], list[Pair], dict[str, Any]]:
@@ -159,17 +215,28 @@ class RMTrainer:
         d = self.cfg.data
         data_dir = self.run_dir / "data"
         cached = [data_dir / "train_pairs.jsonl", data_dir / "eval_pairs.jsonl"]
-        if all(p.is_file() for p in cached):
-            train, _ = read_pairs(cached[0], max_record_bytes=1 << 40)
-            held, _ = (
-                read_pairs(cached[1], max_record_bytes=1 << 40)
-                if cached[1].stat().st_size
-                else ([], None)
-            )
+        key = pairs_cache_key(self.cfg)
+        if all(p.is_file() for p in cached) and (data_dir / "stats.json").is_file():
             stats = json.loads((data_dir / "stats.json").read_text())
-            log.info("reusing the pairs cached in %s", data_dir)
-            return train, held, stats
-        stats: dict[str, Any] = {}
+            if stats.get("cache_key") == key["sha256"]:
+                train, _ = read_pairs(cached[0], max_record_bytes=1 << 40)
+                held, _ = (
+                    read_pairs(cached[1], max_record_bytes=1 << 40)
+                    if cached[1].stat().st_size
+                    else ([], None)
+                )
+                log.info("reusing the pairs cached in %s", data_dir)
+                return train, held, stats
+            if self.resume:
+                raise InputError(
+                    f"--resume: the pairs cached in {data_dir} were built from other data "
+                    f"(a source file changed since the run started: {key['sources']}); the "
+                    "checkpoint's data position would not match. Start a new run_dir or pass "
+                    "--overwrite"
+                )
+            log.info("the pairs cached in %s were built for another data config; rebuilding",
+                     data_dir)
+        stats: dict[str, Any] = {"cache_key": key["sha256"], "cache_inputs": key}
         if d.source == "humaneval":
             from codescaler_jax.data.problems import humaneval_problems
             from codescaler_jax.data.verified import verified_pairs
@@ -244,6 +311,7 @@ class RMTrainer:
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
         t_start = time.perf_counter()
+        self.prepare()
         assert_shared_directory(self.run_dir)
         if jax.process_index() == 0:
             save_config(cfg, self.run_dir / "config.yaml")
@@ -251,15 +319,32 @@ class RMTrainer:
         log.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.default_backend())
         tokenizer = load_tokenizer(cfg.data.tokenizer)
         train_pairs, held_pairs, data_stats = self.load_pairs()
-        if len(train_pairs) < cfg.train.global_batch_size:
-            raise ValueError(
-                f"only {len(train_pairs)} training pairs, fewer than "
-                f"train.global_batch_size={cfg.train.global_batch_size}"
-            )
         max_len = cfg.data.max_length
         buckets = make_buckets(max_len, min(cfg.data.min_bucket, max_len))
         train_tok = tokenize_pairs(train_pairs, tokenizer, max_len, progress=self.progress)
         held_tok = tokenize_pairs(held_pairs, tokenizer, max_len, progress=self.progress)
+        # Pairs whose two sides are the same tokens after truncation say nothing: dropped from
+        # training and evaluation (in held-out accuracy they could only count as wrong).
+        train_pairs, train_tok, same_train = drop_identical(train_pairs, train_tok)
+        held_pairs, held_tok, same_held = drop_identical(held_pairs, held_tok)
+        data_stats = {
+            **data_stats,
+            "identical_after_truncation": {
+                "train": same_train, "eval": same_held, "max_length": max_len
+            },
+            "train_pairs_used": len(train_pairs),
+            "eval_pairs_used": len(held_pairs),
+        }
+        if same_train or same_held:
+            log.info(
+                "dropped %d training and %d held-out pairs whose chosen and rejected inputs are "
+                "identical after truncation to %d tokens", same_train, same_held, max_len,
+            )
+        if len(train_pairs) < cfg.train.global_batch_size:
+            raise ConfigError(
+                f"only {len(train_pairs)} training pairs, fewer than "
+                f"train.global_batch_size={cfg.train.global_batch_size}"
+            )
         pad_id = tokenizer.pad_token_id
         train_ds = pair_batches(
             train_tok,
@@ -332,6 +417,7 @@ class RMTrainer:
                     for k, v in out.items():
                         sums[k] = sums.get(k, 0.0) + float(v)
                 metrics = finalize_metrics(sums)
+                metrics["pairs"] = float(sums["count"])
                 kinds = sorted(set(held_kinds))
                 if len(kinds) > 1:
                     for kind in kinds:
@@ -370,8 +456,16 @@ class RMTrainer:
                 log.info("resumed from step %d", start_step)
             elif self.resume:
                 log.info("--resume: no checkpoint in %s, starting from scratch", self.run_dir)
+            if start_step >= total_steps:
+                ckpt.close()
+                self.state, self.graphdef, self.rest = state, graphdef, rest
+                return self._nothing_to_train(
+                    start_step, total_steps, history, data_stats, t_start
+                )
 
-            writer = Writer(self.run_dir / "tb")
+            if self.resume:
+                resume_tensorboard(self.run_dir / "tb", start_step)
+            writer = self.writer = Writer(self.run_dir / "tb")  # on_step hooks may log or flush
             peak = measure_matmul_peak(
                 jnp.bfloat16 if cfg.model.dtype == "bfloat16" else jnp.float32, n=1024, repeat=3
             )
@@ -383,6 +477,9 @@ class RMTrainer:
                     log.info("step 0 (untrained) held-out: %s", _fmt(m0))
 
             def save(step: int) -> None:
+                # Every event up to `step` is on disk before its checkpoint exists: a run killed
+                # later resumes from here with no step missing in TensorBoard.
+                writer.flush()
                 meta = {"data_state": it.get_state(), "step": step, "history": history}
                 ckpt.save(
                     step,
@@ -484,6 +581,8 @@ class RMTrainer:
             self.state, self.graphdef, self.rest = state, graphdef, rest
         summary = {
             "steps": total_steps,
+            "first_step": start_step,
+            "steps_run": total_steps - start_step,
             "data": data_stats,
             "untrained_eval": next((e for e in history["eval"] if e["step"] == 0), None),
             "final_eval": final or None,
@@ -495,6 +594,42 @@ class RMTrainer:
         if jax.process_index() == 0:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
+
+    def _nothing_to_train(
+        self, step: int, total: int, history: dict[str, Any], data_stats: dict[str, Any],
+        t_start: float,
+    ) -> dict[str, Any]:
+        """A resume whose checkpoint already reached the step budget: train nothing, keep
+        ``hf/``, ``summary.json`` and TensorBoard as they are, and say so."""
+        log.warning(
+            "nothing to train: the checkpoint in %s is at step %d and the step budget is %d "
+            "(train.max_steps, or the data's epochs); raise train.max_steps to continue. "
+            "hf/, summary.json and tb/ are left as they were",
+            self.run_dir / "checkpoints", step, total,
+        )
+        hf = self.run_dir / "hf"
+        if self.cfg.train.export_hf and not (hf / "config.json").is_file():
+            from codescaler_jax.models.hf_io import save_hf_model
+
+            save_hf_model(
+                nnx.merge(self.graphdef, self.state["params"], self.rest), hf,
+                tokenizer_dir=resolve_tokenizer_path(self.cfg.data.tokenizer),
+            )
+            log.info("hf/ was missing: exported the step-%d weights of the checkpoint", step)
+        evals = [e for e in history.get("eval", []) if e["step"] == step]
+        return {
+            "steps": step,
+            "first_step": step,
+            "steps_run": 0,
+            "nothing_to_train": True,
+            "data": data_stats,
+            "untrained_eval": next((e for e in history.get("eval", []) if e["step"] == 0), None),
+            # The held-out metrics recorded when the run reached this step (not re-measured).
+            "checkpoint_eval": evals[-1] if evals else None,
+            "final_eval": None,
+            "wall_s": time.perf_counter() - t_start,
+            "config": to_dict(self.cfg),
+        }
 
 
 def _fmt(m: dict[str, float]) -> str:

@@ -75,6 +75,10 @@ def parse_json_body(body: bytes) -> dict[str, Any]:
         raise RequestError(400, f"body is not UTF-8: {e.reason} at byte {e.start}") from e
     except json.JSONDecodeError as e:
         raise RequestError(400, f"body is not valid JSON: {e.msg} (char {e.pos})") from e
+    except RecursionError:
+        # json.loads recurses once per nesting level; a body of 100k "[" must be a 400, not
+        # a 500 from inside the parser.
+        raise RequestError(400, "body is not valid JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise RequestError(400, f"body must be a JSON object, got {type(data).__name__}")
     return data

@@ -4,20 +4,33 @@
 parameters), so a batch of ``n`` items runs at the smallest bucket ``>= n`` rows and at a
 power-of-two length bucket: a handful of compiled shapes, none at request time once warmed up.
 A `Batcher` merges items of concurrent requests. Code extraction (training mode: exactly one
-fenced block that parses) runs in the request threads; responses without code never reach the
-RM and get reward 0, exactly as validity-preserving shaping gives them.
+fenced block that parses) runs in the request threads. Responses without code get reward 0,
+exactly as validity-preserving shaping gives them; ``/get_reward`` does not run the RM on them,
+``/score`` reports their raw RM score of ``(problem, "")``, as ``python -m codescaler_jax.score``
+does (the reference scores "" for no code).
+
+Memory: with a ``memory_budget_bytes``, every (rows, length) program is compiled ahead of time
+and its memory read from XLA before it ever runs; a length bucket then takes at most the rows
+that fit the budget per pass (a larger batch is split), and a model whose smallest pass at
+``max_length`` does not fit is refused at start-up with what to lower.
 
 `RewardHTTPServer` is a standard-library ``ThreadingHTTPServer`` (HTTP/1.1, keep-alive): the
 Content-Length is checked against the limit before a byte of the body is read, open connections
 are capped, each socket has a timeout, and every refusal is a JSON ``{"error": message}`` with a
-4xx/5xx status; no request can stop the server.
+4xx/5xx status; no request can stop the server. Slow clients cannot hold it: a connection must
+deliver each complete request within ``request_timeout_s`` of opening or of its previous answer
+(else it is closed), and at the connection cap a new connection replaces the one that has waited
+longest for its request, so ``/health`` and fast clients are still served. A client that goes
+away mid-request costs one log line.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import socket
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -29,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from codescaler_jax.data.tokenizer import bucket_length
+from codescaler_jax.errors import InputError
 from codescaler_jax.serving.batcher import Batcher, Overloaded
 from codescaler_jax.serving.protocol import (
     Item,
@@ -42,10 +56,39 @@ from codescaler_jax.serving.protocol import (
 log = logging.getLogger("codescaler_jax.serve")
 
 
+def default_memory_budget(mesh) -> tuple[int, str]:
+    """``(bytes, where from)``: what one forward pass may use per device beyond the parameters
+    when ``--memory-budget-gb`` is not given. An accelerator: 90% of its free memory. CPU
+    devices share the host's memory: half of what the host has available, split between them.
+    """
+    device = mesh.devices.flat[0]
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and stats.get("bytes_limit"):
+        free = int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+        return int(0.9 * free), f"90% of the free memory of one {device.device_kind}"
+    available = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if available is None:
+        import os
+
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    n = mesh.devices.size
+    return int(0.5 * available / n), (
+        f"half the host's available memory ({available / 2**30:.1f} GiB)"
+        + (f" over {n} devices" if n > 1 else "")
+    )
+
+
 def default_row_buckets(max_batch: int, data_ways: int) -> tuple[int, ...]:
     """Row counts to compile: ``data_ways * 4**k`` below ``max_batch``, then ``max_batch``."""
     if max_batch % data_ways:
-        raise ValueError(f"max_batch={max_batch} must be a multiple of data ways {data_ways}")
+        raise InputError(f"max_batch={max_batch} must be a multiple of data ways {data_ways}")
     out, b = [], data_ways
     while b < max_batch:
         out.append(b)
@@ -66,6 +109,8 @@ class RewardService:
         end_markers: strings stripped from the end of ``/get_reward`` responses.
         pass_overhead_tokens: the fixed cost of one forward pass (launch, reading the weights),
             in tokens of work; decides when a mixed-length batch is split by length bucket.
+        memory_budget_bytes: most memory one forward pass may use beyond the parameters (per
+            device, as XLA counts it); None: no limit. See `max_rows`.
     """
 
     def __init__(
@@ -79,6 +124,7 @@ class RewardService:
         end_markers: Sequence[str] = (),
         request_timeout_s: float = 300.0,
         pass_overhead_tokens: int = 256,
+        memory_budget_bytes: int | None = None,
     ):
         from codescaler_jax.rm.shaping import SHAPERS
 
@@ -92,6 +138,9 @@ class RewardService:
         self.end_markers = tuple(end_markers)
         self.request_timeout_s = request_timeout_s
         self.pass_overhead_tokens = pass_overhead_tokens
+        self.memory_budget_bytes = memory_budget_bytes
+        self._max_rows: dict[int, int] = {}
+        self._too_big: dict[int, tuple[int, int]] = {}  # length -> (rows, bytes) that did not fit
         self.batcher = Batcher(
             self._score_batch, max_batch=self.max_batch, max_wait_s=max_wait_s,
             max_pending=max_pending,
@@ -114,31 +163,10 @@ class RewardService:
         """Load the RM once and build a scorer per row bucket on ``mesh`` (default: all
         devices). ``path`` is what `RewardScorer.from_pretrained` takes: an HF RM directory, or a
         train_rm run directory (its ``hf/`` export, else its latest Orbax checkpoint)."""
-        from codescaler_jax.data.tokenizer import load_tokenizer
-        from codescaler_jax.models.hf_io import load_hf_model
-        from codescaler_jax.models.qwen3 import Qwen3RewardModel
-        from codescaler_jax.models.sharding import make_mesh
-        from codescaler_jax.rm.scorer import RewardScorer
+        from codescaler_jax.rm.scorer import RewardScorer, load_rm
 
-        # The same resolution as RewardScorer.from_pretrained, which cannot share one loaded
-        # model between several batch sizes.
-        path = Path(path)
-        if not (path / "config.json").is_file() and (path / "hf" / "config.json").is_file():
-            path = path / "hf"
-        mesh = mesh if mesh is not None else make_mesh()
-        if (path / "config.json").is_file():
-            model = load_hf_model(path, Qwen3RewardModel, mesh=mesh, param_dtype=dtype,
-                                  dtype=dtype)
-            tok = load_tokenizer(tokenizer or str(path))
-        elif (path / "config.yaml").is_file() and (path / "checkpoints").is_dir():
-            from codescaler_jax.rm.trainer import load_run_checkpoint
-
-            model, tok = load_run_checkpoint(path, mesh=mesh)
-            tok = load_tokenizer(tokenizer) if tokenizer else tok
-        else:
-            raise FileNotFoundError(
-                f"{path}: neither an HF RM directory nor a train_rm run directory"
-            )
+        # Loaded once, shared by the scorers of every row bucket.
+        model, tok, mesh = load_rm(path, tokenizer=tokenizer, mesh=mesh, dtype=dtype)
         data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
         rows = tuple(row_buckets) if row_buckets else default_row_buckets(max_batch, data_ways)
         scorers = {
@@ -170,23 +198,80 @@ class RewardService:
         groups: dict[int, list[int]] = {}
         for i, length in enumerate(lengths):
             groups.setdefault(length, []).append(i)
-        over = self.pass_overhead_tokens
-        one_pass = self._rows(len(seqs)) * max(lengths) + over
-        per_bucket = sum(self._rows(len(idx)) * length + over for length, idx in groups.items())
-        if per_bucket >= one_pass:
-            return self.scorers[self._rows(len(seqs))].score_ids(seqs)
+        everything = list(range(len(seqs)))
+        if self._cost(everything, max(lengths)) <= sum(
+            self._cost(idx, length) for length, idx in groups.items()
+        ):
+            groups = {max(lengths): everything}
         out = np.zeros(len(seqs), np.float32)
-        for idx in groups.values():
-            out[idx] = self.scorers[self._rows(len(idx))].score_ids([seqs[i] for i in idx])
+        for length, idx in groups.items():
+            for chunk in self._chunks(idx, length):
+                out[chunk] = self.scorers[self._rows(len(chunk))].score_ids(
+                    [seqs[i] for i in chunk]
+                )
         return out
 
+    def _chunks(self, idx: list[int], length: int) -> list[list[int]]:
+        """``idx`` cut into passes of at most `max_rows` ``(length)`` items."""
+        cap = self.max_rows(length)
+        return [idx[i : i + cap] for i in range(0, len(idx), cap)]
+
+    def _cost(self, idx: list[int], length: int) -> int:
+        return sum(
+            self._rows(len(c)) * length + self.pass_overhead_tokens
+            for c in self._chunks(idx, length)
+        )
+
+    def max_rows(self, length: int) -> int:
+        """The most rows one pass at length bucket ``length`` may take: the largest row bucket
+        whose compiled program fits ``memory_budget_bytes`` (all of them without a budget).
+        Compiles (never runs) the programs it checks; they are the ones later passes run.
+        Raises `InputError` when even the smallest row bucket does not fit."""
+        cap = self._max_rows.get(length)
+        if cap is not None:
+            return cap
+        cap = 0
+        for rows in self.row_buckets:
+            if self.memory_budget_bytes is not None:
+                need = self.scorers[rows].pass_bytes(length)
+                if need > self.memory_budget_bytes:
+                    self._too_big[length] = (rows, need)
+                    break
+            cap = rows
+        if cap == 0:
+            rows, need = self._too_big[length]
+            raise InputError(
+                f"one forward pass of {rows} rows x {length} tokens needs {need / 2**30:.2f} GiB, "
+                f"more than the memory budget of {self.memory_budget_bytes / 2**30:.2f} GiB: "
+                f"lower --max-length, or raise --memory-budget-gb"
+            )
+        if cap < self.max_batch:
+            rows, need = self._too_big[length]
+            log.info(
+                "length %d: at most %d rows per pass (%d rows would need %.2f GiB, over the "
+                "%.2f GiB budget); lower --max-length or --max-batch, or raise "
+                "--memory-budget-gb, to change this", length, cap, rows, need / 2**30,
+                self.memory_budget_bytes / 2**30,
+            )
+        self._max_rows[length] = cap
+        return cap
+
+    def memory_plan(self) -> dict[str, int]:
+        """``{length bucket: most rows per pass}`` as far as known (all after `warmup`)."""
+        return {str(k): v for k, v in sorted(self._max_rows.items())}
+
     def warmup(self) -> int:
-        """Compile every (row bucket, length bucket) shape now; returns how many."""
+        """Compile every (row bucket, length bucket) program that fits the memory budget now,
+        longest first (a model too large for ``max_length`` is refused before the rest is
+        compiled); nothing is run. Returns how many programs were compiled."""
+        first = self.scorers[self.row_buckets[0]]
         count = 0
-        for rows, scorer in self.scorers.items():
-            for length in scorer.buckets:
-                scorer.score_ids([[0] * length] * rows)
-                count += 1
+        for length in sorted(first.buckets, reverse=True):
+            cap = self.max_rows(length)
+            for rows in self.row_buckets:
+                if rows <= cap:
+                    self.scorers[rows].compiled(length)
+                    count += 1
         return count
 
     def _shape(self, scores: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -202,11 +287,12 @@ class RewardService:
 
     # ---- request side (handler threads) ------------------------------------------------------
 
-    def evaluate(self, items: Sequence[Item]) -> dict[str, Any]:
+    def evaluate(self, items: Sequence[Item], *, score_invalid: bool = False) -> dict[str, Any]:
         """Extract, score and shape ``items``.
 
-        Returns ``{"scores": [n] f32 (0 where no code), "rewards": [n] f32, "valid": [n] bool,
-        "reasons": [n] str}``.
+        Returns ``{"scores": [n] f32, "rewards": [n] f32, "valid": [n] bool, "reasons": [n]
+        str}``. Items without valid code are scored as ``(problem, "")`` when
+        ``score_invalid``, else not run through the RM (score 0); their reward is 0 either way.
         """
         from codescaler_jax.code.extract import extract_code
 
@@ -222,7 +308,7 @@ class RewardService:
             codes.append(ext.code)
             valid[i] = ext.valid
             reasons.append(ext.reason)
-        idx = np.flatnonzero(valid)
+        idx = np.arange(n) if score_invalid else np.flatnonzero(valid)
         scores = np.zeros(n, np.float32)
         if idx.size:
             scores[idx] = self.batcher.submit(
@@ -237,7 +323,9 @@ class RewardService:
         }
 
     def get_reward(self, data: dict[str, Any], limits: Limits) -> dict[str, Any]:
-        """The OpenRLHF ``/get_reward`` answer: rewards = scores = shaped RM rewards."""
+        """The OpenRLHF ``/get_reward`` answer: rewards = scores = shaped RM rewards
+        (``extra_logs.rm_score`` is 0 for responses without code: they are not run through
+        the RM, their reward is 0 whatever their score)."""
         items = parse_get_reward(
             data, limits, prompt_format=self.prompt_format, end_markers=self.end_markers
         )
@@ -255,10 +343,11 @@ class RewardService:
         }
 
     def score(self, data: dict[str, Any], limits: Limits) -> dict[str, Any]:
-        """The native ``/score`` answer: raw RM scores (null without code), rewards, validity."""
-        res = self.evaluate(parse_score(data, limits))
+        """The native ``/score`` answer: raw RM scores (of ``(problem, "")`` for a response
+        without code, as the ``score`` command gives), rewards, validity, reasons."""
+        res = self.evaluate(parse_score(data, limits), score_invalid=True)
         return {
-            "scores": [float(s) if v else None for s, v in zip(res["scores"], res["valid"])],
+            "scores": [float(s) for s in res["scores"]],
             "rewards": [float(x) for x in res["rewards"]],
             "valid": [bool(v) for v in res["valid"]],
             "reasons": res["reasons"],
@@ -278,10 +367,31 @@ class RewardService:
             "max_batch_seen": st.max_batch_seen,
             "device_busy_s": round(st.busy_s, 3),
             "pending": self.batcher.pending,
+            "memory_budget_bytes": self.memory_budget_bytes,
+            "max_rows_per_length": self.memory_plan(),
+            # {length: [rows, bytes]}: the first row bucket over the budget, per length
+            "over_budget": {str(k): list(v) for k, v in sorted(self._too_big.items())},
         }
 
     def close(self) -> None:
         self.batcher.close()
+
+
+@dataclasses.dataclass(eq=False)
+class _Conn:
+    """An open connection: ``busy`` while a complete request is scored and answered; else it
+    has been waiting since ``since`` for its next complete request."""
+
+    sock: socket.socket
+    host: str
+    since: float = dataclasses.field(default_factory=time.monotonic)
+    busy: bool = False
+    closing: bool = False  # shut down by the server (deadline, eviction): no more log lines
+
+
+# Clients that finish a request take milliseconds; one that has not after this long may be
+# replaced by a new connection when the cap is reached.
+EVICT_AFTER_S = 1.0
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -291,6 +401,17 @@ class _Handler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         self.timeout = self.server.socket_timeout_s  # applied to the socket by StreamRequestHandler
         super().setup()
+
+    def handle_one_request(self) -> None:
+        try:
+            super().handle_one_request()
+        except (ConnectionError, TimeoutError) as e:
+            # The client went away or stalled mid-request (or the server closed it): one line,
+            # not a traceback, and the connection is done.
+            self.server.connection_lost(self.request, self.client_address, e)
+            self.close_connection = True
+        finally:
+            self.server.set_busy(self.request, False)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base-class signature
         log.debug("%s " + format, self.client_address[0], *args)
@@ -329,6 +450,7 @@ class _Handler(BaseHTTPRequestHandler):
             pass
 
     def do_GET(self) -> None:
+        self.server.set_busy(self.request, True)
         if self.headers.get("Content-Length", "0").strip() not in ("", "0"):
             self.close_connection = True  # a GET body is never read
         if self.path == "/health":
@@ -365,7 +487,16 @@ class _Handler(BaseHTTPRequestHandler):
             )
             self._linger()
             return None
-        return self.rfile.read(length)
+        body = self.rfile.read(length)
+        if len(body) < length:
+            # The client closed the connection mid-body: nobody to answer.
+            self.server.connection_lost(
+                self.request, self.client_address,
+                ConnectionAbortedError(f"closed after {len(body)} of {length} body bytes"),
+            )
+            self.close_connection = True
+            return None
+        return body
 
     def do_POST(self) -> None:
         # The body is read (or the connection closed) before anything else, so an unread body
@@ -373,6 +504,7 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._read_body()
         if body is None:
             return
+        self.server.set_busy(self.request, True)  # complete: no read deadline while scoring
         service = self.server.service
         route = {"/get_reward": service.get_reward, "/score": service.score}.get(self.path)
         if route is None:
@@ -411,19 +543,85 @@ class RewardHTTPServer(ThreadingHTTPServer):
         limits: Limits | None = None,
         max_connections: int = 256,
         socket_timeout_s: float = 60.0,
+        request_timeout_s: float = 30.0,
     ):
+        """``socket_timeout_s``: the longest a single read or write may block.
+        ``request_timeout_s``: the longest a connection may take to deliver a complete request
+        (headers and body), counted from its opening or its previous answer; a slow-drip client
+        that sends a byte now and then is closed then, however often it sends."""
         self.service = service
         self.limits = limits or Limits()
         self.max_connections = max_connections
         self.socket_timeout_s = socket_timeout_s
+        self.request_timeout_s = request_timeout_s
         self._lock = threading.Lock()
         self._active = 0
+        self._conns: dict[socket.socket, _Conn] = {}
         self._ok = 0
         self._errors: dict[int, int] = {}
+        self._closed = {"deadline": 0, "evicted": 0, "lost": 0}
         self._started = time.time()
+        self._stop = threading.Event()
         # listen() backlog: the socketserver default of 5 resets bursts of new connections.
         self.request_queue_size = max(128, max_connections)
         super().__init__(address, _Handler)
+        self._reaper = threading.Thread(target=self._reap, name="http-deadline", daemon=True)
+        self._reaper.start()
+
+    # ---- connection bookkeeping ----------------------------------------------------------
+
+    def set_busy(self, sock: socket.socket, busy: bool) -> None:
+        with self._lock:
+            conn = self._conns.get(sock)
+            if conn is not None:
+                conn.busy = busy
+                if not busy:
+                    conn.since = time.monotonic()
+
+    def _close(self, conn: _Conn, why: str) -> None:
+        """Shut ``conn`` down from another thread: its handler's blocked read returns and the
+        handler ends. Caller holds the lock."""
+        conn.closing = True
+        self._closed[why] += 1
+        try:
+            conn.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _reap(self) -> None:
+        """Close connections that have not delivered a complete request in time."""
+        while not self._stop.wait(min(0.25, self.request_timeout_s / 4)):
+            now = time.monotonic()
+            with self._lock:
+                late = [c for c in self._conns.values() if not c.busy and not c.closing
+                        and now - c.since > self.request_timeout_s]
+                for c in late:
+                    self._close(c, "deadline")
+            if late:
+                log.info("closed %d connection(s) with no complete request within %.0f s "
+                         "(e.g. from %s)", len(late), self.request_timeout_s, late[0].host)
+
+    def connection_lost(self, sock: socket.socket, client_address, error: BaseException) -> None:
+        """One log line for a client that went away (none for connections the server closed)."""
+        with self._lock:
+            conn = self._conns.get(sock)
+            if conn is not None and conn.closing:
+                return
+            self._closed["lost"] += 1
+        log.info("client %s: connection lost (%s: %s)", client_address[0],
+                 type(error).__name__, error)
+
+    def handle_error(self, request, client_address) -> None:
+        """Errors escaping a handler: one line for a lost connection, a traceback for bugs."""
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, TimeoutError)):
+            self.connection_lost(request, client_address, error)
+        else:
+            log.exception("error while handling a request from %s", client_address[0])
+
+    def server_close(self) -> None:
+        self._stop.set()
+        super().server_close()
 
     def count_ok(self) -> None:
         with self._lock:
@@ -439,14 +637,25 @@ class RewardHTTPServer(ThreadingHTTPServer):
                 "requests_ok": self._ok,
                 "requests_refused": {str(k): v for k, v in sorted(self._errors.items())},
                 "connections": self._active,
+                "connections_closed": dict(self._closed),
                 "uptime_s": round(time.time() - self._started, 1),
             }
 
     def process_request(self, request, client_address) -> None:
         with self._lock:
-            full = self._active >= self.max_connections
+            live = [c for c in self._conns.values() if not c.closing]
+            full = len(live) >= self.max_connections
+            if full:
+                # Replace the connection that has waited longest for its request (slow or idle
+                # clients), so a fast client such as a /health probe still gets in.
+                now = time.monotonic()
+                waiting = [c for c in live if not c.busy and now - c.since > EVICT_AFTER_S]
+                if waiting:
+                    self._close(min(waiting, key=lambda c: c.since), "evicted")
+                    full = False
             if not full:
                 self._active += 1
+                self._conns[request] = _Conn(request, str(client_address[0]))
         if full:
             body = b'{"error": "too many open connections"}'
             try:
@@ -473,3 +682,4 @@ class RewardHTTPServer(ThreadingHTTPServer):
         finally:
             with self._lock:
                 self._active -= 1
+                self._conns.pop(request, None)
