@@ -6,7 +6,8 @@
 ``guarded`` catches `InputError` (bad config keys and values, bad records, unreadable or
 malformed files the user named) and ``FileNotFoundError`` (a path the user gave that does not
 exist), prints ``error: <message>`` on stderr and returns 2, so no traceback reaches a user for
-a bad input. Ctrl-C prints one line and returns 130. Every other exception is a bug and keeps its
+a bad input, and `RefusedError` (the environment forbids what was asked, e.g. untrusted code
+under weak isolation) the same way. Ctrl-C prints one line and returns 130. Every other exception is a bug and keeps its
 traceback.
 """
 
@@ -16,7 +17,7 @@ import functools
 import sys
 from collections.abc import Callable
 
-from codescaler_jax.errors import InputError
+from codescaler_jax.errors import InputError, RefusedError
 
 EXIT_BAD_INPUT = 2
 
@@ -39,7 +40,8 @@ def guarded(main: Main) -> Main:
     def wrapper(argv: list[str] | None = None) -> int:
         try:
             return main(argv)
-        except (InputError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
+        except (InputError, RefusedError, FileNotFoundError, NotADirectoryError,
+                IsADirectoryError) as e:
             return report(e)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)

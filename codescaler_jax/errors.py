@@ -12,3 +12,8 @@ from __future__ import annotations
 
 class InputError(ValueError):
     """Bad input from the user; the message names what is wrong and where."""
+
+
+class RefusedError(RuntimeError):
+    """The environment forbids what was asked (e.g. untrusted code with weak isolation); the
+    message names the setting to change. Commands report it like bad input, without a traceback."""

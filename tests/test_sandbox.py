@@ -609,3 +609,17 @@ def test_specs_validate_themselves():
         CallTests("f", (), ())
     with pytest.raises(ValueError, match="fn_name"):
         CallTests("", ((1,),), (1,))
+
+
+def test_a_command_reports_refused_weak_isolation_as_one_line(capsys):
+    """A guarded command turns the sandbox's refusal into one ``error:`` line and exit 2."""
+    from codescaler_jax.cli import guarded
+
+    @guarded
+    def main(argv=None):
+        resolve_isolation(SandboxConfig(), euid=1000, userns=BLOCKED)
+        return 0
+
+    assert main([]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "allow_weak_isolation" in err[0]

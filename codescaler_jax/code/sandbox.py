@@ -106,6 +106,7 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 from codescaler_jax.code import compare
+from codescaler_jax.errors import RefusedError
 
 log = logging.getLogger(__name__)
 
@@ -444,7 +445,7 @@ def _is_known_uid(uid: int) -> bool:
 # Isolation mode: which one this user gets
 
 
-class WeakIsolationError(RuntimeError):
+class WeakIsolationError(RefusedError):
     """Untrusted code would run with weak isolation and the configuration does not accept it."""
 
 

@@ -46,7 +46,9 @@ def humaneval_problems() -> list[Problem]:
             Problem(
                 problem_id=tid,
                 prompt=HUMANEVAL_INSTRUCTION + "```python\n" + p["prompt"].strip("\n") + "\n```",
-                tests={"test": p["test"], "entry_point": p["entry_point"]},
+                # The stub rides along as trusted helper code for the judge (a program cannot
+                # rig helpers such as encode_cyclic that the test calls).
+                tests={"test": p["test"], "entry_point": p["entry_point"], "prompt": p["prompt"]},
                 solution=p["prompt"] + p["canonical_solution"],
                 stub=p["prompt"],
             )

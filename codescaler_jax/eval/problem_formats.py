@@ -148,7 +148,10 @@ def problem_from_record(
         stub = _str(rec, "prompt", where)
         prompt = HUMANEVAL_INSTRUCTION + "```python\n" + stub.strip("\n") + "\n```"
         sol = rec.get("canonical_solution")
-        tests = {"test": _str(rec, "test", where), "entry_point": _str(rec, "entry_point", where)}
+        # The stub goes with the tests as trusted helper code: the judge then uses its own copy
+        # of helpers such as HumanEval/38's encode_cyclic, never the program's.
+        tests = {"test": _str(rec, "test", where), "entry_point": _str(rec, "entry_point", where),
+                 "prompt": stub}
         return Problem(pid, prompt, tests, stub + sol if isinstance(sol, str) else None, stub)
     if kind == "livecodebench":
         question = _str(rec, "question_content", where)
