@@ -7,8 +7,8 @@
 malformed files the user named) and ``FileNotFoundError`` (a path the user gave that does not
 exist), prints ``error: <message>`` on stderr and returns 2, so no traceback reaches a user for
 a bad input, and `RefusedError` (the environment forbids what was asked, e.g. untrusted code
-under weak isolation) the same way. Ctrl-C prints one line and returns 130. Every other exception is a bug and keeps its
-traceback.
+under weak isolation) the same way. Ctrl-C prints one line and returns 130. Every other
+exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
