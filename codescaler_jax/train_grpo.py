@@ -217,7 +217,8 @@ def build_dry_run(cfg, target):
         model_flops=logprob_flops, resident_bytes=state_b - params_b + rm_b + ref_b,
         arguments_bytes=params_b, knobs=(micro,),
     ))
-    remat = () if p.remat else (Knob("remat", (Candidate(Change(("policy.remat=true",))),)),)
+    remat = () if p.remat else (Knob("remat", (
+        Candidate(Change(("policy.remat=true",)), temps_scale=0.0),)),)
     specs.append(ProgramSpec(
         "train_step", in_mesh(lambda: step.lower(a_state, a_batch)),
         model_flops=3.0 * logprob_flops, resident_bytes=rm_b + ref_b,

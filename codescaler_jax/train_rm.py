@@ -123,7 +123,8 @@ def build_dry_run(cfg, target):
         Candidate(Change((f"train.grad_accum_steps={k}",)), temps_scale=accum / k)
         for k in divisor_steps(accum, B, ways)))]
     if not cfg.model.remat:
-        knobs.append(Knob("remat", (Candidate(Change(("model.remat=true",))),)))
+        # Remat can at best drop the temporaries; the arguments stay.
+        knobs.append(Knob("remat", (Candidate(Change(("model.remat=true",)), temps_scale=0.0),)))
     info = {
         "model_from": source,
         "params": int(sum(x.size for x in jax.tree.leaves(a_state["params"]))),

@@ -42,8 +42,9 @@ class Change:
 class Candidate:
     """One value of a knob and how it can at best shrink the program.
 
-    ``temps_scale``: factor on temporaries (micro-batches); ``all_scale``: factor on everything
-    (a bigger slice); neither: no prediction (remat), always compiled.
+    ``temps_scale``: the least factor on temporaries (micro-batches: old / new count; remat:
+    0, it cannot drop the arguments); ``all_scale``: the least factor on everything (a bigger
+    slice); neither: no prediction, always compiled.
     """
 
     change: Change

@@ -317,7 +317,12 @@ def compile_program(
         cost = cost[0] if cost else {}
     cost = cost or {}
     rep.xla_flops = cost.get("flops")
-    rep.xla_seconds = cost.get("optimal_seconds")
+    secs = cost.get("optimal_seconds")
+    if secs is not None and not (math.isfinite(secs) and secs > 0):
+        # Seen on v5e for a program near the HBM limit (-40.9 s): an estimate, not a time.
+        rep.notes.append(f"XLA's estimated seconds ({secs:.3g}) are not a time; not used")
+        secs = None
+    rep.xla_seconds = secs
     if rep.kernel_calls:
         rep.notes.append(
             f"custom-call kernels ({', '.join(rep.kernel_calls)}) hide their FLOPs from XLA's "
@@ -332,7 +337,10 @@ def compile_program(
 
 # ---------------------------------------------------------------------------- text output
 def _fmt_gib(b: int | None) -> str:
-    return "-" if b is None else f"{b / GIB:.2f}"
+    if b is None:
+        return "-"
+    x = b / GIB
+    return f"{x:.2f}" if abs(x) >= 1 or x == 0 else f"{x:.2g}"
 
 
 def _fmt_sci(x: float | None) -> str:

@@ -1,0 +1,270 @@
+"""Dry runs compiled for real TPU slices with the TPU compiler (libtpu, the ``tpu`` extra).
+
+No TPU is needed: the compiler describes a slice's devices and compiles for them on this CPU
+machine. Shapes are tiny because a TPU compile of even a small train step takes seconds.
+"""
+
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from codescaler_jax.config import load_config
+from codescaler_jax.training import topology
+from codescaler_jax.training.fit import Candidate, Change, Knob, suggest
+from codescaler_jax.training.report import (
+    GIB,
+    ProgramReport,
+    compile_program,
+    parse_resource_exhausted,
+    tpu_target,
+)
+from codescaler_jax.training.topology import UnknownSliceError, get_slice
+
+needs_libtpu = pytest.mark.skipif(
+    not topology.libtpu_available(), reason="the tpu extra (libtpu) is not installed"
+)
+
+
+# ---------------------------------------------------------------- the slice-name table
+@pytest.mark.parametrize(
+    "name, chips, topo, hosts",
+    [
+        ("v5p-16", 8, "v5p:2x2x2", 2),  # v5p names count TensorCores, two per chip
+        ("v5p-8", 4, "v5p:2x2x1", 1),
+        ("v4-8", 4, "v4:2x2x1", 1),
+        ("v5litepod-16", 16, "v5e:4x4", 4),  # v5e and v6e names count chips
+        ("v6e-8", 8, "v6e:2x4", 1),
+        ("v6e-16", 16, "v6e:4x4", 4),
+    ],
+)
+def test_slice_names_map_to_chips_and_topologies(name, chips, topo, hosts):
+    s = get_slice(name)
+    assert (s.chips, s.topology, s.hosts) == (chips, topo, hosts)
+
+
+def test_chip_figures():
+    hbm = {g: c.hbm_gib for g, c in topology.CHIPS.items()}
+    assert hbm == {"v4": 32.0, "v5e": 16.0, "v5p": 95.0, "v6e": 32.0}
+    assert topology.CHIPS["v5p"].usable_hbm_gib == 95.74
+    assert topology.CHIPS["v5p"].peak_bf16_flops == 459e12
+
+
+@pytest.mark.parametrize(
+    "bad, hint",
+    [("v5p-12", "'v5p-16'"), ("v5e-16", "'v5litepod-16'"), ("v5p16", "'v5p-16'"), ("nope", "")],
+)
+def test_unknown_slice_names_the_close_ones_and_lists_all(bad, hint):
+    with pytest.raises(UnknownSliceError) as e:
+        get_slice(bad)
+    msg = str(e.value)
+    assert f"unknown TPU slice {bad!r}" in msg and "v5p-16" in msg and "v6e-256" in msg
+    if hint:
+        assert f"Did you mean {hint}" in msg or f"or {hint}" in msg
+
+
+# ---------------------------------------------------------------- the compiler's view
+@needs_libtpu
+def test_slice_devices_are_the_chips_of_the_slice():
+    for name, kind in (("v5p-16", "TPU v5"), ("v4-8", "TPU v4"), ("v5litepod-8", "TPU v5 lite")):
+        devs = topology.slice_devices(get_slice(name))
+        assert len(devs) == get_slice(name).chips and devs[0].device_kind == kind
+
+
+@needs_libtpu
+def test_refusal_is_reported_with_the_compilers_figures():
+    """A program past the chip's HBM: the compiler's RESOURCE_EXHAUSTED message is parsed
+    into "does not fit: needs X of Y GiB" (Y = the usable HBM in the table), no exception."""
+    target = tpu_target(get_slice("v5p-8"))
+    mesh = Mesh(np.array(target.devices), ("x",))
+    # 640 GiB of bf16 split over 4 chips: 160 GiB per chip of arguments alone.
+    big = jax.ShapeDtypeStruct((4 * 160 * 1024, 1024, 512), jnp.bfloat16,
+                               sharding=NamedSharding(mesh, PartitionSpec("x")))
+    rep = compile_program("double", lambda: jax.jit(lambda a: a * 2).lower(big), target)
+    assert rep.fits is False and "RESOURCE_EXHAUSTED" in rep.refused
+    assert rep.capacity_bytes == pytest.approx(95.74 * GIB, rel=1e-3)
+    assert rep.needed_bytes >= 160 * GIB
+    assert rep.verdict().startswith("does not fit: needs ") and "of 95.74 GiB" in rep.verdict()
+
+
+def test_parse_resource_exhausted_forms():
+    a = parse_resource_exhausted(
+        "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+        "temporaries (153.12G) exceeds available HBM (95.74G).")
+    assert a == (int(153.12 * GIB), int(95.74 * GIB))
+    b = parse_resource_exhausted(
+        "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space "
+        "hbm. Used 120.50G of 15.75G hbm. Exceeded hbm capacity by 104.75G.")
+    assert b == (int(120.5 * GIB), int(15.75 * GIB))
+    assert parse_resource_exhausted("RESOURCE_EXHAUSTED: something else") == (None, None)
+
+
+@needs_libtpu
+def test_splash_attention_kernel_compiles_for_v5p_under_shard_map():
+    """jax's Pallas splash-attention kernel, forward and backward, batch over data and heads
+    over tensor, compiled by XLA:TPU; the report says its FLOPs are hidden from XLA."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as sk,
+    )
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_mask as sm,
+    )
+
+    target = tpu_target(get_slice("v5p-8"))
+    mesh = Mesh(np.array(target.devices).reshape(2, 2), ("data", "tensor"))
+    B, H, T, D = 4, 4, 512, 128
+    spec = PartitionSpec("data", "tensor", None, None)
+
+    def attn(q, k, v, seg):
+        mask = sm.MultiHeadMask([sm.CausalMask((T, T)) for _ in range(q.shape[1])])
+        kernel = sk.make_splash_mha(mask, head_shards=1, q_seq_shards=1)
+        return jax.vmap(kernel)(q, k, v, segment_ids=sk.SegmentIds(q=seg, kv=seg))
+
+    sharded = jax.shard_map(attn, mesh=mesh, out_specs=spec, check_vma=False,
+                            in_specs=(spec, spec, spec, PartitionSpec("data", None)))
+
+    def loss(q, k, v, seg):
+        return sharded(q, k, v, seg).astype(jnp.float32).sum()
+
+    a = jax.ShapeDtypeStruct((B, H, T, D), jnp.bfloat16, sharding=NamedSharding(mesh, spec))
+    seg = jax.ShapeDtypeStruct((B, T), jnp.int32,
+                               sharding=NamedSharding(mesh, PartitionSpec("data", None)))
+    fwd_bwd = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+    rep = compile_program("splash", lambda: fwd_bwd.lower(a, a, a, seg), target,
+                          model_flops=3.5 * 2 * B * H * T * T * D)
+    assert rep.fits and rep.temporaries_bytes > 0
+    assert rep.kernel_calls == ("tpu_custom_call",)
+    assert rep.mfu is None and any("hide their FLOPs" in n for n in rep.notes)
+    # XLA sees almost none of the attention arithmetic: the reason for the note.
+    assert rep.xla_flops * rep.num_devices < 0.01 * rep.model_flops
+
+
+# ---------------------------------------------------------------- dry runs for v5p-8
+_FIELDS = ("arguments_gib", "temporaries_gib", "outputs_gib", "aliased_gib", "total_gib",
+           "hbm_gib", "headroom_gib", "headroom_pct", "xla_flops_per_device", "xla_seconds",
+           "model_flops", "compile_s")
+
+
+@needs_libtpu
+def test_tiny_rm_train_step_compiles_for_v5p_8():
+    from codescaler_jax.rm.config import RMTrainConfig
+    from codescaler_jax.train_rm import dry_run
+
+    cfg = load_config(RMTrainConfig, "configs/rm_tiny.yaml", ["data.max_length=128"])
+    report = dry_run(cfg, "v5p-8")
+    step = report["programs"]["train_step"]
+    assert all(step[k] is not None for k in _FIELDS), step
+    assert step["fits"] is True and step["verdict"].startswith("fits: ")
+    assert 0 < step["total_gib"] < step["hbm_gib"] == 95.74
+    assert step["headroom_gib"] == pytest.approx(step["hbm_gib"] - step["total_gib"], abs=2e-3)
+    # No loop and no kernel: XLA's estimate covers the step, so the analytic MFU is derived.
+    assert step["xla_cost_meaningful"] and 0 < step["mfu"] < 1
+    assert report["target"]["slice"] == "v5p-8" and report["target"]["chips"] == 4
+    assert report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert report["devices"] == "4 x TPU v5"
+    # The old report's keys are the train step's figures.
+    assert report["per_device_memory"]["total_gib"] == step["total_gib"]
+    assert report["xla_flops_per_step_per_device"] == step["xla_flops_per_device"]
+    assert report["fits"] is True and report["suggestions"] == []
+
+
+@needs_libtpu
+def test_tiny_grpo_programs_compile_for_v5p_8():
+    from codescaler_jax.rl.config import GRPOConfig
+    from codescaler_jax.train_grpo import dry_run
+
+    cfg = load_config(GRPOConfig, "configs/grpo_tiny.yaml", [
+        "policy.num_hidden_layers=1", "rollout.max_new_tokens=32", "data.max_prompt_length=64",
+        "data.min_prompt_bucket=64", "reward.rm_max_length=128"])
+    report = dry_run(cfg, "v5p-8")
+    progs = report["programs"]
+    assert set(progs) == {"rollout_decode_loop", "reward_scores", "actor_logprobs", "train_step"}
+    for name, p in progs.items():
+        assert all(p[k] is not None for k in _FIELDS if k != "xla_seconds"), (name, p)
+        assert p["fits"] is True and p["compile_s"] > 0 and p["xla_flops_per_device"] > 0
+    # What stays in HBM while a program runs: the optimizer state during the rollout, the
+    # whole train state during RM scoring, the RM during the update.
+    assert progs["rollout_decode_loop"]["resident_gib"] > 0
+    assert progs["reward_scores"]["resident_gib"] > progs["rollout_decode_loop"]["resident_gib"]
+    assert progs["train_step"]["resident_gib"] > 0
+    # The decode loop is a while loop: XLA counts its body once, so no MFU from it.
+    loop = progs["rollout_decode_loop"]
+    assert loop["has_loop"] and loop["mfu"] is None and loop["notes"]
+    assert report["rollout_decode_loop"] == loop  # the old report's keys
+
+
+# ---------------------------------------------------------------- does not fit
+@needs_libtpu
+def test_misfit_is_reported_with_a_change_that_is_shown_to_fit(tmp_path, capsys):
+    """A model whose parameters alone exceed one v5e chip: the CLI reports "does not fit:
+    needs X of Y GiB", skips what cannot help (micro-batches and remat leave the parameters
+    where they are) and compiles the next slice that holds it."""
+    from codescaler_jax.train_rm import main
+
+    out = tmp_path / "report.json"
+    rc = main(["--config", "configs/rm_tiny.yaml", "--topology", "v5litepod-1",
+               "--set", "data.max_length=128", "--set", "model.vocab_size=4194304",
+               "--set", "model.hidden_size=1024", "--json", str(out)])
+    text = capsys.readouterr()
+    assert rc == 0 and "Traceback" not in text.err
+    assert "train_step: does not fit: needs " in text.out and "of 15.75 GiB" in text.out
+    assert ("smallest change that fits: --topology v5litepod-4 -> compiled: fits: "
+            in text.out)
+    report = json.loads(out.read_text())
+    assert report["fits"] is False and report["programs"]["train_step"]["fits"] is False
+    (sug,) = report["suggestions"]
+    assert sug["change"]["slice"] == "v5litepod-4" and sug["report"]["fits"] is True
+    assert [t["change"] for t in sug["tried"]] == ["--topology v5litepod-4"]
+
+
+def _rep(total_gib: float, args_gib: float = 1.0) -> ProgramReport:
+    b = int(total_gib * GIB)
+    return ProgramReport("step", 1.0, 4, capacity_bytes=10 * GIB, arguments_bytes=int(
+        args_gib * GIB), outputs_bytes=0, aliased_bytes=0, temporaries_bytes=b - int(
+        args_gib * GIB))
+
+
+def test_search_skips_what_cannot_fit_and_takes_the_first_that_does():
+    """The search on reports whose memory follows the linear model: 1 GiB of arguments and
+    29 GiB of temporaries against 10 GiB. k micro-batches need at least 1 + 29/k GiB, so
+    k = 2 and 3 are skipped without a compile; k = 4 is compiled first."""
+    compiled = []
+
+    def recompile(change: Change):
+        compiled.append(change.describe())
+        k = int(change.overrides[0].split("=")[1])
+        if k == 5:
+            return "invalid: 5 does not divide the batch"
+        return _rep(1 + 29 / k + 2.0)  # the real program is 2 GiB worse than the bound
+
+    knob = Knob("micro-batches", tuple(
+        Candidate(Change((f"accum={k}",)), temps_scale=1 / k) for k in (2, 3, 4, 5, 6)))
+    s = suggest(_rep(30.0), [knob], recompile)
+    assert compiled == ["--set accum=4", "--set accum=5", "--set accum=6"]
+    assert s.change == Change(("accum=6",)) and s.report.fits
+    assert any("invalid" in x for x in s.skipped)
+
+
+# ---------------------------------------------------------------- command line
+def test_cli_unknown_topology_exits_with_the_message_and_no_traceback():
+    proc = subprocess.run(
+        [sys.executable, "-m", "codescaler_jax.train_rm", "--config", "configs/rm_tiny.yaml",
+         "--topology", "nope"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "error: unknown TPU slice 'nope'" in proc.stderr and "v5p-16" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_topology_without_libtpu_says_to_install_the_extra(monkeypatch, capsys):
+    from codescaler_jax.train_grpo import main
+
+    monkeypatch.setattr(topology, "libtpu_available", lambda: False)
+    assert main(["--config", "configs/grpo_tiny.yaml", "--topology", "v5p-8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: compiling for a TPU slice needs the TPU compiler (libtpu): "
+                   "pip install -e '.[tpu]'")
