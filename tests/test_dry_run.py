@@ -40,7 +40,7 @@ def test_dry_run_small_shape_of_the_8b_recipe():
 
 @pytest.mark.slow
 def test_dry_run_8b_recipe_on_8_fake_devices(capsys):
-    assert main(["--config", "configs/rm_codescaler_8b.yaml", "--dry-run"]) == 0
+    assert main(["--config", "configs/rm_codescaler_8b.yaml", "--dry-run", "--json", "-"]) == 0
     import json
 
     report = json.loads(capsys.readouterr().out)

@@ -135,8 +135,14 @@ def test_splash_attention_kernel_compiles_for_v5p_under_shard_map():
     seg = jax.ShapeDtypeStruct((B, T), jnp.int32,
                                sharding=NamedSharding(mesh, PartitionSpec("data", None)))
     fwd_bwd = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
-    rep = compile_program("splash", lambda: fwd_bwd.lower(a, a, a, seg), target,
-                          model_flops=3.5 * 2 * B * H * T * T * D)
+
+    def lower():
+        # conftest asks for "highest" matmul precision (fp32 passes), which Mosaic refuses
+        # for bf16 operands; the kernel's own default is what runs on a TPU.
+        with jax.default_matmul_precision("default"):
+            return fwd_bwd.lower(a, a, a, seg)
+
+    rep = compile_program("splash", lower, target, model_flops=3.5 * 2 * B * H * T * T * D)
     assert rep.fits and rep.temporaries_bytes > 0
     assert rep.kernel_calls == ("tpu_custom_call",)
     assert rep.mfu is None and any("hide their FLOPs" in n for n in rep.notes)
@@ -190,8 +196,9 @@ def test_tiny_grpo_programs_compile_for_v5p_8():
     # What stays in HBM while a program runs: the optimizer state during the rollout, the
     # whole train state during RM scoring, the RM during the update.
     assert progs["rollout_decode_loop"]["resident_gib"] > 0
-    assert progs["reward_scores"]["resident_gib"] > progs["rollout_decode_loop"]["resident_gib"]
-    assert progs["train_step"]["resident_gib"] > 0
+    assert progs["train_step"]["resident_gib"] > 0  # the RM (policy-sized here)
+    # Parameters + Adam moments are about 3x the parameters alone.
+    assert progs["reward_scores"]["resident_gib"] > 2.5 * progs["train_step"]["resident_gib"]
     # The decode loop is a while loop: XLA counts its body once, so no MFU from it.
     loop = progs["rollout_decode_loop"]
     assert loop["has_loop"] and loop["mfu"] is None and loop["notes"]
@@ -201,14 +208,15 @@ def test_tiny_grpo_programs_compile_for_v5p_8():
 # ---------------------------------------------------------------- does not fit
 @needs_libtpu
 def test_misfit_is_reported_with_a_change_that_is_shown_to_fit(tmp_path, capsys):
-    """A model whose parameters alone exceed one v5e chip: the CLI reports "does not fit:
-    needs X of Y GiB", skips what cannot help (micro-batches and remat leave the parameters
-    where they are) and compiles the next slice that holds it."""
+    """A model whose parameters and optimizer state alone exceed one v5e chip (two layers of
+    262,144 MLP units: 1.6 B parameters): the CLI reports "does not fit: needs X of Y GiB",
+    skips what cannot help (micro-batches and remat leave the parameters where they are) and
+    compiles the next slice, over which FSDP splits them."""
     from codescaler_jax.train_rm import main
 
     out = tmp_path / "report.json"
     rc = main(["--config", "configs/rm_tiny.yaml", "--topology", "v5litepod-1",
-               "--set", "data.max_length=128", "--set", "model.vocab_size=4194304",
+               "--set", "data.max_length=32", "--set", "model.intermediate_size=262144",
                "--set", "model.hidden_size=1024", "--json", str(out)])
     text = capsys.readouterr()
     assert rc == 0 and "Traceback" not in text.err

@@ -126,7 +126,7 @@ def per_device_bytes(tree: Any) -> int:
     return total
 
 
-def gib(x: float | None, nd: int = 3) -> float | None:
+def gib(x: float | None, nd: int = 6) -> float | None:
     return None if x is None else round(x / GIB, nd)
 
 
