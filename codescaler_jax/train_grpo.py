@@ -78,6 +78,7 @@ def dry_run(cfg) -> dict:
     )
     from codescaler_jax.rl.sampler import JaxSampler, SamplingConfig
     from codescaler_jax.rl.trainer import policy_config
+    from codescaler_jax.rm.config import compute_overrides
     from codescaler_jax.rm.train_step import (
         make_optimizer,
         make_schedule,
@@ -88,7 +89,7 @@ def dry_run(cfg) -> dict:
     p, r, a = cfg.policy, cfg.rollout, cfg.algorithm
     if p.init_from and (Path(p.init_from) / "config.json").is_file():
         mcfg = Qwen3Config.from_hf(p.init_from)
-        mcfg = dataclasses.replace(mcfg, param_dtype=p.param_dtype, dtype=p.dtype, remat=p.remat)
+        mcfg = dataclasses.replace(mcfg, **compute_overrides(p))
         source = f"{p.init_from}/config.json"
     else:
         mcfg = policy_config(cfg, vocab_min=0, pad_id=0, eos_id=1)
@@ -106,7 +107,7 @@ def dry_run(cfg) -> dict:
     }
     t0 = time.perf_counter()
     scfg = SamplingConfig(max_new_tokens=N, temperature=r.temperature, top_p=r.top_p,
-                          top_k=r.top_k, eos_token_ids=(1,))
+                          top_k=r.top_k, eos_token_ids=(1,), prefill_chunk=r.prefill_chunk)
     sampler = JaxSampler(abstract, scfg, mesh=mesh, batch_size=min(r.batch_size, rows),
                          max_prompt_len=P, min_prompt_bucket=cfg.data.min_prompt_bucket)
     report["rollout_decode_loop"] = _compiled_report(sampler.lower(P).compile())

@@ -52,6 +52,14 @@ CHUNKED_BLOCK_KV = 512
 # Splash: blocks must be multiples of the TPU lane width when segment ids are used.
 SPLASH_LANES = 128
 SPLASH_BLOCK = 512
+# What XLA:TPU (libtpu 0.0.42, v5p, jax 0.10.2) compiles, measured by compiling the kernel's
+# forward + backward for a v5p:2x2x1 topology from a CPU host: any head_dim from 8 to 512 (64,
+# 96, 100, 129 ... need no lane multiple) at block 128-512, but it runs out of VMEM at head_dim
+# 1024 x block 512, head_dim 2048 x block 512 and block 2048 x 2048 (head_dim 128), while
+# head_dim 512 x 512, 1024 x 128, 256 x 1024 and 128 x 1024 compile. These two bounds separate
+# every measured case.
+SPLASH_MAX_BLOCK_AREA = 1024 * 1024
+SPLASH_MAX_HEAD_DIM_X_BLOCKS = 512 * 1024
 # auto on CPU: chunked when T * S (score elements per head) reaches this, xla below.
 CPU_CHUNKED_MIN_SCORES = 2048 * 2048
 
@@ -448,10 +456,12 @@ def _splash_attention(q, k, v, kv_valid, q_offset: int, q_seg, kv_seg, block_q, 
                 f"splash attention: {key}={val} is not a multiple of {SPLASH_LANES} (the TPU "
                 f"lane width the kernel tiles segment ids by)"
             )
-    if d % SPLASH_LANES and d not in (64,):
+    if bq * bk > SPLASH_MAX_BLOCK_AREA or d * (bq + bk) > SPLASH_MAX_HEAD_DIM_X_BLOCKS:
         raise AttentionConfigError(
-            f"splash attention: head_dim={d} is not supported by the kernel on TPU (use a "
-            f"multiple of {SPLASH_LANES}, or 64), or use attention='chunked'"
+            f"splash attention: head_dim={d} with block_q={bq}, block_kv={bk} needs more TPU "
+            f"VMEM than the kernel has (compiles: block_q * block_kv <= "
+            f"{SPLASH_MAX_BLOCK_AREA:,} and head_dim * (block_q + block_kv) <= "
+            f"{SPLASH_MAX_HEAD_DIM_X_BLOCKS:,}); use smaller blocks or attention='chunked'"
         )
     tp, sp = _round_up(t, bq), _round_up(s, bk)
     # Segment ids carry the padding: a key slot that is not valid gets segment 0, which no

@@ -697,3 +697,36 @@ class Qwen3ForCausalLM(nnx.Module):
         if last_only:
             hidden = hidden[:, -1]
         return self.logits(hidden), cache
+
+    def prefill(self, input_ids: jax.Array, attention_mask: jax.Array, cache: KVCache, *,
+                chunk_size: int | None = None) -> tuple[jax.Array, KVCache]:
+        """Write a left-padded prompt ``[B, P]`` into ``cache``, ``chunk_size`` tokens at a time.
+
+        The same result as ``decode(..., last_only=True)`` (one forward over the prompt), but
+        each step attends ``chunk_size`` queries over the cache, so attention memory is
+        ``[chunk, S]`` per head for ``xla`` (and linear for ``chunked``), not ``[P, S]``. The
+        first chunk takes the remainder ``P - (n - 1) * chunk_size``; the rest run in a
+        ``lax.scan`` (one compiled step), so no extra cache slots are used.
+
+        Returns:
+            ``(logits [B, V] float32 after the last prompt token, new_cache)``.
+        """
+        b, p = input_ids.shape
+        if chunk_size is None or chunk_size >= p:
+            return self.decode(input_ids, attention_mask, cache, last_only=True)
+        if chunk_size < 1:
+            raise ValueError(f"prefill chunk_size={chunk_size} must be >= 1")
+        n = -(-p // chunk_size)
+        first = p - (n - 1) * chunk_size
+        hidden, cache = self.model(input_ids[:, :first], attention_mask[:, :first], cache)
+        last = hidden[:, -1]
+        if n > 1:
+            rest = lambda x: x[:, first:].reshape(b, n - 1, chunk_size).swapaxes(0, 1)  # noqa: E731
+
+            def step(cache: KVCache, chunk: tuple[jax.Array, jax.Array]):
+                hidden, cache = self.model(chunk[0], chunk[1], cache)
+                return cache, hidden[:, -1]
+
+            cache, lasts = jax.lax.scan(step, cache, (rest(input_ids), rest(attention_mask)))
+            last = lasts[-1]
+        return self.logits(last), cache
