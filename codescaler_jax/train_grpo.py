@@ -102,6 +102,7 @@ def dry_run(cfg) -> dict:
         "model_from": source, "mesh": dict(mesh.shape),
         "devices": f"{mesh.size} x {jax.devices()[0].device_kind}",
         "param_dtype": mcfg.param_dtype, "compute_dtype": mcfg.dtype, "remat": mcfg.remat,
+        "attention": mcfg.attention,
         "responses_per_step": rows, "prompt_len": P, "response_len": N,
         "rollout_batch": min(r.batch_size, rows),
     }

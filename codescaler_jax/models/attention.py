@@ -47,8 +47,8 @@ import numpy as np
 IMPLEMENTATIONS = ("auto", "xla", "chunked", "splash", "cudnn")
 _NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: exp(_NEG_INF - x) is exactly 0
 # Default blocks of the chunked path (queries x keys per step).
-CHUNKED_BLOCK_Q = 512
-CHUNKED_BLOCK_KV = 512
+CHUNKED_BLOCK_Q = 256
+CHUNKED_BLOCK_KV = 256
 # Splash: blocks must be multiples of the TPU lane width when segment ids are used.
 SPLASH_LANES = 128
 SPLASH_BLOCK = 512
@@ -61,7 +61,7 @@ SPLASH_BLOCK = 512
 SPLASH_MAX_BLOCK_AREA = 1024 * 1024
 SPLASH_MAX_HEAD_DIM_X_BLOCKS = 512 * 1024
 # auto on CPU: chunked when T * S (score elements per head) reaches this, xla below.
-CPU_CHUNKED_MIN_SCORES = 2048 * 2048
+CPU_CHUNKED_MIN_SCORES = 1024 * 1024
 
 
 class AttentionConfigError(ValueError):
@@ -528,6 +528,11 @@ def _cudnn_attention(q, k, v, kv_valid, q_offset: int, q_seg, kv_seg, block_q, b
         raise AttentionConfigError(
             f"attention='cudnn' needs an NVIDIA GPU and the backend here is {platform!r}; use "
             f"attention='chunked' or 'xla'"
+        )
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise AttentionConfigError(
+            f"attention='cudnn' runs in bfloat16 or float16, and q is {q.dtype}; set the "
+            f"model dtype to bfloat16 or use attention='chunked'"
         )
     if q_seg is not None:
         raise AttentionConfigError(
