@@ -22,7 +22,7 @@ only, the cache index traced as in the sampler) for ``xla`` and ``chunked``.
 
 The ``summary`` gives, per length, xla's time over chunked's (wall and CPU seconds), and the
 shortest length from which ``chunked`` wins at every measured length above it: that is where
-``auto`` switches on CPU (``models.attention.CPU_CHUNKED_MIN_SCORES``).
+``auto`` switches on CPU (``models.attention.CPU_CHUNKED_MIN_KV_LEN``).
 """
 
 from __future__ import annotations
