@@ -63,9 +63,9 @@ SPLASH_MAX_HEAD_DIM_X_BLOCKS = 512 * 1024
 # auto on CPU: chunked from this many key slots up, xla below. Measured with
 # `python -m codescaler_jax.bench.attention` (batch 1, 4 query / 2 KV heads of 128, f32, blocks
 # 256, 2 shared cores at load 4-14, process CPU seconds): training fwd+bwd xla/chunked time
-# 0.94x at T=256, 0.58x at 384, 0.99-1.24x at 512, 1.29x at 768, 1.41-1.71x at 1024, 1.6x at
-# 2048, 2.4x at 8192; a decode step (1 query over S cached slots) 0.87x at S=512, 1.4x at 1024,
-# 1.04x at 2048, 1.5x at 4096, 2.6x at 32768 (wall).
+# 0.83-0.94x at T=256, 0.97x at 384, 0.99-1.24x at 512, 0.99x at 640, 1.29x at 768, 1.41-1.71x
+# at 1024, 1.6x at 2048, 2.4x at 8192; a decode step (1 query over S cached slots) 0.87x at
+# S=512, 1.4x at 1024, 1.04x at 2048, 1.5x at 4096, 2.6x at 32768 (wall).
 CPU_CHUNKED_MIN_KV_LEN = 768
 
 
