@@ -52,11 +52,12 @@ def _policy_model_config(cfg):
 
     from codescaler_jax.models.qwen3 import Qwen3Config
     from codescaler_jax.rl.trainer import policy_config
+    from codescaler_jax.rm.config import compute_overrides
 
     p = cfg.policy
     if p.init_from and (Path(p.init_from) / "config.json").is_file():
         mcfg = Qwen3Config.from_hf(p.init_from)
-        mcfg = dataclasses.replace(mcfg, param_dtype=p.param_dtype, dtype=p.dtype, remat=p.remat)
+        mcfg = dataclasses.replace(mcfg, **compute_overrides(p))
         return mcfg, f"{p.init_from}/config.json"
     return policy_config(cfg, vocab_min=0, pad_id=0, eos_id=1), f"policy.size={p.size}"
 
@@ -137,7 +138,7 @@ def build_dry_run(cfg, target):
                          f"mesh's data x fsdp = {ways} devices")
     abstract = nnx.eval_shape(lambda: Qwen3ForCausalLM(mcfg, rngs=nnx.Rngs(0)))
     scfg = SamplingConfig(max_new_tokens=N, temperature=r.temperature, top_p=r.top_p,
-                          top_k=r.top_k, eos_token_ids=(1,))
+                          top_k=r.top_k, eos_token_ids=(1,), prefill_chunk=r.prefill_chunk)
     sampler = JaxSampler(abstract, scfg, mesh=mesh, batch_size=roll_rows, max_prompt_len=P,
                          min_prompt_bucket=cfg.data.min_prompt_bucket)
     opts = UpdateOptions(loss=a.loss_config(), num_minibatches=a.num_minibatches,
@@ -228,7 +229,7 @@ def build_dry_run(cfg, target):
         "model_from": source, "reward_model_from": rm_source, "mesh": dict(mesh.shape),
         "devices": f"{mesh.size} x {target.devices[0].device_kind}",
         "param_dtype": mcfg.param_dtype, "compute_dtype": mcfg.dtype, "remat": mcfg.remat,
-        "responses_per_step": rows, "prompt_len": P, "response_len": N,
+        "attention": mcfg.attention, "responses_per_step": rows, "prompt_len": P, "response_len": N,
         "rollout_batch": roll_rows,
         "params": int(sum(x.size for x in jax.tree.leaves(a_state["params"]))),
     }

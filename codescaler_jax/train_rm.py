@@ -63,12 +63,13 @@ def _dry_run_model_config(cfg):
     import dataclasses
 
     from codescaler_jax.models.qwen3 import Qwen3Config
+    from codescaler_jax.rm.config import compute_overrides
     from codescaler_jax.rm.trainer import model_config
 
     m = cfg.model
     if m.init_from and (Path(m.init_from) / "config.json").is_file():
         mcfg = Qwen3Config.from_hf(m.init_from)
-        mcfg = dataclasses.replace(mcfg, param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat)
+        mcfg = dataclasses.replace(mcfg, **compute_overrides(m))
         return mcfg, f"{m.init_from}/config.json"
     return model_config(cfg, vocab_min=0, pad_id=0), f"model.size={m.size}"
 
@@ -131,6 +132,7 @@ def build_dry_run(cfg, target):
         "param_dtype": mcfg.param_dtype,
         "compute_dtype": mcfg.dtype,
         "remat": mcfg.remat,
+        "attention": mcfg.attention,
         "mesh": dict(mesh.shape),
         "devices": f"{mesh.size} x {target.devices[0].device_kind}",
         "global_batch_pairs": B,

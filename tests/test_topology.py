@@ -105,49 +105,41 @@ def test_parse_resource_exhausted_forms():
 
 
 @needs_libtpu
-def test_splash_attention_kernel_compiles_for_v5p_under_shard_map():
-    """jax's Pallas splash-attention kernel, forward and backward, batch over data and heads
-    over tensor, compiled by XLA:TPU; the report says its FLOPs are hidden from XLA."""
-    from jax.experimental.pallas.ops.tpu.splash_attention import (
-        splash_attention_kernel as sk,
-    )
-    from jax.experimental.pallas.ops.tpu.splash_attention import (
-        splash_attention_mask as sm,
-    )
+def test_splash_attention_compiles_for_v5p_through_the_entry_point():
+    """``models.attention`` with implementation="splash": jax's Pallas splash kernel under
+    ``shard_map`` (batch over fsdp, heads over tensor), GQA and right padding, forward and
+    backward, compiled by XLA:TPU for a v5p slice; the report says the kernel hides its
+    FLOPs from XLA instead of quoting an MFU."""
+    from codescaler_jax.models.attention import dot_product_attention
+    from codescaler_jax.models.sharding import MeshConfig, batch_sharding, make_mesh
 
     target = tpu_target(get_slice("v5p-8"))
-    mesh = Mesh(np.array(target.devices).reshape(2, 2), ("data", "tensor"))
-    B, H, T, D = 4, 4, 512, 128
-    spec = PartitionSpec("data", "tensor", None, None)
+    mesh = make_mesh(MeshConfig(data=1, fsdp=2, tensor=2), devices=target.devices)
+    B, T, N, K, D = 4, 512, 4, 2, 128
+    bs = batch_sharding(mesh)
+    q = jax.ShapeDtypeStruct((B, T, N, D), jnp.bfloat16, sharding=bs)
+    kv = jax.ShapeDtypeStruct((B, T, K, D), jnp.bfloat16, sharding=bs)
+    valid = jax.ShapeDtypeStruct((B, T), jnp.bool_, sharding=bs)
 
-    def attn(q, k, v, seg):
-        mask = sm.MultiHeadMask([sm.CausalMask((T, T)) for _ in range(q.shape[1])])
-        kernel = sk.make_splash_mha(mask, head_shards=1, q_seq_shards=1)
-        return jax.vmap(kernel)(q, k, v, segment_ids=sk.SegmentIds(q=seg, kv=seg))
+    def loss(q, k, v, kv_valid):
+        out = dot_product_attention(q, k, v, kv_valid=kv_valid, implementation="splash",
+                                    mesh=mesh)
+        return out.astype(jnp.float32).sum()
 
-    sharded = jax.shard_map(attn, mesh=mesh, out_specs=spec, check_vma=False,
-                            in_specs=(spec, spec, spec, PartitionSpec("data", None)))
-
-    def loss(q, k, v, seg):
-        return sharded(q, k, v, seg).astype(jnp.float32).sum()
-
-    a = jax.ShapeDtypeStruct((B, H, T, D), jnp.bfloat16, sharding=NamedSharding(mesh, spec))
-    seg = jax.ShapeDtypeStruct((B, T), jnp.int32,
-                               sharding=NamedSharding(mesh, PartitionSpec("data", None)))
     fwd_bwd = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
 
     def lower():
         # conftest asks for "highest" matmul precision (fp32 passes), which Mosaic refuses
         # for bf16 operands; the kernel's own default is what runs on a TPU.
-        with jax.default_matmul_precision("default"):
-            return fwd_bwd.lower(a, a, a, seg)
+        with jax.default_matmul_precision("default"), jax.set_mesh(mesh):
+            return fwd_bwd.lower(q, kv, kv, valid)
 
-    rep = compile_program("splash", lower, target, model_flops=3.5 * 2 * B * H * T * T * D)
+    rep = compile_program("splash", lower, target, model_flops=3.5 * 2 * B * N * T * T * D)
     assert rep.fits and rep.temporaries_bytes > 0
     assert rep.kernel_calls == ("tpu_custom_call",)
     assert rep.mfu is None and any("hide their FLOPs" in n for n in rep.notes)
     # XLA sees almost none of the attention arithmetic: the reason for the note.
-    assert rep.xla_flops * rep.num_devices < 0.01 * rep.model_flops
+    assert rep.xla_flops * rep.num_devices < 0.05 * rep.model_flops
 
 
 # ---------------------------------------------------------------- dry runs for v5p-8
@@ -161,7 +153,9 @@ def test_tiny_rm_train_step_compiles_for_v5p_8():
     from codescaler_jax.rm.config import RMTrainConfig
     from codescaler_jax.train_rm import dry_run
 
-    cfg = load_config(RMTrainConfig, "configs/rm_tiny.yaml", ["data.max_length=128"])
+    # Dense attention: no kernel hides FLOPs, so XLA's estimate prices the whole step.
+    cfg = load_config(RMTrainConfig, "configs/rm_tiny.yaml",
+                      ["data.max_length=128", "model.attention=xla"])
     report = dry_run(cfg, "v5p-8")
     step = report["programs"]["train_step"]
     assert all(step[k] is not None for k in _FIELDS), step
