@@ -31,6 +31,15 @@ needs_libtpu = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(autouse=True)
+def _default_matmul_precision():
+    """Compile as a run does. conftest asks for "highest" precision (for CPU parity tests);
+    for float32 matmuls XLA:TPU then emits multi-pass bf16 code, which compiles several times
+    slower, and Mosaic kernels refuse it for bf16 operands."""
+    with jax.default_matmul_precision("default"):
+        yield
+
+
 # ---------------------------------------------------------------- the slice-name table
 @pytest.mark.parametrize(
     "name, chips, topo, hosts",
@@ -129,9 +138,7 @@ def test_splash_attention_compiles_for_v5p_through_the_entry_point():
     fwd_bwd = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
 
     def lower():
-        # conftest asks for "highest" matmul precision (fp32 passes), which Mosaic refuses
-        # for bf16 operands; the kernel's own default is what runs on a TPU.
-        with jax.default_matmul_precision("default"), jax.set_mesh(mesh):
+        with jax.set_mesh(mesh):
             return fwd_bwd.lower(q, kv, kv, valid)
 
     rep = compile_program("splash", lower, target, model_flops=3.5 * 2 * B * N * T * T * D)
