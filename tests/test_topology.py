@@ -208,6 +208,42 @@ def test_tiny_grpo_programs_compile_for_v5p_8():
 
 # ---------------------------------------------------------------- does not fit
 @needs_libtpu
+def test_misfit_gets_more_micro_batches_shown_to_fit(tmp_path, capsys):
+    """Activations past one v5e chip (64 pairs x 2 x 64 tokens through 262,144 MLP units):
+    "does not fit: needs X of Y GiB", then the fewest micro-batches that fit, compiled. Two
+    micro-batches cannot fit even if the temporaries halved exactly, so they are not compiled;
+    three do not divide the batch."""
+    from codescaler_jax.train_rm import main
+
+    out = tmp_path / "report.json"
+    rc = main(["--config", "configs/rm_tiny.yaml", "--topology", "v5litepod-1",
+               "--set", "data.max_length=64", "--set", "train.global_batch_size=64",
+               "--set", "model.intermediate_size=262144", "--json", str(out)])
+    text = capsys.readouterr()
+    assert rc == 0 and "Traceback" not in text.err
+    assert "train_step: does not fit: needs " in text.out and "of 15.75 GiB" in text.out
+    assert ("smallest change that fits: --set train.grad_accum_steps=4 -> compiled: fits: "
+            in text.out)
+    report = json.loads(out.read_text())
+    (sug,) = report["suggestions"]
+    assert sug["change"]["overrides"] == ["train.grad_accum_steps=4"]
+    assert sug["report"]["fits"] is True and sug["report"]["has_loop"] is True
+    assert sug["report"]["total_gib"] < report["programs"]["train_step"]["total_gib"]
+    assert [t["change"] for t in sug["tried"]] == ["--set train.grad_accum_steps=4"]
+
+
+def test_bigger_slices_are_the_same_generation_in_size_order():
+    from codescaler_jax.training.dry_run import slice_knob
+    from codescaler_jax.training.report import Target
+
+    knob = slice_knob(Target((), get_slice("v5p-16")))
+    names = [c.change.slice_name for c in knob.candidates]
+    assert names[:3] == ["v5p-32", "v5p-64", "v5p-128"] and names[-1] == "v5p-12288"
+    assert knob.candidates[0].all_scale == 0.5
+
+
+@pytest.mark.slow
+@needs_libtpu
 def test_misfit_is_reported_with_a_change_that_is_shown_to_fit(tmp_path, capsys):
     """A model whose parameters and optimizer state alone exceed one v5e chip (two layers of
     262,144 MLP units: 1.6 B parameters): the CLI reports "does not fit: needs X of Y GiB",
