@@ -313,3 +313,37 @@ def test_topology_without_libtpu_says_to_install_the_extra(monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert err == ("error: compiling for a TPU slice needs the TPU compiler (libtpu): "
                    "pip install -e '.[tpu]'")
+
+
+@needs_libtpu
+def test_fit_table_writes_markdown_and_json(tmp_path):
+    """The README table's script, on the tiny RM in place of the 8B recipe (same code path)."""
+    from codescaler_jax.bench.fit_table import main
+
+    rc = main(["--recipes", "rm", "--rm-config", "configs/rm_tiny.yaml", "--slices", "v5p-8",
+               "--rm-set", "data.max_length=128", "--rm-set", "model.attention=xla",
+               "--out", str(tmp_path)])
+    assert rc == 0
+    md = (tmp_path / "fit_table.md").read_text()
+    assert md.startswith("| recipe | slice | program |") and "| rm | v5p-8 | train_step |" in md
+    assert "- rm on v5p-8: the step fits" in md
+    data = json.loads((tmp_path / "fit_table.json").read_text())
+    (row,) = data["rows"]
+    assert row["report"]["programs"]["train_step"]["fits"] is True
+    assert row["wall_s"] > 0 and data["environment"]["libtpu"].startswith("0.0.42")
+
+
+@needs_libtpu
+def test_the_config_mesh_is_laid_over_the_slice(capsys):
+    from codescaler_jax.models.sharding import MeshConfig, make_mesh
+    from codescaler_jax.train_rm import main
+
+    devs = topology.slice_devices(get_slice("v5p-16"))
+    mesh = make_mesh(MeshConfig(data=1, fsdp=-1, tensor=2), devices=devs)
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 2}
+    assert {d.id for d in mesh.devices.flat} == {d.id for d in devs}
+    # A mesh the slice cannot hold is a one-line error, not a traceback.
+    rc = main(["--config", "configs/rm_tiny.yaml", "--topology", "v5p-8", "--set",
+               "mesh.tensor=3"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: MeshConfig") and "Traceback" not in err
