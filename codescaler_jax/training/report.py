@@ -203,17 +203,14 @@ class ProgramReport:
                                    * self.xla_seconds)
 
     def verdict(self) -> str:
-        """``fits: ...`` / ``does not fit: needs X of Y GiB`` / ``no verdict ...``."""
-        cap = self.capacity_bytes
+        """``fits: ...`` / ``does not fit: needs X of Y GiB`` / ``no HBM verdict ...``."""
+        cap, total = self.capacity_bytes, self.total_bytes
         if self.fits is None:
-            if self.refused is not None or cap is None:
-                return "no HBM verdict (local devices)" if cap is None else "refused"
-            return "no verdict"
-        total = self.total_bytes
+            return "no HBM verdict (local devices)"
         if self.fits:
             return (f"fits: {total / GIB:.2f} of {cap / GIB:.2f} GiB, headroom "
                     f"{self.headroom_bytes / GIB:.2f} GiB ({self.headroom_pct:.1f}%)")
-        if total is None:
+        if total is None or cap is None:  # refused, in words the parser does not know
             return f"does not fit ({self.refused})"
         return f"does not fit: needs {total / GIB:.2f} of {cap / GIB:.2f} GiB"
 
