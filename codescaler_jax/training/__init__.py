@@ -7,5 +7,8 @@
   compile time; a program the compiler refuses is reported, not raised.
 - ``fit``: when a program does not fit, find the smallest change that does (more
   micro-batches, stronger remat, a bigger slice) and compile it to show that it fits.
-- ``fit_table``: the README's "Will it fit?" table for the 8B recipes.
+- ``dry_run``: the dry run ``train_rm`` and ``train_grpo`` share (builders, ``--topology``,
+  ``--json``); ``abstract``: shape-only train states and batches for it.
+
+``python -m codescaler_jax.bench.fit_table`` builds the README's "Will it fit?" table on these.
 """
