@@ -247,6 +247,15 @@ def load_config(
     return from_dict(cls, data)
 
 
+def apply_overrides(cfg: T, overrides: list[str]) -> T:
+    """A copy of config ``cfg`` with ``key.sub=value`` overrides applied (validated anew)."""
+    data = to_dict(cfg)
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(data, key, value)
+    return from_dict(type(cfg), data)
+
+
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write a config dataclass as YAML (what a run directory keeps next to its checkpoints)."""
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

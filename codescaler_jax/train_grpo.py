@@ -8,9 +8,15 @@
 
 The loop: rollout (JAX sampler, KV cache) -> reward (registered by name; ``codescaler`` = shaped
 RM score) -> group advantages -> clipped policy update. ``--dry-run`` builds the policy
-abstractly, lowers and compiles the three device programs of a step (the decode loop, the
-actor log-prob pass, the train step) for the configured mesh and shapes without loading weights
-or data, and prints XLA's per-device memory and FLOPs for each.
+abstractly, lowers and compiles the device programs of a step (the rollout's prefill + decode
+loop, the co-located RM's scoring pass, the actor log-prob pass, the train step) for the
+configured mesh and shapes without loading weights or data, and prints XLA's per-device memory
+and FLOPs for each. ``--topology SLICE`` (implies ``--dry-run``; needs the ``tpu`` extra)
+compiles them with the TPU compiler for a real slice (``v5p-16``, ``v6e-8``, ...), no TPU
+needed, and reports each against the chip's HBM (counting what stays resident in between) with
+the smallest change that makes a misfit fit. ``--json PATH`` writes the report as JSON.
+
+    python -m codescaler_jax.train_grpo --config configs/grpo_codescaler_8b.yaml --topology v5p-16
 
 A run directory that already holds a run is refused unless ``--resume`` (only ``train.steps``
 and bookkeeping keys may differ from its ``config.yaml``) or ``--overwrite`` (start clean).
@@ -19,9 +25,7 @@ and bookkeeping keys may differ from its ``config.yaml``) or ``--overwrite`` (st
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 from codescaler_jax.cli import guarded
@@ -43,39 +47,67 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true",
                    help="compile the step's programs abstractly; print memory and FLOPs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from codescaler_jax.training.dry_run import add_cli_args
+
+    add_cli_args(p)
     return p.parse_args(argv)
 
 
-def _compiled_report(compiled) -> dict:
-    mem = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    if isinstance(cost, list):
-        cost = cost[0] if cost else {}
-    gib = lambda x: None if x is None else round(x / 2**30, 3)  # noqa: E731
-    fields = {
-        "arguments_gib": "argument_size_in_bytes",
-        "outputs_gib": "output_size_in_bytes",
-        "aliased_gib": "alias_size_in_bytes",
-        "temporaries_gib": "temp_size_in_bytes",
-    }
-    out = {k: gib(getattr(mem, a, None)) for k, a in fields.items()}
-    total = sum(getattr(mem, a, 0) or 0 for a in
-                ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes"))
-    out["total_gib"] = gib(total - (getattr(mem, "alias_size_in_bytes", 0) or 0))
-    out["xla_flops_per_device"] = (cost or {}).get("flops")
-    return out
-
-
-def dry_run(cfg) -> dict:
-    """Compile rollout, log-prob and update programs on abstract arrays; report memory/FLOPs."""
+def _policy_model_config(cfg):
+    """``(Qwen3Config, where it came from)`` of the policy: ``init_from``'s config.json or size."""
     import dataclasses
 
+    from codescaler_jax.models.qwen3 import Qwen3Config
+    from codescaler_jax.rl.trainer import policy_config
+    from codescaler_jax.rm.config import compute_overrides
+
+    p = cfg.policy
+    if p.init_from and (Path(p.init_from) / "config.json").is_file():
+        mcfg = Qwen3Config.from_hf(p.init_from)
+        mcfg = dataclasses.replace(mcfg, **compute_overrides(p))
+        return mcfg, f"{p.init_from}/config.json"
+    return policy_config(cfg, vocab_min=0, pad_id=0, eos_id=1), f"policy.size={p.size}"
+
+
+def _reward_model_config(cfg, policy_cfg):
+    """``(Qwen3Config, where it came from)`` of the co-located RM, or ``(None, why)``.
+
+    ``reward.rm_path``'s config.json (or its ``hf/`` export); without one, the policy's
+    architecture (CodeScaler-8B is a Qwen3-8B, as is the recipe's policy)."""
+    import dataclasses
+
+    from codescaler_jax.models.qwen3 import Qwen3Config
+
+    r = cfg.reward
+    names = set(r.kwargs.get("weights", {})) if r.name == "mix" else {r.name}
+    if "codescaler" not in names:
+        return None, f"reward.name={r.name} uses no reward model"
+    dtype = r.rm_dtype or policy_cfg.dtype
+    for d in (Path(r.rm_path or "."), Path(r.rm_path or ".") / "hf"):
+        if r.rm_path and (d / "config.json").is_file():
+            mcfg = Qwen3Config.from_hf(d)
+            return dataclasses.replace(mcfg, param_dtype=dtype, dtype=dtype, remat=False), str(d)
+    mcfg = dataclasses.replace(policy_cfg, param_dtype=dtype, dtype=dtype, remat=False)
+    return mcfg, f"policy architecture (reward.rm_path={r.rm_path!r} has no config.json)"
+
+
+def build_dry_run(cfg, target):
+    """The dry-run builder (see ``training.dry_run``): every device program of a GRPO step.
+
+    Programs: ``rollout_decode_loop`` (the sampler's prefill + decode loop over one rollout
+    batch), ``reward_scores`` (the co-located RM's forward over one RM batch, when the reward
+    uses an RM), ``actor_logprobs`` (the old log-probs of all responses) and ``train_step``
+    (the mini-batch updates). Co-location: while one program runs, the others' long-lived
+    buffers stay in HBM (the optimizer state, the RM's parameters, the reference policy when
+    ``beta > 0``); each program's report counts them as ``resident``.
+    """
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    from codescaler_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
-    from codescaler_jax.models.sharding import batch_sharding, make_mesh
+    from codescaler_jax.models.qwen3 import Qwen3ForCausalLM, Qwen3RewardModel
+    from codescaler_jax.models.sharding import make_mesh
+    from codescaler_jax.perf import train_flops_per_token
     from codescaler_jax.rl.grpo import (
         BATCH_KEYS,
         UpdateOptions,
@@ -84,86 +116,165 @@ def dry_run(cfg) -> dict:
         per_update_schedule,
     )
     from codescaler_jax.rl.sampler import JaxSampler, SamplingConfig
-    from codescaler_jax.rl.trainer import policy_config
-    from codescaler_jax.rm.train_step import (
-        make_optimizer,
-        make_schedule,
-        split_model,
-        state_shardings,
+    from codescaler_jax.rm.train_step import make_optimizer, make_schedule
+    from codescaler_jax.training.abstract import (
+        abstract_batch,
+        abstract_params,
+        abstract_train_state,
     )
+    from codescaler_jax.training.dry_run import ProgramSpec
+    from codescaler_jax.training.fit import Candidate, Change, Knob, divisor_steps
+    from codescaler_jax.training.report import per_device_bytes
 
-    p, r, a = cfg.policy, cfg.rollout, cfg.algorithm
-    if p.init_from and (Path(p.init_from) / "config.json").is_file():
-        mcfg = Qwen3Config.from_hf(p.init_from)
-        mcfg = dataclasses.replace(mcfg, param_dtype=p.param_dtype, dtype=p.dtype, remat=p.remat)
-        source = f"{p.init_from}/config.json"
-    else:
-        mcfg = policy_config(cfg, vocab_min=0, pad_id=0, eos_id=1)
-        source = f"policy.size={p.size}"
-    mesh = make_mesh(cfg.mesh)
-    abstract = nnx.eval_shape(lambda: Qwen3ForCausalLM(mcfg, rngs=nnx.Rngs(0)))
+    p, r, a, rw = cfg.policy, cfg.rollout, cfg.algorithm, cfg.reward
+    mcfg, source = _policy_model_config(cfg)
+    rm_cfg, rm_source = _reward_model_config(cfg, mcfg)
+    mesh = make_mesh(cfg.mesh, devices=target.devices)
+    ways = mesh.shape["data"] * mesh.shape["fsdp"]
     rows = r.num_prompts * r.num_generations
     P, N = cfg.data.max_prompt_length, r.max_new_tokens
-    report: dict = {
-        "model_from": source, "mesh": dict(mesh.shape),
-        "devices": f"{mesh.size} x {jax.devices()[0].device_kind}",
-        "param_dtype": mcfg.param_dtype, "compute_dtype": mcfg.dtype, "remat": mcfg.remat,
-        "responses_per_step": rows, "prompt_len": P, "response_len": N,
-        "rollout_batch": min(r.batch_size, rows),
-    }
-    t0 = time.perf_counter()
+    roll_rows = min(r.batch_size, rows)
+    mb_rows = rows // a.num_minibatches
+    if (mb_rows // a.micro_batches) % ways:
+        raise ValueError(
+            f"a micro-batch of {mb_rows // a.micro_batches} responses (rollout rows / "
+            f"algorithm.num_minibatches / algorithm.micro_batches) does not split over the "
+            f"mesh's data x fsdp = {ways} devices")
+    if rm_cfg is not None and rw.rm_batch_size % ways:
+        raise ValueError(f"reward.rm_batch_size={rw.rm_batch_size} does not split over the "
+                         f"mesh's data x fsdp = {ways} devices")
+    abstract = nnx.eval_shape(lambda: Qwen3ForCausalLM(mcfg, rngs=nnx.Rngs(0)))
     scfg = SamplingConfig(max_new_tokens=N, temperature=r.temperature, top_p=r.top_p,
-                          top_k=r.top_k, eos_token_ids=(1,))
-    sampler = JaxSampler(abstract, scfg, mesh=mesh, batch_size=min(r.batch_size, rows),
-                         max_prompt_len=P, min_prompt_bucket=cfg.data.min_prompt_bucket)
-    report["rollout_decode_loop"] = _compiled_report(sampler.lower(P).compile())
-
+                          top_k=r.top_k, eos_token_ids=(1,), prefill_chunk=r.prefill_chunk)
+    sampler = JaxSampler(abstract, scfg, mesh=mesh, batch_size=roll_rows, max_prompt_len=P,
+                         min_prompt_bucket=cfg.data.min_prompt_bucket)
     opts = UpdateOptions(loss=a.loss_config(), num_minibatches=a.num_minibatches,
                          micro_batches=a.micro_batches, temperature=scfg.logprob_temperature,
                          logprob_chunk=a.logprob_chunk)
     with jax.set_mesh(mesh):
-        graphdef, params, rest = split_model(abstract)
         schedule = make_schedule(cfg.optim, cfg.train.steps)
         tx = make_optimizer(cfg.optim, per_update_schedule(schedule, a.num_minibatches))
-        sh = state_shardings(abstract, tx, mesh)
-        sds = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
-        a_state = {
-            "params": jax.tree.map(sds, params, sh["params"]),
-            "opt_state": jax.tree.map(sds, jax.eval_shape(tx.init, params), sh["opt_state"]),
-            "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=sh["step"]),
-        }
-        bs = batch_sharding(mesh)
-        shapes = {"input_ids": ((rows, P + N), jnp.int32),
-                  "attention_mask": ((rows, P + N), jnp.int32),
-                  "response_mask": ((rows, N), jnp.int32), "advantages": ((rows,), jnp.float32),
-                  "old_logp": ((rows, N), jnp.float32)}
-        if a.beta > 0:
-            shapes["ref_logp"] = ((rows, N), jnp.float32)
-        a_batch = {k: jax.ShapeDtypeStruct(s, d, sharding=bs) for k, (s, d) in shapes.items()}
-        assert set(BATCH_KEYS) <= set(a_batch)
-        logprob = jax.jit(make_logprob_fn(graphdef, rest, opts), static_argnums=(3,))
-        report["actor_logprobs"] = _compiled_report(
-            logprob.lower(a_state["params"], a_batch["input_ids"], a_batch["attention_mask"],
-                          N).compile())
-        step = jax.jit(make_train_step(graphdef, rest, tx, schedule, opts),
-                       out_shardings=(sh, None), donate_argnums=(0,))
-        report["train_step"] = _compiled_report(step.lower(a_state, a_batch).compile())
-    report["params"] = int(sum(x.size for x in jax.tree.leaves(params)))
-    report["compile_s"] = round(time.perf_counter() - t0, 1)
-    return report
+        graphdef, rest, a_state, sh = abstract_train_state(abstract, tx, mesh)
+    shapes = {"input_ids": ((rows, P + N), jnp.int32),
+              "attention_mask": ((rows, P + N), jnp.int32),
+              "response_mask": ((rows, N), jnp.int32), "advantages": ((rows,), jnp.float32),
+              "old_logp": ((rows, N), jnp.float32)}
+    if a.beta > 0:
+        shapes["ref_logp"] = ((rows, N), jnp.float32)
+    a_batch = abstract_batch(shapes, mesh)
+    assert set(BATCH_KEYS) <= set(a_batch)
+    logprob = jax.jit(make_logprob_fn(graphdef, rest, opts), static_argnums=(3,))
+    step = jax.jit(make_train_step(graphdef, rest, tx, schedule, opts),
+                   out_shardings=(sh, None), donate_argnums=(0,))
+
+    state_b = per_device_bytes(a_state)
+    params_b = per_device_bytes(a_state["params"])
+    ref_b = params_b if a.beta > 0 else 0
+    rm = None
+    rm_b = 0
+    if rm_cfg is not None:
+        rm_abstract = nnx.eval_shape(lambda: Qwen3RewardModel(rm_cfg, rngs=nnx.Rngs(0)))
+        rm_graphdef, rm_params, rm_rest = abstract_params(rm_abstract, mesh)
+        rm_b = per_device_bytes(rm_params)
+        rm_ids = abstract_batch({"ids": ((rw.rm_batch_size, rw.rm_max_length), jnp.int32)},
+                                mesh)["ids"]
+        rm = jax.jit(lambda prm, ids, mask: nnx.merge(rm_graphdef, prm, rm_rest)(ids, mask))
+
+    def fwd_flops(c, seq_len):
+        return train_flops_per_token(
+            hidden=c.hidden_size, intermediate=c.intermediate_size,
+            layers=c.num_hidden_layers, heads=c.num_attention_heads,
+            kv_heads=c.num_key_value_heads, head_dim=c.head_dim, seq_len=seq_len,
+            vocab_out=0, backward=False)
+
+    head = 2.0 * mcfg.hidden_size * mcfg.vocab_size  # LM head FLOPs per scored position
+    logprob_flops = rows * ((P + N) * fwd_flops(mcfg, P + N) + N * head)
+
+    def in_mesh(fn):
+        def lower():
+            with jax.set_mesh(mesh):
+                return fn()
+        return lower
+
+    micro = Knob("micro-batches", tuple(
+        Candidate(Change((f"algorithm.micro_batches={k}",)), temps_scale=a.micro_batches / k)
+        for k in divisor_steps(a.micro_batches, mb_rows, ways)))
+
+    def fewer_rows(key, current):
+        vals = [b for b in range(current - 1, 0, -1) if b % ways == 0 and current % b == 0]
+        return Knob("micro-batches", tuple(
+            Candidate(Change((f"{key}={b}",)), temps_scale=b / current) for b in vals))
+
+    specs = [ProgramSpec(
+        "rollout_decode_loop", in_mesh(lambda: sampler.lower(P)),
+        model_flops=roll_rows * ((P + N) * fwd_flops(mcfg, P + N) + N * head),
+        resident_bytes=state_b - params_b + rm_b + ref_b, arguments_bytes=params_b,
+        knobs=(fewer_rows("rollout.batch_size", roll_rows),),
+    )]
+    if rm is not None:
+        specs.append(ProgramSpec(
+            "reward_scores", in_mesh(lambda: rm.lower(rm_params, rm_ids, rm_ids)),
+            model_flops=rw.rm_batch_size * rw.rm_max_length * (
+                fwd_flops(rm_cfg, rw.rm_max_length) + 2.0 * rm_cfg.hidden_size),
+            resident_bytes=state_b + ref_b, arguments_bytes=rm_b,
+            knobs=(fewer_rows("reward.rm_batch_size", rw.rm_batch_size),),
+        ))
+    specs.append(ProgramSpec(
+        "actor_logprobs", in_mesh(lambda: logprob.lower(
+            a_state["params"], a_batch["input_ids"], a_batch["attention_mask"], N)),
+        model_flops=logprob_flops, resident_bytes=state_b - params_b + rm_b + ref_b,
+        arguments_bytes=params_b, knobs=(micro,),
+    ))
+    remat = () if p.remat else (Knob("remat", (
+        Candidate(Change(("policy.remat=true",)), temps_scale=0.0),)),)
+    specs.append(ProgramSpec(
+        "train_step", in_mesh(lambda: step.lower(a_state, a_batch)),
+        model_flops=3.0 * logprob_flops, resident_bytes=rm_b + ref_b,
+        arguments_bytes=per_device_bytes((a_state, a_batch)), knobs=(micro, *remat),
+    ))
+    info = {
+        "model_from": source, "reward_model_from": rm_source, "mesh": dict(mesh.shape),
+        "devices": f"{mesh.size} x {target.devices[0].device_kind}",
+        "param_dtype": mcfg.param_dtype, "compute_dtype": mcfg.dtype, "remat": mcfg.remat,
+        "attention": mcfg.attention, "responses_per_step": rows, "prompt_len": P, "response_len": N,
+        "rollout_batch": roll_rows,
+        "params": int(sum(x.size for x in jax.tree.leaves(a_state["params"]))),
+    }
+    return info, specs
+
+
+def dry_run_report(result) -> dict:
+    """The dry run as JSON: run info, ``programs`` (each program's report), suggestions, and
+    each program's report also at the top level under its name (the keys of the old report)."""
+    out = result.to_dict()
+    out.update(out["programs"])
+    out["compile_s"] = round(sum(p.compile_s for p in result.programs), 1)
+    return out
+
+
+def dry_run(cfg, topology: str | None = None, *, suggest_changes: bool = True) -> dict:
+    """Compile the rollout, RM-scoring, log-prob and update programs on abstract arrays for the
+    local devices or TPU slice ``topology`` and report each (see ``training.dry_run``)."""
+    from codescaler_jax.training.dry_run import resolve_target, run
+
+    result = run(cfg, build_dry_run, resolve_target(topology), suggest_changes=suggest_changes)
+    return dry_run_report(result)
 
 
 @guarded
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
+    from codescaler_jax.training.dry_run import cli_main, prepare_platform
+
+    prepare_platform(args)
     from codescaler_jax.rl.config import GRPOConfig
 
     cfg = load_config(GRPOConfig, args.config, args.overrides)
     if not args.dry_run:
         cfg.check_paths()  # before any model or data work, naming the key
     if args.dry_run:
-        print(json.dumps(dry_run(cfg), indent=2))
-        return 0
+        return cli_main(args, cfg, build_dry_run, f"train_grpo dry run: {args.config}",
+                        dry_run_report)
 
     from codescaler_jax.logging_utils import setup_logging
     from codescaler_jax.rl.trainer import GRPOTrainer

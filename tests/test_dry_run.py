@@ -40,7 +40,7 @@ def test_dry_run_small_shape_of_the_8b_recipe():
 
 @pytest.mark.slow
 def test_dry_run_8b_recipe_on_8_fake_devices(capsys):
-    assert main(["--config", "configs/rm_codescaler_8b.yaml", "--dry-run"]) == 0
+    assert main(["--config", "configs/rm_codescaler_8b.yaml", "--dry-run", "--json", "-"]) == 0
     import json
 
     report = json.loads(capsys.readouterr().out)
@@ -48,3 +48,17 @@ def test_dry_run_8b_recipe_on_8_fake_devices(capsys):
     _check(report, cfg)
     assert 7.5e9 < report["params"] < 7.7e9
     assert report["seq_len"] == 4096 and report["global_batch_pairs"] == 128
+
+
+def test_cli_dry_run_prints_the_table_and_writes_json(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "r.json"
+    assert main(["--config", "configs/rm_tiny.yaml", "--dry-run", "--set", "data.max_length=128",
+                 "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "target: 8 x cpu (local devices)" in text and "train_step" in text
+    assert "train_step: no HBM verdict (local devices)" in text
+    report = json.loads(out.read_text())
+    assert report["programs"]["train_step"]["fits"] is None and report["fits"] is None
+    assert report["per_device_memory"]["total_gib"] > 0 and report["suggestions"] == []

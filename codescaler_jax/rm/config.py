@@ -17,7 +17,10 @@ from codescaler_jax.models.sharding import MeshConfig
 class ModelSection:
     """Which RM to train. ``init_from``: a Hugging Face RM directory (CodeScaler /
     Skywork-Reward-V2 or one we exported) or ``None`` for random init of ``size`` (with the
-    explicit fields below overriding that size's values)."""
+    explicit fields below overriding that size's values). ``attention``: the attention
+    implementation (``models.attention``: ``auto`` picks splash on TPU, cudnn on GPU, and
+    chunked or xla by length on CPU); ``attention_block_q`` / ``attention_block_kv``: its block
+    sizes (None: the implementation's default)."""
 
     init_from: str | None = None
     size: str = "tiny"
@@ -31,6 +34,30 @@ class ModelSection:
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     dtype: Literal["float32", "bfloat16"] = "float32"
     remat: bool = False
+    attention: Literal["auto", "xla", "chunked", "splash", "cudnn"] = "auto"
+    attention_block_q: int | None = None
+    attention_block_kv: int | None = None
+
+    def __post_init__(self):
+        check_attention_blocks(self, "model")
+
+
+COMPUTE_KEYS = ("param_dtype", "dtype", "remat", "attention", "attention_block_q",
+                "attention_block_kv")
+
+
+def compute_overrides(section) -> dict:
+    """The ``Qwen3Config`` compute knobs of a model section (``model`` / ``policy``), applied
+    both to a named size and to a checkpoint's own config.json."""
+    return {name: getattr(section, name) for name in COMPUTE_KEYS}
+
+
+def check_attention_blocks(section, prefix: str) -> None:
+    """Block sizes are positive ints or None (the attention implementation's default)."""
+    for name in ("attention_block_q", "attention_block_kv"):
+        val = getattr(section, name)
+        if val is not None and val < 1:
+            raise ValueError(f"{prefix}.{name} must be >= 1 or null, got {val}")
 
 
 @dataclasses.dataclass

@@ -46,7 +46,7 @@ from codescaler_jax.logging_utils import Writer
 from codescaler_jax.models.qwen3 import Qwen3Config, Qwen3RewardModel
 from codescaler_jax.models.sharding import batch_sharding, create_sharded, make_mesh
 from codescaler_jax.perf import measure_matmul_peak, train_flops_per_token
-from codescaler_jax.rm.config import RMTrainConfig
+from codescaler_jax.rm.config import RMTrainConfig, compute_overrides
 from codescaler_jax.rm.loss import finalize_metrics
 from codescaler_jax.rm.train_step import (
     BATCH_KEYS,
@@ -92,9 +92,7 @@ def model_config(cfg: RMTrainConfig, vocab_min: int, pad_id: int) -> Qwen3Config
         base,
         **overrides,
         pad_token_id=pad_id,
-        param_dtype=m.param_dtype,
-        dtype=m.dtype,
-        remat=m.remat,
+        **compute_overrides(m),
     )
 
 
@@ -300,9 +298,7 @@ class RMTrainer:
         if m.init_from:
             from codescaler_jax.models.hf_io import load_hf_model
 
-            return load_hf_model(
-                m.init_from, Qwen3RewardModel, mesh=mesh, param_dtype=m.param_dtype, dtype=m.dtype
-            )
+            return load_hf_model(m.init_from, Qwen3RewardModel, mesh=mesh, **compute_overrides(m))
         mcfg = model_config(self.cfg, len(tokenizer), tokenizer.pad_token_id)
         seed = self.cfg.train.seed
         return create_sharded(lambda: Qwen3RewardModel(mcfg, rngs=nnx.Rngs(seed)), mesh)
