@@ -78,6 +78,7 @@ def dry_run(cfg) -> dict:
     )
     from codescaler_jax.rl.sampler import JaxSampler, SamplingConfig
     from codescaler_jax.rl.trainer import policy_config
+    from codescaler_jax.rm.config import compute_overrides
     from codescaler_jax.rm.train_step import (
         make_optimizer,
         make_schedule,
@@ -88,7 +89,7 @@ def dry_run(cfg) -> dict:
     p, r, a = cfg.policy, cfg.rollout, cfg.algorithm
     if p.init_from and (Path(p.init_from) / "config.json").is_file():
         mcfg = Qwen3Config.from_hf(p.init_from)
-        mcfg = dataclasses.replace(mcfg, param_dtype=p.param_dtype, dtype=p.dtype, remat=p.remat)
+        mcfg = dataclasses.replace(mcfg, **compute_overrides(p))
         source = f"{p.init_from}/config.json"
     else:
         mcfg = policy_config(cfg, vocab_min=0, pad_id=0, eos_id=1)
@@ -101,6 +102,7 @@ def dry_run(cfg) -> dict:
         "model_from": source, "mesh": dict(mesh.shape),
         "devices": f"{mesh.size} x {jax.devices()[0].device_kind}",
         "param_dtype": mcfg.param_dtype, "compute_dtype": mcfg.dtype, "remat": mcfg.remat,
+        "scan_layers": mcfg.scan_layers,
         "responses_per_step": rows, "prompt_len": P, "response_len": N,
         "rollout_batch": min(r.batch_size, rows),
     }

@@ -62,6 +62,7 @@ def dry_run(cfg) -> dict:
     from codescaler_jax.models.qwen3 import Qwen3Config, Qwen3RewardModel
     from codescaler_jax.models.sharding import batch_sharding, make_mesh
     from codescaler_jax.perf import train_flops_per_token
+    from codescaler_jax.rm.config import compute_overrides
     from codescaler_jax.rm.train_step import (
         BATCH_KEYS,
         make_optimizer,
@@ -75,7 +76,7 @@ def dry_run(cfg) -> dict:
     source = f"model.size={m.size}"
     if m.init_from and (Path(m.init_from) / "config.json").is_file():
         mcfg = Qwen3Config.from_hf(m.init_from)
-        mcfg = dataclasses.replace(mcfg, param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat)
+        mcfg = dataclasses.replace(mcfg, **compute_overrides(m))
         source = f"{m.init_from}/config.json"
     else:
         mcfg = model_config(cfg, vocab_min=0, pad_id=0)
@@ -145,6 +146,7 @@ def dry_run(cfg) -> dict:
         "param_dtype": mcfg.param_dtype,
         "compute_dtype": mcfg.dtype,
         "remat": mcfg.remat,
+        "scan_layers": mcfg.scan_layers,
         "mesh": dict(mesh.shape),
         "devices": f"{mesh.size} x {jax.devices()[0].device_kind}",
         "global_batch_pairs": B,

@@ -20,7 +20,9 @@ from codescaler_jax.rm.config import OptimSection
 class PolicySection:
     """The policy. ``init_from``: a Hugging Face ``Qwen3ForCausalLM`` directory (e.g.
     Qwen3-8B-Base) or ``None`` for random init of ``size`` (a ``Qwen3Config`` named size:
-    ``tiny``, ``qwen3_0_6b`` ...), with the explicit fields below overriding that size."""
+    ``tiny``, ``qwen3_0_6b`` ...), with the explicit fields below overriding that size.
+    ``scan_layers``: as ``model.scan_layers`` of the RM config (``None``: the model's
+    default, on for the named sizes and HF checkpoints, off for ``tiny``)."""
 
     init_from: str | None = None
     tokenizer: str = "qwen3"
@@ -36,6 +38,7 @@ class PolicySection:
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     dtype: Literal["float32", "bfloat16"] = "float32"
     remat: bool = False
+    scan_layers: bool | None = None
 
 
 @dataclasses.dataclass

@@ -57,6 +57,7 @@ from codescaler_jax.rl.sampler import (
     prompt_buckets,
     stop_sequences_from_strings,
 )
+from codescaler_jax.rm.config import compute_overrides
 from codescaler_jax.rm.train_step import (
     init_state,
     make_optimizer,
@@ -74,7 +75,8 @@ _SIZE_FIELDS = (
 
 
 def policy_config(cfg: GRPOConfig, vocab_min: int, pad_id: int, eos_id: int) -> Qwen3Config:
-    """Qwen3Config of a from-scratch policy: the named size, explicit overrides, dtypes."""
+    """Qwen3Config of a from-scratch policy: the named size, explicit overrides, dtypes,
+    remat, layer scan."""
     p = cfg.policy
     named = getattr(Qwen3Config, p.size, None)
     if named is None:
@@ -84,8 +86,7 @@ def policy_config(cfg: GRPOConfig, vocab_min: int, pad_id: int, eos_id: int) -> 
     if "vocab_size" not in overrides and base.vocab_size < vocab_min:
         overrides["vocab_size"] = -(-vocab_min // 128) * 128
     return dataclasses.replace(
-        base, **overrides, pad_token_id=pad_id, eos_token_id=eos_id,
-        param_dtype=p.param_dtype, dtype=p.dtype, remat=p.remat,
+        base, **overrides, pad_token_id=pad_id, eos_token_id=eos_id, **compute_overrides(p)
     )
 
 
@@ -151,10 +152,7 @@ class GRPOTrainer:
         if p.init_from:
             from codescaler_jax.models.hf_io import load_hf_model
 
-            return load_hf_model(
-                p.init_from, Qwen3ForCausalLM, mesh=mesh, param_dtype=p.param_dtype,
-                dtype=p.dtype, remat=p.remat,
-            )
+            return load_hf_model(p.init_from, Qwen3ForCausalLM, mesh=mesh, **compute_overrides(p))
         mcfg = policy_config(self.cfg, len(tokenizer), tokenizer.pad_token_id,
                              tokenizer.eos_token_id)
         seed = self.cfg.train.seed

@@ -6,7 +6,7 @@ Loaded by ``python -m codescaler_jax.train_rm --config FILE [--set key.sub=value
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 from codescaler_jax.distributed import DistributedConfig
 from codescaler_jax.models.sharding import MeshConfig
@@ -16,7 +16,10 @@ from codescaler_jax.models.sharding import MeshConfig
 class ModelSection:
     """Which RM to train. ``init_from``: a Hugging Face RM directory (CodeScaler /
     Skywork-Reward-V2 or one we exported) or ``None`` for random init of ``size`` (with the
-    explicit fields below overriding that size's values)."""
+    explicit fields below overriding that size's values). ``scan_layers``: stack the decoder
+    layers and run them with a scan (compile time independent of depth); ``None`` keeps the
+    model's default (on for the named Qwen3 sizes and HF checkpoints, off for ``tiny``).
+    Orbax checkpoints are in the layout they were trained with."""
 
     init_from: str | None = None
     size: str = "tiny"
@@ -30,6 +33,16 @@ class ModelSection:
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     dtype: Literal["float32", "bfloat16"] = "float32"
     remat: bool = False
+    scan_layers: bool | None = None
+
+
+def compute_overrides(section: Any) -> dict[str, Any]:
+    """The ``Qwen3Config`` fields a model section sets whatever the size or checkpoint:
+    ``param_dtype``, ``dtype``, ``remat`` and, unless left ``None``, ``scan_layers``."""
+    out = {"param_dtype": section.param_dtype, "dtype": section.dtype, "remat": section.remat}
+    if section.scan_layers is not None:
+        out["scan_layers"] = section.scan_layers
+    return out
 
 
 @dataclasses.dataclass

@@ -41,7 +41,7 @@ from codescaler_jax.logging_utils import Writer
 from codescaler_jax.models.qwen3 import Qwen3Config, Qwen3RewardModel
 from codescaler_jax.models.sharding import batch_sharding, create_sharded, make_mesh
 from codescaler_jax.perf import measure_matmul_peak, train_flops_per_token
-from codescaler_jax.rm.config import RMTrainConfig
+from codescaler_jax.rm.config import RMTrainConfig, compute_overrides
 from codescaler_jax.rm.loss import finalize_metrics
 from codescaler_jax.rm.train_step import (
     BATCH_KEYS,
@@ -59,7 +59,8 @@ log = logging.getLogger("codescaler_jax")
 
 
 def model_config(cfg: RMTrainConfig, vocab_min: int, pad_id: int) -> Qwen3Config:
-    """Qwen3Config for a from-scratch RM: the named size, explicit overrides, dtype, remat."""
+    """Qwen3Config for a from-scratch RM: the named size, explicit overrides, dtype, remat,
+    layer scan."""
     m = cfg.model
     named = getattr(Qwen3Config, m.size, None)
     if named is None:
@@ -82,14 +83,7 @@ def model_config(cfg: RMTrainConfig, vocab_min: int, pad_id: int) -> Qwen3Config
     }
     if "vocab_size" not in overrides and base.vocab_size < vocab_min:
         overrides["vocab_size"] = -(-vocab_min // 128) * 128
-    return dataclasses.replace(
-        base,
-        **overrides,
-        pad_token_id=pad_id,
-        param_dtype=m.param_dtype,
-        dtype=m.dtype,
-        remat=m.remat,
-    )
+    return dataclasses.replace(base, **overrides, pad_token_id=pad_id, **compute_overrides(m))
 
 
 def step_options(cfg: RMTrainConfig) -> StepOptions:
@@ -233,9 +227,7 @@ class RMTrainer:
         if m.init_from:
             from codescaler_jax.models.hf_io import load_hf_model
 
-            return load_hf_model(
-                m.init_from, Qwen3RewardModel, mesh=mesh, param_dtype=m.param_dtype, dtype=m.dtype
-            )
+            return load_hf_model(m.init_from, Qwen3RewardModel, mesh=mesh, **compute_overrides(m))
         mcfg = model_config(self.cfg, len(tokenizer), tokenizer.pad_token_id)
         seed = self.cfg.train.seed
         return create_sharded(lambda: Qwen3RewardModel(mcfg, rngs=nnx.Rngs(seed)), mesh)
@@ -514,7 +506,7 @@ def load_run_checkpoint(
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     if cfg.model.init_from:
         mcfg = Qwen3Config.from_hf(cfg.model.init_from)
-        mcfg = dataclasses.replace(mcfg, param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype)
+        mcfg = dataclasses.replace(mcfg, **compute_overrides(cfg.model))
     else:
         mcfg = model_config(cfg, len(tokenizer), tokenizer.pad_token_id)
     abstract = nnx.eval_shape(lambda: Qwen3RewardModel(mcfg, rngs=nnx.Rngs(0)))
