@@ -108,7 +108,7 @@ def dry_run(cfg) -> dict:
     }
     t0 = time.perf_counter()
     scfg = SamplingConfig(max_new_tokens=N, temperature=r.temperature, top_p=r.top_p,
-                          top_k=r.top_k, eos_token_ids=(1,))
+                          top_k=r.top_k, eos_token_ids=(1,), prefill_chunk=r.prefill_chunk)
     sampler = JaxSampler(abstract, scfg, mesh=mesh, batch_size=min(r.batch_size, rows),
                          max_prompt_len=P, min_prompt_bucket=cfg.data.min_prompt_bucket)
     report["rollout_decode_loop"] = _compiled_report(sampler.lower(P).compile())

@@ -1,8 +1,12 @@
-"""KV-cache decoding (prefill + one-token steps) equals a full forward over the same tokens."""
+"""KV-cache decoding (prefill + one-token steps) equals a full forward over the same tokens, with
+the dense and the blockwise attention."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 from model_hf_reference import padded_batch
 
@@ -30,8 +34,14 @@ def _decode(lm, ids, mask, cache, last_only=False):
     return lm.decode(ids, mask, cache, last_only=last_only)
 
 
-def test_prefill_then_steps_equal_full_forward():
-    cfg = Qwen3Config.tiny()
+# Dense, and blockwise with KV blocks of 4 (the cache spans several, the last one partial).
+ATTENTION = {"xla": dict(attention="xla"),
+             "chunked": dict(attention="chunked", attention_block_q=4, attention_block_kv=4)}
+
+
+@pytest.mark.parametrize("attention", list(ATTENTION))
+def test_prefill_then_steps_equal_full_forward(attention):
+    cfg = Qwen3Config.tiny(**ATTENTION[attention])
     lm = _random_lm(cfg, seed=0)
     prompt_len, steps, max_len = 7, 5, 16
     # Left-padded prompts of different lengths, as a sampler builds them.
@@ -39,7 +49,8 @@ def test_prefill_then_steps_equal_full_forward():
     new_tokens = np.random.RandomState(2).randint(2, cfg.vocab_size, size=(3, steps))
     ids = jnp.asarray(np.concatenate([prompt, new_tokens], 1))
     mask = jnp.asarray(np.concatenate([pmask, np.ones_like(new_tokens)], 1))
-    full = np.asarray(_full(lm, ids, mask))  # [B, P + steps, V]
+    # The reference is the dense full forward with the same weights.
+    full = np.asarray(_full(_random_lm(dataclasses.replace(cfg, attention="xla"), 0), ids, mask))
 
     cache = lm.init_cache(3, max_len)
     logits, cache = _decode(lm, ids[:, :prompt_len], mask[:, :prompt_len], cache)
@@ -59,10 +70,11 @@ def test_prefill_then_steps_equal_full_forward():
     assert not np.asarray(cache.mask[:, prompt_len + steps:]).any()
 
 
-def test_chunked_prefill_and_finished_rows():
+@pytest.mark.parametrize("attention", list(ATTENTION))
+def test_chunked_prefill_and_finished_rows(attention):
     """A prompt fed in two chunks, and a row whose step is masked out (a finished sequence),
     give the same logits as the full forward over the real tokens."""
-    cfg = Qwen3Config.tiny(num_attention_heads=4, num_key_value_heads=1)
+    cfg = Qwen3Config.tiny(num_attention_heads=4, num_key_value_heads=1, **ATTENTION[attention])
     lm = _random_lm(cfg, seed=1)
     prompt, pmask = padded_batch(3, [8, 5], 8, cfg.vocab_size, left=True)
     cache = lm.init_cache(2, 12)
@@ -76,7 +88,8 @@ def test_chunked_prefill_and_finished_rows():
 
     ids = np.concatenate([prompt, step_ids, [[11], [12]]], 1)
     mask = np.concatenate([pmask, step_mask, [[1], [1]]], 1)
-    full = np.asarray(_full(lm, jnp.asarray(ids), jnp.asarray(mask)))
+    ref = _random_lm(dataclasses.replace(cfg, attention="xla"), seed=1)
+    full = np.asarray(_full(ref, jnp.asarray(ids), jnp.asarray(mask)))
     np.testing.assert_allclose(logits_a[:, -1], full[:, 7], atol=1e-4, rtol=0)
     np.testing.assert_allclose(logits_b[0, 0], full[0, 8], atol=1e-4, rtol=0)
     np.testing.assert_allclose(logits_c[:, 0], full[:, 9], atol=1e-4, rtol=0)
@@ -95,10 +108,10 @@ def test_cache_is_static_shape_and_jits_once():
         return nnx.merge(graphdef, state).decode(tok, jnp.ones_like(tok), cache, last_only=True)
 
     cache = lm.init_cache(2, 8, dtype=jnp.bfloat16)
-    assert cache.k[0].dtype == jnp.bfloat16 and len(cache.k) == cfg.num_hidden_layers
+    assert cache.k.dtype == jnp.bfloat16 and cache.k.shape[0] == cfg.num_hidden_layers
     tok = jnp.array([[3], [4]])
     for _ in range(4):
         logits, cache = step(state, tok, cache)
         tok = jnp.argmax(logits, -1)[:, None]
     assert len(traces) == 1 and logits.shape == (2, cfg.vocab_size)
-    assert cache.k[0].shape == (2, 8, cfg.num_key_value_heads, cfg.head_dim)
+    assert cache.k.shape == (cfg.num_hidden_layers, 2, 8, cfg.num_key_value_heads, cfg.head_dim)

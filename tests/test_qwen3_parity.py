@@ -18,6 +18,10 @@ from codescaler_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM, Qwen3Rewa
 
 SEQ = 13
 LENGTHS = [13, 9, 4, 1]  # right padding of different lengths, incl. a full and a 1-token row
+# The attention implementations under test: dense, and blockwise with blocks that do not
+# divide SEQ (several query and KV blocks, a partial last one).
+ATTENTION = {"xla": dict(attention="xla"),
+             "chunked": dict(attention="chunked", attention_block_q=4, attention_block_kv=8)}
 
 
 @nnx.jit
@@ -30,11 +34,13 @@ def _load(tmp_path, hf_model, cls, **kw):
     return load_hf_model(tmp_path, cls, **kw)
 
 
+@pytest.mark.parametrize("attention", list(ATTENTION))
 @pytest.mark.parametrize("name", ["gqa_untied", "mha_tied", "gqa4_wide_head"])
 @pytest.mark.parametrize("kind", ["rm", "lm"])
-def test_float32_parity(tmp_path, name, kind):
+def test_float32_parity(tmp_path, name, kind, attention):
     hf = random_hf_model(name, kind, seed=1)
-    ours = _load(tmp_path, hf, Qwen3RewardModel if kind == "rm" else Qwen3ForCausalLM)
+    ours = _load(tmp_path, hf, Qwen3RewardModel if kind == "rm" else Qwen3ForCausalLM,
+                 **ATTENTION[attention])
     ids, mask = padded_batch(0, LENGTHS, SEQ, TINY[name]["vocab_size"])
     ref = torch_out(hf, ids, mask)
     out = np.asarray(_forward(ours, jnp.asarray(ids), jnp.asarray(mask)))
@@ -77,10 +83,11 @@ def test_bfloat16_parity(tmp_path, name, kind):
     assert np.abs(out - ref32).max() > 1e-4
 
 
-def test_left_padding_matches_hf_with_mask_positions(tmp_path):
+@pytest.mark.parametrize("attention", list(ATTENTION))
+def test_left_padding_matches_hf_with_mask_positions(tmp_path, attention):
     """Left-padded prompts (the sampler's layout) = HF with position_ids = cumsum(mask) - 1."""
     hf = random_hf_model("gqa_untied", "lm", seed=3)
-    ours = _load(tmp_path, hf, Qwen3ForCausalLM)
+    ours = _load(tmp_path, hf, Qwen3ForCausalLM, **ATTENTION[attention])
     ids, mask = padded_batch(4, [11, 6, 2], 11, TINY["gqa_untied"]["vocab_size"], left=True)
     positions = np.maximum(np.cumsum(mask, -1) - 1, 0)
     ref = torch_out(hf, ids, mask, position_ids=positions)[mask == 1]

@@ -48,10 +48,11 @@ def _prompts(seed=0, name="mesh"):
 
 
 @functools.cache
-def _sampler(path, cfg, devices=1, mesh_cfg=None):
-    """One compiled sampler per (model, config, mesh) for the whole module."""
+def _sampler(path, cfg, devices=1, mesh_cfg=None, attention="auto"):
+    """One compiled sampler per (model, config, mesh, attention) for the whole module."""
     mesh = make_mesh(mesh_cfg or MeshConfig(), devices=jax.devices()[:devices])
-    model = load_hf_model(path, Qwen3ForCausalLM, mesh=mesh)
+    blocks = dict(attention_block_q=4, attention_block_kv=8) if attention == "chunked" else {}
+    model = load_hf_model(path, Qwen3ForCausalLM, mesh=mesh, attention=attention, **blocks)
     return JaxSampler(model, cfg, mesh=mesh, batch_size=4, max_prompt_len=16, min_prompt_bucket=16)
 
 
@@ -285,6 +286,25 @@ def test_eight_devices_sample_the_same_as_one(hf_lm):
     np.testing.assert_array_equal(eight.tokens, one.tokens)
     np.testing.assert_array_equal(eight.lengths, one.lengths)
     np.testing.assert_allclose(eight.logprobs, one.logprobs, atol=1e-5)
+
+
+def test_chunked_attention_and_chunked_prefill_sample_the_same(hf_lm):
+    """attention="chunked" (blocks of 4 x 8 over a 16-token prompt bucket + 32 new tokens) and
+    a prompt prefilled 5 tokens at a time, on a 2 x 2 x 2 mesh: the same greedy tokens and
+    log-probs as the dense one-pass sampler on one device."""
+    _, path = hf_lm
+    prompts = _prompts(10)
+    cfg = SamplingConfig(max_new_tokens=NEW, greedy=True, pad_token_id=PAD)
+    ref = _sampler(path, cfg, attention="xla").generate(prompts, jax.random.key(0))
+    chunked_cfg = SamplingConfig(max_new_tokens=NEW, greedy=True, pad_token_id=PAD,
+                                 prefill_chunk=5)
+    got = _sampler(path, chunked_cfg, devices=8, mesh_cfg=MeshConfig(data=2, fsdp=2, tensor=2),
+                   attention="chunked").generate(prompts, jax.random.key(0))
+    np.testing.assert_array_equal(got.tokens, ref.tokens)
+    np.testing.assert_array_equal(got.lengths, ref.lengths)
+    np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=1e-5)
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        SamplingConfig(prefill_chunk=0)
 
 
 def test_more_prompts_than_batch_size_and_config_checks(hf_lm):

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from codescaler_jax.models.sharding import MeshConfig
 from codescaler_jax.rl.advantages import ADVANTAGE_ESTIMATORS
 from codescaler_jax.rl.losses import PolicyLossConfig
-from codescaler_jax.rm.config import OptimSection
+from codescaler_jax.rm.config import OptimSection, check_attention_blocks
 
 
 @dataclasses.dataclass
@@ -21,6 +21,8 @@ class PolicySection:
     """The policy. ``init_from``: a Hugging Face ``Qwen3ForCausalLM`` directory (e.g.
     Qwen3-8B-Base) or ``None`` for random init of ``size`` (a ``Qwen3Config`` named size:
     ``tiny``, ``qwen3_0_6b`` ...), with the explicit fields below overriding that size.
+    ``attention`` / ``attention_block_q`` / ``attention_block_kv``: as ``rm.config.ModelSection``
+    (training, log-prob passes and the sampler's prefill and decode all use it).
     ``scan_layers``: as ``model.scan_layers`` of the RM config (``None``: the model's
     default, on for the named sizes and HF checkpoints, off for ``tiny``)."""
 
@@ -38,7 +40,13 @@ class PolicySection:
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     dtype: Literal["float32", "bfloat16"] = "float32"
     remat: bool = False
+    attention: Literal["auto", "xla", "chunked", "splash", "cudnn"] = "auto"
+    attention_block_q: int | None = None
+    attention_block_kv: int | None = None
     scan_layers: bool | None = None
+
+    def __post_init__(self):
+        check_attention_blocks(self, "policy")
 
 
 @dataclasses.dataclass
@@ -65,7 +73,8 @@ class RolloutSection:
     temperature 0.6, top_p 0.95, top_k 20, 16,384 new tokens). ``engine``: a name registered in
     ``rl.sampler.SAMPLERS`` (``jax``: the in-process decode loop). ``batch_size``: rows per
     decode loop on device. ``stop_strings``: extra stops besides EOS, matched as token
-    sequences."""
+    sequences. ``prefill_chunk``: prefill prompts this many tokens at a time (bounds the
+    prefill's attention and activation memory for long prompts); None: in one pass."""
 
     engine: str = "jax"
     num_prompts: int = 128
@@ -77,6 +86,7 @@ class RolloutSection:
     stop_strings: list[str] = dataclasses.field(default_factory=list)
     batch_size: int = 128
     min_response_bucket: int = 64
+    prefill_chunk: int | None = None
 
     def __post_init__(self):
         from codescaler_jax.rl.sampler import SAMPLERS
@@ -88,6 +98,8 @@ class RolloutSection:
             raise ValueError(f"rollout.num_prompts must be >= 1, got {self.num_prompts}")
         if self.min_response_bucket < 1:
             raise ValueError("rollout.min_response_bucket must be >= 1")
+        if self.prefill_chunk is not None and self.prefill_chunk < 1:
+            raise ValueError(f"rollout.prefill_chunk must be >= 1, got {self.prefill_chunk}")
 
 
 @dataclasses.dataclass

@@ -1,12 +1,13 @@
 """Policy sampling for GRPO rollouts: a jit-compiled decode loop over a static KV cache.
 
 ``JaxSampler`` turns prompts (token lists) into responses. Prompts are left-padded to a length
-bucket, prefilled in one forward pass, then a ``jax.lax.while_loop`` decodes one token per step
-on device (no host round trip per token) until every row has stopped or ``max_new_tokens`` is
-reached. A row stops at an EOS id or when its last tokens equal one of the configured stop
-sequences; what comes after is padding (token ``pad_token_id``, log-prob 0). The loop is
-jitted with the parameters on the mesh (heads on ``tensor``, ``embed`` on ``fsdp``) and the
-batch, the KV cache and the outputs split over ``('data', 'fsdp')``.
+bucket, prefilled in one forward pass (or ``prefill_chunk`` tokens at a time), then a
+``jax.lax.while_loop`` decodes one token per step on device (no host round trip per token)
+until every row has stopped or ``max_new_tokens`` is reached. A row stops at an EOS id or when
+its last tokens equal one of the configured stop sequences; what comes after is padding (token
+``pad_token_id``, log-prob 0). The loop is jitted with the parameters on the mesh (heads on
+``tensor``, ``embed`` on ``fsdp``) and the batch, the KV cache and the outputs split over
+``('data', 'fsdp')``.
 
 Sampling per step: ``logits / temperature`` -> keep the ``top_k`` largest -> keep the smallest
 set of the (renormalised) remaining tokens whose probability reaches ``top_p`` (the nucleus;
@@ -61,6 +62,8 @@ class SamplingConfig:
         eos_token_ids: a row stops after emitting any of these (the token is kept).
         stop_sequences: token-id sequences; a row stops once its response ends with one.
         pad_token_id: fills the positions after a row stopped.
+        prefill_chunk: write the prompt into the cache this many tokens at a time
+            (``Qwen3ForCausalLM.prefill``); None: one forward over the whole prompt.
     """
 
     max_new_tokens: int = 256
@@ -71,6 +74,7 @@ class SamplingConfig:
     eos_token_ids: tuple[int, ...] = ()
     stop_sequences: tuple[tuple[int, ...], ...] = ()
     pad_token_id: int = 0
+    prefill_chunk: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
@@ -85,6 +89,8 @@ class SamplingConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.prefill_chunk is not None and self.prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1 or None, got {self.prefill_chunk}")
         if any(len(s) == 0 for s in self.stop_sequences):
             raise ValueError("stop_sequences must not contain an empty sequence")
 
@@ -284,7 +290,8 @@ def sample(
     # Prefill into a cache of exactly P slots, then grow it by N empty slots: the prompt's
     # attention then spans [P, P] instead of [P, P + N] (for 4K prompts and 16K responses, 5x
     # less prefill attention memory and work). Empty slots are masked, so nothing changes.
-    logits, cache = model.decode(prompt_ids, prompt_mask, model.init_cache(b, p), last_only=True)
+    logits, cache = model.prefill(prompt_ids, prompt_mask, model.init_cache(b, p),
+                                  chunk_size=cfg.prefill_chunk)
     cache = cache.extend(n)
     if cache_shardings is not None:
         cache = jax.lax.with_sharding_constraint(cache, cache_shardings)

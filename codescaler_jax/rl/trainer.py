@@ -86,7 +86,7 @@ def policy_config(cfg: GRPOConfig, vocab_min: int, pad_id: int, eos_id: int) -> 
     if "vocab_size" not in overrides and base.vocab_size < vocab_min:
         overrides["vocab_size"] = -(-vocab_min // 128) * 128
     return dataclasses.replace(
-        base, **overrides, pad_token_id=pad_id, eos_token_id=eos_id, **compute_overrides(p)
+        base, **overrides, pad_token_id=pad_id, eos_token_id=eos_id, **compute_overrides(p),
     )
 
 
@@ -152,7 +152,8 @@ class GRPOTrainer:
         if p.init_from:
             from codescaler_jax.models.hf_io import load_hf_model
 
-            return load_hf_model(p.init_from, Qwen3ForCausalLM, mesh=mesh, **compute_overrides(p))
+            return load_hf_model(p.init_from, Qwen3ForCausalLM, mesh=mesh,
+                                 **compute_overrides(p))
         mcfg = policy_config(self.cfg, len(tokenizer), tokenizer.pad_token_id,
                              tokenizer.eos_token_id)
         seed = self.cfg.train.seed
@@ -168,7 +169,7 @@ class GRPOTrainer:
             max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
             top_k=r.top_k, eos_token_ids=tuple(sorted(eos)),
             stop_sequences=stop_sequences_from_strings(tokenizer, r.stop_strings),
-            pad_token_id=int(tokenizer.pad_token_id),
+            pad_token_id=int(tokenizer.pad_token_id), prefill_chunk=r.prefill_chunk,
         )
 
     def prompt_iterator(self, n: int):

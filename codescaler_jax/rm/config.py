@@ -16,10 +16,13 @@ from codescaler_jax.models.sharding import MeshConfig
 class ModelSection:
     """Which RM to train. ``init_from``: a Hugging Face RM directory (CodeScaler /
     Skywork-Reward-V2 or one we exported) or ``None`` for random init of ``size`` (with the
-    explicit fields below overriding that size's values). ``scan_layers``: stack the decoder
-    layers and run them with a scan (compile time independent of depth); ``None`` keeps the
-    model's default (on for the named Qwen3 sizes and HF checkpoints, off for ``tiny``).
-    Orbax checkpoints are in the layout they were trained with."""
+    explicit fields below overriding that size's values). ``attention``: the attention
+    implementation (``models.attention``: ``auto`` picks splash on TPU, cudnn on GPU, and
+    chunked or xla by length on CPU); ``attention_block_q`` / ``attention_block_kv``: its block
+    sizes (None: the implementation's default). ``scan_layers``: stack the decoder layers and
+    run them with a scan (compile time independent of depth); ``None`` keeps the model's
+    default (on for the named Qwen3 sizes and HF checkpoints, off for ``tiny``). Orbax
+    checkpoints are in the layout they were trained with."""
 
     init_from: str | None = None
     size: str = "tiny"
@@ -33,16 +36,35 @@ class ModelSection:
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     dtype: Literal["float32", "bfloat16"] = "float32"
     remat: bool = False
+    attention: Literal["auto", "xla", "chunked", "splash", "cudnn"] = "auto"
+    attention_block_q: int | None = None
+    attention_block_kv: int | None = None
     scan_layers: bool | None = None
+
+    def __post_init__(self):
+        check_attention_blocks(self, "model")
+
+
+COMPUTE_KEYS = ("param_dtype", "dtype", "remat", "attention", "attention_block_q",
+                "attention_block_kv")
 
 
 def compute_overrides(section: Any) -> dict[str, Any]:
-    """The ``Qwen3Config`` fields a model section sets whatever the size or checkpoint:
-    ``param_dtype``, ``dtype``, ``remat`` and, unless left ``None``, ``scan_layers``."""
-    out = {"param_dtype": section.param_dtype, "dtype": section.dtype, "remat": section.remat}
+    """The ``Qwen3Config`` compute knobs of a model section (``model`` / ``policy``), applied
+    both to a named size and to a checkpoint's own config.json; ``scan_layers`` only when set
+    (``None`` keeps the size's or checkpoint's default)."""
+    out = {name: getattr(section, name) for name in COMPUTE_KEYS}
     if section.scan_layers is not None:
         out["scan_layers"] = section.scan_layers
     return out
+
+
+def check_attention_blocks(section, prefix: str) -> None:
+    """Block sizes are positive ints or None (the attention implementation's default)."""
+    for name in ("attention_block_q", "attention_block_kv"):
+        val = getattr(section, name)
+        if val is not None and val < 1:
+            raise ValueError(f"{prefix}.{name} must be >= 1 or null, got {val}")
 
 
 @dataclasses.dataclass
