@@ -103,6 +103,9 @@ def dry_run(cfg) -> dict:
         "devices": f"{mesh.size} x {jax.devices()[0].device_kind}",
         "param_dtype": mcfg.param_dtype, "compute_dtype": mcfg.dtype, "remat": mcfg.remat,
         "scan_layers": mcfg.scan_layers,
+        # XLA's cost analysis counts a while loop's body once (scanned layers, the decode
+        # loop, micro-batches), so its FLOPs undercount those programs.
+        "xla_flops_counts_loop_bodies_once": True,
         "responses_per_step": rows, "prompt_len": P, "response_len": N,
         "rollout_batch": min(r.batch_size, rows),
     }

@@ -154,6 +154,10 @@ def dry_run(cfg) -> dict:
         "grad_accum_steps": cfg.train.grad_accum_steps,
         "per_device_memory": per_device,
         "xla_flops_per_step_per_device": cost.get("flops"),
+        # XLA's cost analysis counts a while loop's body once, not once per trip.
+        "xla_flops_counts_loop_bodies_once": bool(
+            mcfg.scan_layers or cfg.train.grad_accum_steps > 1
+        ),
         "analytic_flops_per_step_total": analytic,
         "compile_s": round(compile_s, 1),
     }

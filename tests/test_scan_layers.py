@@ -4,6 +4,7 @@ its program does not grow with depth, and everything that walks parameters handl
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 from model_hf_reference import padded_batch
@@ -21,6 +22,8 @@ from codescaler_jax.models.sharding import MeshConfig, make_mesh, shard_model
 from codescaler_jax.rm.config import OptimSection, RMTrainConfig
 from codescaler_jax.rm.train_step import (
     StepOptions,
+    check_resume_layout,
+    checkpoint_scan_layers,
     init_state,
     make_optimizer,
     make_schedule,
@@ -244,3 +247,21 @@ def test_freeze_errors_name_the_entry():
     _, scanned = _pair(Qwen3RewardModel)
     with pytest.raises(ValueError, match=r"optim.freeze: \['model.layers.9'\]"):
         tx.init(_params(scanned))
+
+
+def test_checkpoint_layout_is_read_from_orbax_metadata(tmp_path):
+    """Resuming in the other layer layout is refused with the key to change, found from the
+    checkpoint's metadata (before Orbax fails on a tree mismatch)."""
+    unrolled, scanned = _pair(Qwen3RewardModel)
+    for name, model in (("unrolled", unrolled), ("scanned", scanned)):
+        with ocp.CheckpointManager(tmp_path / name, options=ocp.CheckpointManagerOptions(
+                create=True)) as mngr:
+            mngr.save(3, args=ocp.args.Composite(
+                state=ocp.args.StandardSave({"params": _params(model)})))
+            mngr.wait_until_finished()
+    assert checkpoint_scan_layers(tmp_path / "unrolled", 3) is False
+    assert checkpoint_scan_layers(tmp_path / "scanned", 3) is True
+    check_resume_layout(tmp_path / "scanned", 3, True, "model.scan_layers")
+    with pytest.raises(ValueError, match=r"unrolled layers but model.scan_layers=true; resume "
+                                         r"with --set model.scan_layers=false"):
+        check_resume_layout(tmp_path / "unrolled", 3, True, "model.scan_layers")

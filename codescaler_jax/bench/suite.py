@@ -56,6 +56,8 @@ QUICK_ARGS: dict[str, list[str]] = {
     "extract": ["--n", "60", "--repeat", "3", "--workers", "1"],
     "best_of_n": ["--limit", "24", "--workers", "1"],
     "serve": ["--max-batches", "1,8", "--clients", "8", "--requests", "4"],
+    "scan_layers": ["--depths", "2,8", "--hidden", "64", "--head-dim", "16", "--seq", "64",
+                    "--repeat", "2"],
 }
 RM_STEP = "rm_step"
 

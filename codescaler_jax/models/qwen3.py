@@ -868,6 +868,25 @@ def unstack_layers(tree: Any) -> Any:
     return walk(tree)
 
 
+def tree_scan_layers(tree: Any) -> bool | None:
+    """The layer layout of a nested dict holding a ``"layers"`` node (parameters, optimizer
+    state, or an Orbax checkpoint's metadata tree): True stacked, False unrolled (keys 0, 1,
+    ... or "0", "1", ...), None when there is no ``"layers"`` node."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            if key == "layers" and isinstance(value, dict) and value:
+                return not all(isinstance(k, int) or str(k).isdigit() for k in value)
+            found = tree_scan_layers(value)
+            if found is not None:
+                return found
+    elif isinstance(tree, (list, tuple)):
+        for value in tree:
+            found = tree_scan_layers(value)
+            if found is not None:
+                return found
+    return None
+
+
 def _key(k: Any) -> Any:
     """A path element as a plain str/int (``jax.tree_util`` keys or ``nnx`` path entries)."""
     return getattr(k, "key", getattr(k, "idx", k))

@@ -10,16 +10,18 @@ number of pairs, so the accumulated gradient equals the one-big-batch gradient e
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
+import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from codescaler_jax.models.qwen3 import layer_path, stacked_layer_path
+from codescaler_jax.models.qwen3 import layer_path, stacked_layer_path, tree_scan_layers
 from codescaler_jax.models.sharding import param_shardings
 from codescaler_jax.rm.config import OptimSection
 from codescaler_jax.rm.loss import bt_metrics, bt_pair_losses
@@ -202,6 +204,29 @@ def state_shardings(
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     o_shard = jax.tree_util.tree_map_with_path(leaf_sharding, abstract_opt)
     return {"params": p_shard, "opt_state": o_shard, "step": replicated}
+
+
+def checkpoint_scan_layers(directory: str | os.PathLike, step: int) -> bool | None:
+    """The layer layout of the Orbax checkpoint ``directory/<step>`` (its ``state`` item),
+    read from the metadata without loading arrays: True scanned (stacked), False unrolled,
+    None if it holds no layers."""
+    meta = ocp.StandardCheckpointer().metadata(os.path.join(os.fspath(directory), str(step),
+                                                            "state"))
+    tree = getattr(meta, "item_metadata", meta)
+    return tree_scan_layers(getattr(tree, "tree", tree))
+
+
+def check_resume_layout(directory: str | os.PathLike, step: int, scan_layers: bool,
+                        key: str) -> None:
+    """Refuse to resume a checkpoint in the other layer layout, naming the config ``key``
+    that must change (Orbax restores a tree of the same structure only)."""
+    saved = checkpoint_scan_layers(directory, step)
+    if saved is not None and saved != scan_layers:
+        layout = "scanned (stacked)" if saved else "unrolled"
+        raise ValueError(
+            f"checkpoint step {step} in {directory} has {layout} layers but {key}="
+            f"{str(scan_layers).lower()}; resume with --set {key}={str(saved).lower()}"
+        )
 
 
 def init_state(params: dict, tx: optax.GradientTransformation, shardings: dict) -> dict:

@@ -46,6 +46,8 @@ from codescaler_jax.rm.loss import finalize_metrics
 from codescaler_jax.rm.train_step import (
     BATCH_KEYS,
     StepOptions,
+    check_resume_layout,
+    checkpoint_scan_layers,
     init_state,
     make_eval_step,
     make_optimizer,
@@ -343,6 +345,7 @@ class RMTrainer:
             history: dict[str, Any] = {"eval": []}
             if self.resume and ckpt.latest_step() is not None:
                 step0 = ckpt.latest_step()
+                check_resume_layout(ckpt.directory, step0, mc.scan_layers, "model.scan_layers")
                 abstract = jax.tree.map(
                     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                     state,
@@ -509,6 +512,16 @@ def load_run_checkpoint(
         mcfg = dataclasses.replace(mcfg, **compute_overrides(cfg.model))
     else:
         mcfg = model_config(cfg, len(tokenizer), tokenizer.pad_token_id)
+    ckpt_dir = (run_dir / "checkpoints").absolute()
+    with ocp.CheckpointManager(ckpt_dir) as mngr:
+        step = mngr.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {run_dir / 'checkpoints'}")
+    # Build the model in the layout the checkpoint was written in (a run directory whose
+    # config predates model.scan_layers leaves it None, and the size's default may differ).
+    saved = checkpoint_scan_layers(ckpt_dir, step)
+    if saved is not None and saved != mcfg.scan_layers:
+        mcfg = dataclasses.replace(mcfg, scan_layers=saved)
     abstract = nnx.eval_shape(lambda: Qwen3RewardModel(mcfg, rngs=nnx.Rngs(0)))
     graphdef, params, rest = split_model(abstract)
     tx = make_optimizer(cfg.optim, make_schedule(cfg.optim, 1))
@@ -519,10 +532,7 @@ def load_run_checkpoint(
         "opt_state": jax.tree.map(sds, jax.eval_shape(tx.init, params), sh["opt_state"]),
         "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=sh["step"]),
     }
-    with ocp.CheckpointManager((run_dir / "checkpoints").absolute()) as mngr:
-        step = mngr.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {run_dir / 'checkpoints'}")
+    with ocp.CheckpointManager(ckpt_dir) as mngr:
         restored = mngr.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
         )
