@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -210,10 +211,9 @@ def checkpoint_scan_layers(directory: str | os.PathLike, step: int) -> bool | No
     """The layer layout of the Orbax checkpoint ``directory/<step>`` (its ``state`` item),
     read from the metadata without loading arrays: True scanned (stacked), False unrolled,
     None if it holds no layers."""
-    meta = ocp.StandardCheckpointer().metadata(os.path.join(os.fspath(directory), str(step),
-                                                            "state"))
-    tree = getattr(meta, "item_metadata", meta)
-    return tree_scan_layers(getattr(tree, "tree", tree))
+    path = epath.Path(os.fspath(directory)) / str(step) / "state"
+    meta = ocp.StandardCheckpointHandler().metadata(path)
+    return tree_scan_layers(getattr(meta, "tree", meta))
 
 
 def check_resume_layout(directory: str | os.PathLike, step: int, scan_layers: bool,
