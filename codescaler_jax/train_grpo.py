@@ -102,6 +102,7 @@ def dry_run(cfg) -> dict:
         "model_from": source, "mesh": dict(mesh.shape),
         "devices": f"{mesh.size} x {jax.devices()[0].device_kind}",
         "param_dtype": mcfg.param_dtype, "compute_dtype": mcfg.dtype, "remat": mcfg.remat,
+        "attention": mcfg.attention,
         "scan_layers": mcfg.scan_layers,
         # XLA's cost analysis counts a while loop's body once (scanned layers, the decode
         # loop, micro-batches), so its FLOPs undercount those programs.

@@ -146,6 +146,7 @@ def dry_run(cfg) -> dict:
         "param_dtype": mcfg.param_dtype,
         "compute_dtype": mcfg.dtype,
         "remat": mcfg.remat,
+        "attention": mcfg.attention,
         "scan_layers": mcfg.scan_layers,
         "mesh": dict(mesh.shape),
         "devices": f"{mesh.size} x {jax.devices()[0].device_kind}",

@@ -286,9 +286,10 @@ def test_auto_picks_by_platform_and_length():
     r = A.resolve_implementation
     assert r("auto", q_len=4096, kv_len=4096, platform="tpu") == "splash"
     assert r("auto", q_len=16, kv_len=16, platform="gpu") == "cudnn"
-    side = int(np.sqrt(A.CPU_CHUNKED_MIN_SCORES))
-    assert r("auto", q_len=side, kv_len=side, platform="cpu") == "chunked"
-    assert r("auto", q_len=side // 2, kv_len=side, platform="cpu") == "xla"
+    n = A.CPU_CHUNKED_MIN_KV_LEN
+    assert r("auto", q_len=n, kv_len=n, platform="cpu") == "chunked"
+    assert r("auto", q_len=1, kv_len=4 * n, platform="cpu") == "chunked"  # decode, long cache
+    assert r("auto", q_len=n - 1, kv_len=n - 1, platform="cpu") == "xla"
     assert r("xla", q_len=10**6, kv_len=10**6, platform="tpu") == "xla"
     # Without a mesh, the platform is the default backend's (cpu here).
     assert A._target_platform(None) == "cpu"

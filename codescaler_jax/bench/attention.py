@@ -20,14 +20,15 @@ jax's own dense path, the same work as our ``xla`` in another layout.
 ``--decode-lengths`` also times one decode step (1 query over a cache of S slots, forward
 only, the cache index traced as in the sampler) for ``xla`` and ``chunked``.
 
-The ``summary`` names, per length, the faster of ``chunked`` and ``xla``, and the shortest
-length from which ``chunked`` wins at every measured length above it: that is where
-``auto`` switches on CPU (``models.attention.CPU_CHUNKED_MIN_SCORES``).
+The ``summary`` gives, per length, xla's time over chunked's (wall and CPU seconds), and the
+shortest length from which ``chunked`` wins at every measured length above it: that is where
+``auto`` switches on CPU (``models.attention.CPU_CHUNKED_MIN_KV_LEN``).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import time
 from typing import Any
@@ -41,7 +42,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--blocks", default="512x512",
+    p.add_argument("--blocks", default="256x256",
                    help="chunked block sizes block_qxblock_kv, comma-separated (one side each)")
     p.add_argument("--repeat", type=int, default=3, help="timed calls per side and length")
     p.add_argument("--warmup", type=int, default=1)
@@ -71,12 +72,30 @@ def _sides(args: argparse.Namespace) -> dict[str, Any]:
     for spec in args.blocks.split(","):
         bq, bk = (int(x) for x in spec.lower().split("x"))
         name = "chunked" if len(args.blocks.split(",")) == 1 else f"chunked_{bq}x{bk}"
-        sides[name] = (lambda bq, bk: lambda q, k, v, valid: chunked_attention(
-            q, k, v, valid, block_q=bq, block_kv=bk))(bq, bk)
+        sides[name] = functools.partial(chunked_attention, block_q=bq, block_kv=bk)
     if not args.no_jax_nn:
         sides["jax_nn"] = lambda q, k, v, valid: jax.nn.dot_product_attention(
             q, k, v, is_causal=True, implementation="xla")
     return sides
+
+
+def _loss(attn, valid, w, q, k, v):
+    import jax.numpy as jnp
+
+    return jnp.sum(attn(q, k, v, valid).astype(jnp.float32) * w)
+
+
+def _decode_step(impl, block_kv, q, k, v, valid, index):
+    from codescaler_jax.models.attention import dot_product_attention
+
+    return dot_product_attention(q, k, v, kv_valid=valid, q_offset=index, implementation=impl,
+                                 block_kv=block_kv)
+
+
+def _blocking(fn, *args):
+    import jax
+
+    return jax.block_until_ready(fn(*args))
 
 
 def _timed_interleaved(fns: dict[str, Any], warmup: int, repeat: int) -> dict[str, dict]:
@@ -117,9 +136,7 @@ def _train_lengths(args: argparse.Namespace, sides: dict[str, Any]) -> list[dict
         row: dict[str, Any] = {"seq_len": t, "tokens_per_step": b * t, "sides": {}}
         runnable = {}
         for name, attn in sides.items():
-            def loss(q, k, v, attn=attn):
-                return jnp.sum(attn(q, k, v, valid).astype(jnp.float32) * w)
-
+            loss = functools.partial(_loss, attn, valid, w)
             step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
             t0 = time.perf_counter()
             compiled = step.lower(q, k, v).compile()
@@ -129,7 +146,7 @@ def _train_lengths(args: argparse.Namespace, sides: dict[str, Any]) -> list[dict
             if temp > args.max_temp_gib * 2**30:
                 info["skipped"] = f"needs {temp / 2**30:.2f} GiB > --max-temp-gib"
             else:
-                runnable[name] = (lambda c=compiled: jax.block_until_ready(c(q, k, v)))
+                runnable[name] = functools.partial(_blocking, compiled, q, k, v)
             row["sides"][name] = info
         for name, t_ in _timed_interleaved(runnable, args.warmup, args.repeat).items():
             row["sides"][name].update(t_, tokens_per_s=round(b * t / t_["min_s"], 1))
@@ -142,7 +159,7 @@ def _decode_lengths(args: argparse.Namespace) -> list[dict[str, Any]]:
     import jax
     import jax.numpy as jnp
 
-    from codescaler_jax.models.attention import CHUNKED_BLOCK_KV, dot_product_attention
+    from codescaler_jax.models.attention import CHUNKED_BLOCK_KV
 
     dtype = jnp.dtype(args.dtype)
     b, n, kh, d = args.batch, args.heads, args.kv_heads, args.head_dim
@@ -157,12 +174,11 @@ def _decode_lengths(args: argparse.Namespace) -> list[dict[str, Any]]:
         valid = jnp.ones((b, s), bool)
         fns, row = {}, {"cache_len": s, "sides": {}}
         for impl in ("xla", "chunked"):
-            step = jax.jit(lambda q, k, v, i, impl=impl: dot_product_attention(
-                q, k, v, kv_valid=valid, q_offset=i, implementation=impl, block_kv=bk))
-            compiled = step.lower(q, k, v, index).compile()
+            step = jax.jit(functools.partial(_decode_step, impl, bk))
+            compiled = step.lower(q, k, v, valid, index).compile()
             row["sides"][impl] = {
                 "temp_gib": round(compiled.memory_analysis().temp_size_in_bytes / 2**30, 4)}
-            fns[impl] = (lambda c=compiled: jax.block_until_ready(c(q, k, v, index)))
+            fns[impl] = functools.partial(_blocking, compiled, q, k, v, valid, index)
         for name, t_ in _timed_interleaved(fns, max(args.warmup, 1), max(args.repeat, 5)).items():
             row["sides"][name].update(t_)
         rows.append(row)
@@ -181,24 +197,28 @@ def _row_line(row: dict[str, Any]) -> str:
 
 
 def summarize(rows: list[dict[str, Any]], chunked: str = "chunked") -> dict[str, Any]:
-    """Per length the chunked/xla speed ratio, and the shortest length from which chunked is
-    at least as fast as xla at every longer measured length (None if it never is)."""
-    ratios: dict[int, float | None] = {}
-    for row in rows:
-        sides = row["sides"]
-        c, x = sides.get(chunked, {}), sides.get("xla", {})
-        if "min_s" in c and "min_s" in x:
-            ratios[row["seq_len"]] = round(x["min_s"] / c["min_s"], 3)
-        elif "min_s" in c:
-            ratios[row["seq_len"]] = None  # xla too big to run: chunked wins by default
-    switch = None
-    for t in sorted(ratios, reverse=True):
-        r = ratios[t]
-        if r is not None and r < 1.0:
-            break
-        switch = t
-    return {"chunked_speedup_over_xla": {str(t): r for t, r in ratios.items()},
-            "chunked_wins_from_seq_len": switch}
+    """Per length the xla/chunked time ratio (> 1: chunked faster), in wall seconds and in
+    process CPU seconds, and for each the shortest length from which chunked is at least as
+    fast as xla at every longer measured length (None if it never is). CPU seconds move far
+    less than wall time when other processes share the cores."""
+    out: dict[str, Any] = {}
+    for key, label in (("min_s", "wall"), ("cpu_s_of_min", "cpu")):
+        ratios: dict[int, float | None] = {}
+        for row in rows:
+            c, x = row["sides"].get(chunked, {}), row["sides"].get("xla", {})
+            if key in c and key in x:
+                ratios[row["seq_len"]] = round(x[key] / c[key], 3)
+            elif key in c:
+                ratios[row["seq_len"]] = None  # xla too big to run: chunked wins by default
+        switch = None
+        for t in sorted(ratios, reverse=True):
+            r = ratios[t]
+            if r is not None and r < 1.0:
+                break
+            switch = t
+        out[f"xla_over_chunked_{label}_s"] = {str(t): r for t, r in ratios.items()}
+        out[f"chunked_wins_from_seq_len_{label}"] = switch
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,7 @@ Implementations (``IMPLEMENTATIONS``; the model picks one with ``Qwen3Config.att
   TPU only; on CPU only in Pallas interpret mode (``interpret=True``, slow, for tests).
 - ``cudnn``: ``jax.nn.dot_product_attention(..., implementation="cudnn")``; GPU only.
 - ``auto``: ``splash`` on TPU, ``cudnn`` on GPU; on CPU ``chunked`` from
-  ``CPU_CHUNKED_MIN_SCORES`` score elements per head up, ``xla`` below.
+  ``CPU_CHUNKED_MIN_KV_LEN`` key slots up (measured), ``xla`` below.
 
 ``splash`` and ``cudnn`` take a static ``q_offset`` (their masks are static); decoding
 with a traced cache index goes through ``chunked`` on every backend.
@@ -47,8 +47,8 @@ import numpy as np
 IMPLEMENTATIONS = ("auto", "xla", "chunked", "splash", "cudnn")
 _NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: exp(_NEG_INF - x) is exactly 0
 # Default blocks of the chunked path (queries x keys per step).
-CHUNKED_BLOCK_Q = 512
-CHUNKED_BLOCK_KV = 512
+CHUNKED_BLOCK_Q = 256
+CHUNKED_BLOCK_KV = 256
 # Splash: blocks must be multiples of the TPU lane width when segment ids are used.
 SPLASH_LANES = 128
 SPLASH_BLOCK = 512
@@ -60,8 +60,13 @@ SPLASH_BLOCK = 512
 # every measured case.
 SPLASH_MAX_BLOCK_AREA = 1024 * 1024
 SPLASH_MAX_HEAD_DIM_X_BLOCKS = 512 * 1024
-# auto on CPU: chunked when T * S (score elements per head) reaches this, xla below.
-CPU_CHUNKED_MIN_SCORES = 2048 * 2048
+# auto on CPU: chunked from this many key slots up, xla below. Measured with
+# `python -m codescaler_jax.bench.attention` (batch 1, 4 query / 2 KV heads of 128, f32, blocks
+# 256, 2 shared cores at load 4-14, process CPU seconds): training fwd+bwd xla/chunked time
+# 0.83-0.94x at T=256, 0.97x at 384, 0.99-1.24x at 512, 0.99x at 640, 1.29x at 768, 1.41-1.71x
+# at 1024, 1.6x at 2048, 2.4x at 8192; a decode step (1 query over S cached slots) 0.87x at
+# S=512, 1.4x at 1024, 1.04x at 2048, 1.5x at 4096, 2.6x at 32768 (wall).
+CPU_CHUNKED_MIN_KV_LEN = 768
 
 
 class AttentionConfigError(ValueError):
@@ -146,7 +151,7 @@ def resolve_implementation(implementation: str, *, q_len: int, kv_len: int,
         return "splash"
     if platform in ("gpu", "cuda", "rocm"):
         return "cudnn"
-    return "chunked" if q_len * kv_len >= CPU_CHUNKED_MIN_SCORES else "xla"
+    return "chunked" if kv_len >= CPU_CHUNKED_MIN_KV_LEN else "xla"
 
 
 def _target_platform(mesh: Any) -> str:
@@ -233,14 +238,15 @@ def chunked_attention(
     """Blockwise (flash) attention in pure JAX; same arguments and result as
     ``dot_product_attention``.
 
-    Queries are cut into blocks of ``block_q`` positions (padded internally; each KV head's
-    ``N // K`` query heads ride along as extra rows, so a block is a ``[block_q * N/K, D]``
-    matrix per KV head and KV heads are never repeated). For each query block a loop runs
-    over the KV blocks up to the causal diagonal only (its trip count is computed from
-    ``q_offset``, so a traced cache index bounds it too) with the online softmax: running max
-    ``m``, normaliser ``l`` and un-normalised output, rescaled as each block arrives. Keys
-    are sliced from ``k``/``v`` where they lie (a KV cache is never copied or padded: the
-    last block is shifted left to end at ``S`` and masks the keys its neighbour owns).
+    Queries are cut into blocks of at most ``block_q`` positions (sized to share T evenly,
+    padded internally; each KV head's ``N // K`` query heads ride along as extra rows, so a
+    block is a ``[block_q * N/K, D]`` matrix per KV head and KV heads are never repeated).
+    For each query block a loop runs over the KV blocks up to the causal diagonal only (its
+    trip count is computed from ``q_offset``, so a traced cache index bounds it too) with
+    the online softmax: running max ``m``, normaliser ``l`` and un-normalised output,
+    rescaled as each block arrives. Keys are sliced from ``k``/``v`` where they lie (a KV
+    cache is never copied or padded: the last block is shifted left to end at ``S`` and
+    masks the keys its neighbour owns).
 
     The backward pass (``custom_vjp``) saves only the output and the per-row log-sum-exp; it
     loops over KV blocks and, inside, over the query blocks at or below the diagonal,
@@ -254,7 +260,7 @@ def chunked_attention(
         raise AttentionConfigError(
             f"chunked attention: block_q={block_q} and block_kv={block_kv} must be >= 1"
         )
-    bq, bk = min(block_q, t), min(block_kv, s)
+    bq, bk = _even_block(t, block_q), _even_block(s, block_kv)
     nq = -(-t // bq)
     tp = nq * bq
     qp = jnp.pad(q, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
@@ -265,6 +271,15 @@ def chunked_attention(
     offset = jnp.asarray(q_offset, jnp.int32)
     out = _flash(bk, qb, k, v, kv_valid.astype(bool), q_seg, kv_segment_ids, offset)
     return out.transpose(1, 0, 3, 2, 4, 5).reshape(b, tp, n, d)[:, :t]
+
+
+def _even_block(n: int, block: int) -> int:
+    """The block size actually used for a length ``n``: as many blocks as ``block`` needs, but
+    shrunk to share ``n`` evenly (rounded up to a multiple of 8), so that e.g. 384 tokens at
+    block 256 run as 2 x 192 instead of 2 x 256 with 128 wasted rows."""
+    count = -(-n // block)
+    size = -(-n // count)
+    return min(block, n, -(-size // 8) * 8)
 
 
 def _kv_block(x: jax.Array, j: jax.Array, bk: int) -> tuple[jax.Array, jax.Array]:
@@ -528,6 +543,11 @@ def _cudnn_attention(q, k, v, kv_valid, q_offset: int, q_seg, kv_seg, block_q, b
         raise AttentionConfigError(
             f"attention='cudnn' needs an NVIDIA GPU and the backend here is {platform!r}; use "
             f"attention='chunked' or 'xla'"
+        )
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise AttentionConfigError(
+            f"attention='cudnn' runs in bfloat16 or float16, and q is {q.dtype}; set the "
+            f"model dtype to bfloat16 or use attention='chunked'"
         )
     if q_seg is not None:
         raise AttentionConfigError(

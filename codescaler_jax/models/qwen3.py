@@ -2,9 +2,9 @@
 
 The maths follows Hugging Face ``transformers``' Qwen3 (``modeling_qwen3.py``): token
 embedding; per layer RMSNorm -> attention (q/k/v projections, per-head RMSNorm on q and k
-*before* RoPE, grouped-query attention, causal + padding mask) -> residual -> RMSNorm ->
-SwiGLU MLP -> residual; final RMSNorm. No biases anywhere. Norms, softmax and RoPE run in
-float32 whatever the compute dtype.
+*before* RoPE, grouped-query attention with causal + padding masking, ``models.attention``) ->
+residual -> RMSNorm -> SwiGLU MLP -> residual; final RMSNorm. No biases anywhere. Norms,
+softmax and RoPE run in float32 whatever the compute dtype.
 
 Two heads:
 
@@ -21,12 +21,16 @@ KV cache (for samplers; every function is pure and jittable with static shapes):
     cache = lm.init_cache(batch, max_len)        # KVCache: empty slots, index 0
     # Prefill: a left-padded prompt [B, P]; mask 0 on the padding.
     logits, cache = lm.decode(prompt_ids, prompt_mask, cache, last_only=True)   # [B, V]
+    # ... or the same, 512 prompt tokens per step (bounded prefill memory for long prompts):
+    logits, cache = lm.prefill(prompt_ids, prompt_mask, cache, chunk_size=512)
     # Steps: one token per row; mask 1 (or 0 for rows that are already finished).
     logits, cache = lm.decode(tok[:, None], jnp.ones((B, 1), jnp.int32), cache, last_only=True)
 
 ``decode`` writes a chunk of ``C`` tokens into slots ``[cache.index, cache.index + C)`` of
-every row and attends over all ``max_len`` slots with a mask (a slot is visible if it holds a
-real token and is not in the future), so shapes never change between steps. Each row keeps
+every row and attends over the ``max_len`` slots (a slot is visible if it holds a real token
+and is not in the future: ``models.attention``'s rule with ``q_offset = cache.index``; the
+``chunked`` implementation walks the cache in blocks up to the last written slot and never
+builds a ``[C, max_len]`` mask), so shapes never change between steps. Each row keeps
 its own next RoPE position (``cache.next_pos``), so left padding costs nothing but slots.
 The caller keeps ``cache.index + C <= max_len`` (``dynamic_update_slice`` would clamp).
 ``KVCache.logical_axes()`` gives its sharding (batch over data/fsdp, KV heads over tensor):
