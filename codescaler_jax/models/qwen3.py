@@ -12,6 +12,15 @@ Two heads:
   (right padding), = HF ``Qwen3ForSequenceClassification(num_labels=1)``.
 - ``Qwen3ForCausalLM``: ``lm_head`` (tied to the embedding or not), logits in float32.
 
+Layer layouts (``Qwen3Config.scan_layers``): stacked, the default for the named sizes and HF
+checkpoints: ``model.layers`` is one ``DecoderLayer`` whose parameters have a leading
+``[num_hidden_layers]`` axis (logical name ``"layers"``, e.g. ``model.layers.mlp.up_proj.kernel
+[L, H, I]``), run with one ``jax.lax.scan`` (remat applied to the scanned body), so compile
+time and program size do not depend on depth; or unrolled (``tiny()``'s default, the
+reference): ``model.layers.<i>...``, a Python loop. ``stack_layers`` / ``unstack_layers``
+convert parameter trees between the two; ``models.hf_io`` reads and writes both as HF's
+per-layer tensors.
+
 Positions are computed from the attention mask (``cumsum(mask) - 1``), so right-padded
 (reward model, training) and left-padded (sampler) batches both get positions 0, 1, ... on
 their real tokens.
@@ -33,7 +42,9 @@ and is not in the future: ``models.attention``'s rule with ``q_offset = cache.in
 builds a ``[C, max_len]`` mask), so shapes never change between steps. Each row keeps
 its own next RoPE position (``cache.next_pos``), so left padding costs nothing but slots.
 The caller keeps ``cache.index + C <= max_len`` (``dynamic_update_slice`` would clamp).
-``KVCache.logical_axes()`` gives its sharding (batch over data/fsdp, KV heads over tensor):
+The cache's keys and values are ``[layers, B, max_len, K, D]`` in both layouts (the scan
+carries them and writes each layer's new chunk in place). ``KVCache.logical_axes()`` gives
+its sharding (layers replicated, batch over data/fsdp, KV heads over tensor):
 ``jax.device_put(cache, sharding.tree_shardings(cache, cache.logical_axes(), mesh))``.
 For a decode loop, jit a pure function of ``nnx.split(lm)``'s state (split once, merge
 inside ``jax.jit``): ``nnx.jit`` re-walks the module graph on every call, measured here at
