@@ -236,7 +236,8 @@ def build_dry_run(cfg, target):
         "model_from": source, "reward_model_from": rm_source, "mesh": dict(mesh.shape),
         "devices": f"{mesh.size} x {target.devices[0].device_kind}",
         "param_dtype": mcfg.param_dtype, "compute_dtype": mcfg.dtype, "remat": mcfg.remat,
-        "attention": mcfg.attention, "responses_per_step": rows, "prompt_len": P, "response_len": N,
+        "attention": mcfg.attention, "scan_layers": mcfg.scan_layers,
+        "responses_per_step": rows, "prompt_len": P, "response_len": N,
         "rollout_batch": roll_rows,
         "params": int(sum(x.size for x in jax.tree.leaves(a_state["params"]))),
     }

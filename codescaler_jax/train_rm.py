@@ -144,6 +144,7 @@ def build_dry_run(cfg, target):
         "compute_dtype": mcfg.dtype,
         "remat": mcfg.remat,
         "attention": mcfg.attention,
+        "scan_layers": mcfg.scan_layers,
         "mesh": dict(mesh.shape),
         "devices": f"{mesh.size} x {target.devices[0].device_kind}",
         "global_batch_pairs": B,
@@ -168,6 +169,8 @@ def dry_run_report(result) -> dict:
     out["xla_flops_per_step_per_device"] = step["xla_flops_per_device"]
     out["analytic_flops_per_step_total"] = step["model_flops"]
     out["compile_s"] = step["compile_s"]
+    # XLA's cost analysis counts a while loop's body once (scanned layers, micro-batches).
+    out["xla_flops_counts_loop_bodies_once"] = bool(step.get("has_loop"))
     return out
 
 

@@ -15,6 +15,7 @@ from safetensors.numpy import load_file, save_file
 
 from codescaler_jax.models.hf_io import CheckpointError, load_hf_model, save_hf_model
 from codescaler_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM, Qwen3RewardModel
+from codescaler_jax.models.sharding import MeshConfig, make_mesh
 
 LENGTHS = [12, 8, 3]
 
@@ -32,10 +33,20 @@ def _ours(model, ids, mask):
     return np.asarray(_forward(model, jnp.asarray(ids), jnp.asarray(mask)))
 
 
-def test_rm_round_trip_through_transformers(tmp_path):
+@pytest.mark.parametrize("layout", ["scanned", "unrolled", "scanned_on_mesh"])
+def test_rm_round_trip_through_transformers(tmp_path, layout):
+    """HF -> ours -> HF, bit-exact, in both layer layouts; the stacked layout also loads
+    straight into its shardings on a mesh and saves from there, layer by layer."""
     hf = random_hf_model("gqa_untied", "rm", seed=11)
     hf.save_pretrained(tmp_path / "hf")
-    ours = load_hf_model(tmp_path / "hf", Qwen3RewardModel)
+    mesh = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2)) if layout.endswith("mesh") else None
+    ours = load_hf_model(tmp_path / "hf", Qwen3RewardModel, mesh=mesh,
+                         scan_layers=layout != "unrolled")
+    q = ours.model.layers[0] if layout == "unrolled" else ours.model.layers
+    assert q.self_attn.q_proj.kernel.get_value().ndim == (3 if layout == "unrolled" else 4)
+    if mesh is not None:
+        kernel = ours.model.layers.mlp.up_proj.kernel.get_value()  # [L, H, I]: (-, fsdp, tensor)
+        assert kernel.sharding.shard_shape(kernel.shape) == (2, 64 // 4, 96 // 2)
     save_hf_model(ours, tmp_path / "ours")
     config = json.loads((tmp_path / "ours" / "config.json").read_text())
     assert config["architectures"] == ["Qwen3ForSequenceClassification"]
@@ -67,12 +78,13 @@ def test_lm_round_trip_tied_and_untied(tmp_path, name):
     np.testing.assert_allclose(torch_out(back, ids, mask)[real], ref, atol=1e-5, rtol=0)
 
 
-def test_sharded_checkpoints_both_ways(tmp_path):
+@pytest.mark.parametrize("scan", [True, False])
+def test_sharded_checkpoints_both_ways(tmp_path, scan):
     hf = random_hf_model("gqa4_wide_head", "rm", seed=13)
     hf.save_pretrained(tmp_path / "hf", max_shard_size="40KB")
     assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
     assert len(list((tmp_path / "hf").glob("model-*.safetensors"))) > 2
-    ours = load_hf_model(tmp_path / "hf", Qwen3RewardModel)
+    ours = load_hf_model(tmp_path / "hf", Qwen3RewardModel, scan_layers=scan)
     ids, mask = _batch("gqa4_wide_head", seed=2)
     ref = torch_out(hf, ids, mask)
     np.testing.assert_allclose(_ours(ours, ids, mask), ref, atol=1e-5, rtol=0)

@@ -108,10 +108,10 @@ def test_cache_is_static_shape_and_jits_once():
         return nnx.merge(graphdef, state).decode(tok, jnp.ones_like(tok), cache, last_only=True)
 
     cache = lm.init_cache(2, 8, dtype=jnp.bfloat16)
-    assert cache.k[0].dtype == jnp.bfloat16 and len(cache.k) == cfg.num_hidden_layers
+    assert cache.k.dtype == jnp.bfloat16 and cache.k.shape[0] == cfg.num_hidden_layers
     tok = jnp.array([[3], [4]])
     for _ in range(4):
         logits, cache = step(state, tok, cache)
         tok = jnp.argmax(logits, -1)[:, None]
     assert len(traces) == 1 and logits.shape == (2, cfg.vocab_size)
-    assert cache.k[0].shape == (2, 8, cfg.num_key_value_heads, cfg.head_dim)
+    assert cache.k.shape == (cfg.num_hidden_layers, 2, 8, cfg.num_key_value_heads, cfg.head_dim)

@@ -22,6 +22,9 @@ LENGTHS = [13, 9, 4, 1]  # right padding of different lengths, incl. a full and 
 # divide SEQ (several query and KV blocks, a partial last one).
 ATTENTION = {"xla": dict(attention="xla"),
              "chunked": dict(attention="chunked", attention_block_q=4, attention_block_kv=8)}
+# HF checkpoints load with scanned (stacked) layers by default; the unrolled layout runs the
+# same parity check on two of the cases (LAYOUT_CASES), to keep the test cheap.
+LAYOUT_CASES = [("gqa4_wide_head", "rm"), ("mha_tied", "lm")]
 
 
 @nnx.jit
@@ -34,13 +37,16 @@ def _load(tmp_path, hf_model, cls, **kw):
     return load_hf_model(tmp_path, cls, **kw)
 
 
-@pytest.mark.parametrize("attention", list(ATTENTION))
-@pytest.mark.parametrize("name", ["gqa_untied", "mha_tied", "gqa4_wide_head"])
-@pytest.mark.parametrize("kind", ["rm", "lm"])
-def test_float32_parity(tmp_path, name, kind, attention):
+@pytest.mark.parametrize(
+    "name,kind,attention,scan",
+    [(n, k, a, True) for a in ATTENTION for n in ("gqa_untied", "mha_tied", "gqa4_wide_head")
+     for k in ("rm", "lm")] + [(n, k, "xla", False) for n, k in LAYOUT_CASES],
+)
+def test_float32_parity(tmp_path, name, kind, attention, scan):
     hf = random_hf_model(name, kind, seed=1)
     ours = _load(tmp_path, hf, Qwen3RewardModel if kind == "rm" else Qwen3ForCausalLM,
-                 **ATTENTION[attention])
+                 scan_layers=scan, **ATTENTION[attention])
+    assert ours.cfg.scan_layers is scan
     ids, mask = padded_batch(0, LENGTHS, SEQ, TINY[name]["vocab_size"])
     ref = torch_out(hf, ids, mask)
     out = np.asarray(_forward(ours, jnp.asarray(ids), jnp.asarray(mask)))

@@ -48,11 +48,13 @@ def _prompts(seed=0, name="mesh"):
 
 
 @functools.cache
-def _sampler(path, cfg, devices=1, mesh_cfg=None, attention="auto"):
-    """One compiled sampler per (model, config, mesh, attention) for the whole module."""
+def _sampler(path, cfg, devices=1, mesh_cfg=None, attention="auto", scan=True):
+    """One compiled sampler per (model, config, mesh, attention, layer layout) for the whole
+    module (HF checkpoints load with scanned layers unless ``scan=False``)."""
     mesh = make_mesh(mesh_cfg or MeshConfig(), devices=jax.devices()[:devices])
     blocks = dict(attention_block_q=4, attention_block_kv=8) if attention == "chunked" else {}
-    model = load_hf_model(path, Qwen3ForCausalLM, mesh=mesh, attention=attention, **blocks)
+    model = load_hf_model(path, Qwen3ForCausalLM, mesh=mesh, attention=attention,
+                          scan_layers=scan, **blocks)
     return JaxSampler(model, cfg, mesh=mesh, batch_size=4, max_prompt_len=16, min_prompt_bucket=16)
 
 
@@ -108,8 +110,9 @@ def hf_lm_tied(tmp_path_factory):
     return model, path
 
 
+@pytest.mark.parametrize("scan", [True, False])
 @pytest.mark.parametrize("which", ["hf_lm", "hf_lm_tied"])
-def test_greedy_matches_transformers_generate_and_full_forward(which, request):
+def test_greedy_matches_transformers_generate_and_full_forward(which, scan, request):
     hf, path = request.getfixturevalue(which)
     prompts = _prompts(name="mesh" if which == "hf_lm" else "mha_tied")
     free, _ = _hf_greedy(hf, prompts)
@@ -117,7 +120,7 @@ def test_greedy_matches_transformers_generate_and_full_forward(which, request):
     eos = int(free[0, 10])
     ref_tokens, ref_logits = _hf_greedy(hf, prompts, eos=eos)
     cfg = SamplingConfig(max_new_tokens=NEW, greedy=True, eos_token_ids=(eos,), pad_token_id=PAD)
-    out = _sampler(path, cfg).generate(prompts, jax.random.key(0))
+    out = _sampler(path, cfg, scan=scan).generate(prompts, jax.random.key(0))
 
     np.testing.assert_array_equal(out.tokens, ref_tokens)
     want_len = [_first_stop(r, [eos]) for r in free]

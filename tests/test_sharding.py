@@ -15,6 +15,7 @@ from model_hf_reference import TINY, padded_batch, random_hf_model, torch_out
 from codescaler_jax.models.hf_io import load_hf_model
 from codescaler_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM, Qwen3RewardModel
 from codescaler_jax.models.sharding import (
+    DEFAULT_RULES,
     MeshConfig,
     batch_sharding,
     create_sharded,
@@ -62,6 +63,16 @@ def test_logical_rules():
     assert logical_to_spec(("batch",), (3,), mesh) == PartitionSpec(None)
     with pytest.raises(KeyError, match="no sharding rule"):
         logical_to_spec(("nonsense",))
+    # The layer axis of scanned stacks is replicated by default; a rule that shards it falls
+    # back to replication when the depth does not divide, and takes its mesh axis first.
+    assert logical_to_spec(("layers", "embed", "mlp"), (36, 64, 128), mesh) == PartitionSpec(
+        None, "fsdp", "tensor")
+    fsdp_mesh = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2))
+    rules = {**DEFAULT_RULES, "layers": "fsdp"}
+    assert logical_to_spec(("layers", "embed"), (36, 64), fsdp_mesh, rules) == PartitionSpec(
+        "fsdp", None)
+    assert logical_to_spec(("layers", "embed"), (3, 64), fsdp_mesh, rules) == PartitionSpec(
+        None, "fsdp")
 
 
 @pytest.fixture(scope="module")
@@ -73,12 +84,15 @@ def mesh_checkpoint(tmp_path_factory):
     return str(path), ids, mask, torch_out(hf, ids, mask)
 
 
-@pytest.mark.parametrize("mesh_name", list(MESHES))
-def test_same_scores_on_every_mesh(mesh_checkpoint, mesh_name):
+@pytest.mark.parametrize(
+    "mesh_name,scan",
+    [(name, True) for name in MESHES] + [("fsdp4_tensor2", False)],
+)
+def test_same_scores_on_every_mesh(mesh_checkpoint, mesh_name, scan):
     path, ids, mask, ref = mesh_checkpoint
     cfg, n = MESHES[mesh_name]
     mesh = make_mesh(cfg, jax.devices()[:n])
-    model = load_hf_model(path, Qwen3RewardModel, mesh=mesh)
+    model = load_hf_model(path, Qwen3RewardModel, mesh=mesh, scan_layers=scan)
 
     # Loading placed every tensor with its target sharding.
     target = flat_param_shardings(model, mesh)
@@ -86,8 +100,10 @@ def test_same_scores_on_every_mesh(mesh_checkpoint, mesh_name):
         assert var.get_value().sharding.is_equivalent_to(target[p], var.get_value().ndim), p
 
     # The tensor axis really splits attention and MLP weights (heads / hidden units).
+    # With scanned layers the same holds per layer; the leading layer axis is never split.
     data, fsdp, tensor = cfg.resolve(n)
-    layer = model.model.layers[0]
+    layer = model.model.layers if scan else model.model.layers[0]
+    lead = (TINY["mesh"]["num_hidden_layers"],) if scan else ()
     h, heads, kv, d, inter = 64, 8, 4, 16, 128
     expected = {
         "q": (layer.self_attn.q_proj.kernel, (h // fsdp, heads // tensor, d)),
@@ -97,8 +113,10 @@ def test_same_scores_on_every_mesh(mesh_checkpoint, mesh_name):
         "gate": (layer.mlp.gate_proj.kernel, (h // fsdp, inter // tensor)),
         "up": (layer.mlp.up_proj.kernel, (h // fsdp, inter // tensor)),
         "down": (layer.mlp.down_proj.kernel, (inter // tensor, h // fsdp)),
+        "norm": (layer.input_layernorm.weight, (h,)),
     }
     for name, (var, shard_shape) in expected.items():
+        shard_shape = lead + shard_shape
         arr = var.get_value()
         assert arr.sharding.shard_shape(arr.shape) == shard_shape, name
         assert {s.data.shape for s in arr.addressable_shards} == {shard_shape}, name
@@ -134,9 +152,10 @@ def test_create_sharded_and_shard_model_match_plain_init():
     assert emb.sharding.shard_shape(emb.shape) == (128 // 4, 64 // 2)  # vocab x embed split
 
 
-def test_kv_cache_decoding_on_a_mesh_matches_one_device():
+@pytest.mark.parametrize("scan", [False, True])
+def test_kv_cache_decoding_on_a_mesh_matches_one_device(scan):
     cfg = Qwen3Config.tiny(num_attention_heads=8, num_key_value_heads=4, vocab_size=128,
-                           num_hidden_layers=1)
+                           num_hidden_layers=2, scan_layers=scan)
     mesh = make_mesh(MeshConfig(data=2, fsdp=1, tensor=4))
     lm = Qwen3ForCausalLM(cfg, rngs=nnx.Rngs(3))
     prompt, pmask = padded_batch(8, [6, 3], 6, cfg.vocab_size, left=True)
@@ -153,9 +172,11 @@ def test_kv_cache_decoding_on_a_mesh_matches_one_device():
     sharded = shard_model(lm, mesh)
     cache = lm.init_cache(2, 10)
     cache = jax.device_put(cache, tree_shardings(cache, cache.logical_axes(), mesh))
-    assert cache.k[0].sharding.spec == PartitionSpec(("data", "fsdp"), None, "tensor", None)
+    kv_spec = PartitionSpec(None, ("data", "fsdp"), None, "tensor", None)  # [L, B, S, K, D]
+    assert cache.k.sharding.spec == kv_spec
     with jax.set_mesh(mesh):
         out, new_cache = run(sharded, cache)
         out.block_until_ready()
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=0)
-    assert isinstance(new_cache.k[0].sharding, NamedSharding)
+    assert isinstance(new_cache.k.sharding, NamedSharding)
+    assert new_cache.k.sharding.is_equivalent_to(NamedSharding(mesh, kv_spec), 5)

@@ -57,6 +57,8 @@ QUICK_ARGS: dict[str, list[str]] = {
     "best_of_n": ["--limit", "24", "--workers", "1"],
     "serve": ["--max-batches", "1,8", "--clients", "8", "--requests", "4"],
     "attention": ["--lengths", "512,2048", "--repeat", "2", "--decode-lengths", "2048"],
+    "scan_layers": ["--depths", "2,8", "--hidden", "64", "--head-dim", "16", "--seq", "64",
+                    "--repeat", "2"],
 }
 RM_STEP = "rm_step"
 

@@ -16,6 +16,11 @@ Name map (HF ``[out, in]`` Linear weights become our ``kernel[in..., out...]``):
     *norm*.weight [X]                           -> *norm*.weight [X]
     score.weight [1, H] (RM) / lm_head.weight [V, H] (LM) -> kernel [H, 1] / [H, V]
 
+With ``scan_layers`` the layer parameters are stacked (``model.layers.self_attn.q_proj.kernel
+[L, H, N, D]``): HF tensor ``model.layers.{i}.…`` is slice ``i`` of the stacked parameter. Loading
+streams each per-layer tensor into its slice on the devices (never the whole stack on the host);
+saving writes one HF tensor per layer, so the files are the same in both layouts.
+
 Architectures: ``Qwen3ForSequenceClassification`` (1 label) and ``Qwen3ForTokenClassification``
 (1 label; its ``score.bias`` must be zero, as the reference's never-trained bias is) load into
 ``Qwen3RewardModel``; ``Qwen3ForCausalLM`` loads into ``Qwen3ForCausalLM`` (a ``lm_head.weight``
@@ -34,12 +39,18 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, SingleDeviceSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from codescaler_jax.fsutil import apply_umask
-from codescaler_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM, Qwen3RewardModel
+from codescaler_jax.models.qwen3 import (
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    Qwen3RewardModel,
+    layer_path,
+    stacked_layer_path,
+)
 from codescaler_jax.models.sharding import Rules, flat_param_shardings
 
 RM_ARCHITECTURES = ("Qwen3ForSequenceClassification", "Qwen3ForTokenClassification")
@@ -58,9 +69,47 @@ class CheckpointError(ValueError):
 # ---- name map -------------------------------------------------------------------------------
 
 
-def _hf_name(path: tuple[Any, ...]) -> str:
+def _hf_name(path: tuple[Any, ...], layer: int | None = None) -> str:
     # Our paths mirror HF module names; only the leaf differs (kernel/embedding -> weight).
+    # A stacked layer parameter names one HF tensor per layer (its index after "layers").
+    if layer is not None:
+        path = layer_path(path, layer)
     return ".".join(str(p) for p in path[:-1]) + ".weight"
+
+
+def _tensors(
+    params: dict[tuple[Any, ...], Any],
+) -> list[tuple[str, tuple[Any, ...], int | None, tuple[int, ...]]]:
+    """``(HF name, our path, layer index or None, shape of the HF-side tensor in our axis
+    order)`` for each HF tensor of a flat parameter dict (stacked parameters give one per
+    layer)."""
+    out = []
+    for p, var in params.items():
+        shape = tuple(var.get_value().shape)
+        if stacked_layer_path(p):
+            out.extend((_hf_name(p, i), p, i, shape[1:]) for i in range(shape[0]))
+        else:
+            out.append((_hf_name(p), p, None, shape))
+    return out
+
+
+def _layer_slice_sharding(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
+    """The sharding of one layer of a stacked parameter (its leading axis dropped)."""
+    if isinstance(sharding, NamedSharding):
+        return NamedSharding(sharding.mesh, PartitionSpec(*tuple(sharding.spec)[1:]))
+    return sharding
+
+
+def _stack_writer(shape: tuple[int, ...], dtype: Any, sharding: jax.sharding.Sharding):
+    """``(empty stack, put)`` for a stacked parameter: ``put(stack, layer_array, i)`` writes
+    layer ``i`` in place (the stack is donated), so loading holds one stack plus one layer."""
+    empty = jax.jit(lambda: jax.numpy.zeros(shape, dtype), out_shardings=sharding)()
+    put = jax.jit(
+        lambda stack, x, i: jax.lax.dynamic_update_index_in_dim(stack, x, i, 0),
+        out_shardings=sharding,
+        donate_argnums=0,
+    )
+    return empty, put
 
 
 def _num_in_dims(path: tuple[Any, ...]) -> int:
@@ -177,7 +226,8 @@ def load_hf_model(
     abstract = nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
     params = dict(nnx.to_flat_state(abstract_state))
-    by_name = {_hf_name(p): p for p in params}
+    # HF name -> (our path, layer index for a stacked parameter or None, our-side shape).
+    by_name = {name: (p, layer, shape) for name, p, layer, shape in _tensors(params)}
     if mesh is not None:
         shardings = flat_param_shardings(abstract_state, mesh, rules)
     else:
@@ -202,9 +252,9 @@ def load_hf_model(
     missing = sorted(set(by_name) - set(headers))
     unexpected = sorted(set(headers) - set(by_name) - ignored)
     bad_shapes = []
-    for name, p in by_name.items():
+    for name, (p, _, shape) in by_name.items():
         if name in headers:
-            want = _hf_shape(p, tuple(params[p].get_value().shape))
+            want = _hf_shape(p, shape)
             if headers[name][1] != want:
                 bad_shapes.append(f"{name}: checkpoint {headers[name][1]}, model expects {want}")
     problems = []
@@ -219,22 +269,30 @@ def load_hf_model(
                               + " | ".join(problems))
 
     weight_dtype = cfg.weight_dtype
-    values: dict[tuple[Any, ...], nnx.Variable] = {}
+    values: dict[tuple[Any, ...], jax.Array] = {}
+    writers: dict[tuple[Any, ...], Any] = {}
     by_file: dict[str, list[str]] = {}
     for name in by_name:
         by_file.setdefault(headers[name][0], []).append(name)
     for file, names in by_file.items():
         with safe_open(file, framework="np") as f:
             for name in names:
-                p = by_name[name]
-                shape = tuple(params[p].get_value().shape)
+                p, layer, shape = by_name[name]
                 host = np.asarray(_to_ours(p, f.get_tensor(name), shape), dtype=weight_dtype)
-                array = jax.make_array_from_callback(
-                    shape, shardings[p], lambda idx, h=host: h[idx]
-                )
-                values[p] = params[p].replace(array)
+                if layer is None:
+                    values[p] = jax.make_array_from_callback(
+                        shape, shardings[p], lambda idx, h=host: h[idx]
+                    )
+                else:
+                    if p not in writers:
+                        full = tuple(params[p].get_value().shape)
+                        values[p], writers[p] = _stack_writer(full, weight_dtype, shardings[p])
+                    piece = jax.make_array_from_callback(
+                        shape, _layer_slice_sharding(shardings[p]), lambda idx, h=host: h[idx]
+                    )
+                    values[p] = writers[p](values[p], piece, np.int32(layer))
                 del host
-    state = nnx.from_flat_state(values)
+    state = nnx.from_flat_state({p: params[p].replace(v) for p, v in values.items()})
     return nnx.merge(graphdef, state)
 
 
@@ -290,14 +348,13 @@ def save_hf_model(
     out_dtype = jax.numpy.dtype(save_dtype or cfg.param_dtype)
     writer = jax.process_index() == 0
 
-    entries: list[tuple[str, tuple[Any, ...], nnx.Variable]] = [
-        (_hf_name(p), p, var) for p, var in nnx.to_flat_state(nnx.state(model, nnx.Param))
-    ]
+    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    entries = _tensors(flat)  # (HF name, our path, layer of a stacked parameter, shape)
     limit = _parse_size(max_shard_size)
-    shards: list[list[tuple[str, tuple[Any, ...], nnx.Variable]]] = [[]]
+    shards: list[list[tuple[str, tuple[Any, ...], int | None, tuple[int, ...]]]] = [[]]
     shard_bytes = 0
     for entry in entries:
-        nbytes = math.prod(entry[2].get_value().shape) * out_dtype.itemsize
+        nbytes = math.prod(entry[3]) * out_dtype.itemsize
         if shards[-1] and shard_bytes + nbytes > limit:
             shards.append([])
             shard_bytes = 0
@@ -316,8 +373,10 @@ def save_hf_model(
     for i, shard in enumerate(shards):
         fname = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
         tensors: dict[str, np.ndarray] = {}
-        for name, p, var in shard:
-            host = _to_hf(p, _gather(var.get_value())).astype(out_dtype)
+        for name, p, layer, _ in shard:
+            value = flat[p].get_value()
+            # One layer of a stack at a time: the host never holds a whole stacked parameter.
+            host = _to_hf(p, _gather(value if layer is None else value[layer])).astype(out_dtype)
             tensors[name] = host
             weight_map[name] = fname
             total += host.nbytes
@@ -346,6 +405,8 @@ def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list
     return copied
 
 
-def hf_param_names(model: nnx.Module) -> dict[str, tuple[Any, ...]]:
-    """``{HF tensor name: our parameter path}`` for ``model`` (for tools and tests)."""
-    return {_hf_name(p): p for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+def hf_param_names(model: nnx.Module) -> dict[str, tuple[tuple[Any, ...], int | None]]:
+    """``{HF tensor name: (our parameter path, layer index)}`` for ``model`` (for tools and
+    tests); the index is that of the tensor's slice of a stacked (scanned) parameter, or None."""
+    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    return {name: (p, layer) for name, p, layer, _ in _tensors(flat)}

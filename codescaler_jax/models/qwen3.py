@@ -12,6 +12,15 @@ Two heads:
   (right padding), = HF ``Qwen3ForSequenceClassification(num_labels=1)``.
 - ``Qwen3ForCausalLM``: ``lm_head`` (tied to the embedding or not), logits in float32.
 
+Layer layouts (``Qwen3Config.scan_layers``): stacked, the default for the named sizes and HF
+checkpoints: ``model.layers`` is one ``DecoderLayer`` whose parameters have a leading
+``[num_hidden_layers]`` axis (logical name ``"layers"``, e.g. ``model.layers.mlp.up_proj.kernel
+[L, H, I]``), run with one ``jax.lax.scan`` (remat applied to the scanned body), so compile
+time and program size do not depend on depth; or unrolled (``tiny()``'s default, the
+reference): ``model.layers.<i>...``, a Python loop. ``stack_layers`` / ``unstack_layers``
+convert parameter trees between the two; ``models.hf_io`` reads and writes both as HF's
+per-layer tensors.
+
 Positions are computed from the attention mask (``cumsum(mask) - 1``), so right-padded
 (reward model, training) and left-padded (sampler) batches both get positions 0, 1, ... on
 their real tokens.
@@ -33,7 +42,9 @@ and is not in the future: ``models.attention``'s rule with ``q_offset = cache.in
 builds a ``[C, max_len]`` mask), so shapes never change between steps. Each row keeps
 its own next RoPE position (``cache.next_pos``), so left padding costs nothing but slots.
 The caller keeps ``cache.index + C <= max_len`` (``dynamic_update_slice`` would clamp).
-``KVCache.logical_axes()`` gives its sharding (batch over data/fsdp, KV heads over tensor):
+The cache's keys and values are ``[layers, B, max_len, K, D]`` in both layouts (the scan
+carries them and writes each layer's new chunk in place). ``KVCache.logical_axes()`` gives
+its sharding (layers replicated, batch over data/fsdp, KV heads over tensor):
 ``jax.device_put(cache, sharding.tree_shardings(cache, cache.logical_axes(), mesh))``.
 For a decode loop, jit a pure function of ``nnx.split(lm)``'s state (split once, merge
 inside ``jax.jit``): ``nnx.jit`` re-walks the module graph on every call, measured here at
@@ -118,6 +129,11 @@ class Qwen3Config:
             (dense), ``chunked`` (blockwise, linear memory), ``splash`` or ``cudnn``.
         attention_block_q, attention_block_kv: block sizes of the chunked / splash paths
             (None: the path's default).
+        scan_layers: store the decoder layers stacked (every layer parameter gets a leading
+            ``[num_hidden_layers]`` axis, logical name ``"layers"``) and run them with one
+            ``jax.lax.scan``, so compile time and program size do not grow with depth. On
+            by default (the named sizes and checkpoints loaded from Hugging Face);
+            ``tiny()`` turns it off, and the unrolled layout stays the reference.
     """
 
     vocab_size: int = 151936
@@ -140,6 +156,7 @@ class Qwen3Config:
     attention: str = "auto"
     attention_block_q: int | None = None
     attention_block_kv: int | None = None
+    scan_layers: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.eos_token_id, list):
@@ -162,6 +179,8 @@ class Qwen3Config:
             val = getattr(self, name)
             if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 1):
                 raise ValueError(f"Qwen3Config.{name}={val!r}; use a positive int or None")
+        if not isinstance(self.scan_layers, bool):
+            raise ValueError(f"Qwen3Config.scan_layers={self.scan_layers!r}; use true or false")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -173,12 +192,13 @@ class Qwen3Config:
     # ---- named sizes (numbers from the Qwen/Qwen3-* config.json files) -------------------
     @classmethod
     def tiny(cls, **overrides: Any) -> Qwen3Config:
-        """A few-hundred-thousand-parameter config for CPU tests (GQA, untied head)."""
+        """A few-hundred-thousand-parameter config for CPU tests (GQA, untied head, layers
+        unrolled unless ``scan_layers=True`` is passed)."""
         base = dict(
             vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=10000.0,
             max_position_embeddings=512, tie_word_embeddings=False, pad_token_id=0,
-            eos_token_id=1,
+            eos_token_id=1, scan_layers=False,
         )
         return cls(**{**base, **overrides})
 
@@ -506,35 +526,80 @@ class DecoderLayer(nnx.Module):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    """Static-shape KV cache (a pytree).
+    """Static-shape KV cache (a pytree), the same for both layer layouts.
 
     Attributes:
-        k, v: one ``[batch, max_len, kv_heads, head_dim]`` array per layer.
+        k, v: ``[layers, batch, max_len, kv_heads, head_dim]``: all layers in one array, so
+            the layer scan reads its layer's slice and writes only the new chunk back (an
+            in-place update of the loop carry), and the unrolled layers do the same by index.
         mask: ``[batch, max_len]`` bool, True where a slot holds a real token.
         next_pos: ``[batch]`` int32, RoPE position of each row's next real token.
         index: ``[]`` int32, the next slot to write (shared by all rows).
     """
 
-    k: tuple[jax.Array, ...]
-    v: tuple[jax.Array, ...]
+    k: jax.Array
+    v: jax.Array
     mask: jax.Array
     next_pos: jax.Array
     index: jax.Array
 
     def logical_axes(self) -> KVCache:
         """The same tree with logical axis names in place of arrays (for ``tree_shardings``)."""
-        kv = ("batch", "cache_seq", "kv_heads", "head_dim")
-        return KVCache(k=tuple(kv for _ in self.k), v=tuple(kv for _ in self.v),
-                       mask=("batch", "cache_seq"), next_pos=("batch",), index=())
+        kv = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
+        return KVCache(k=kv, v=kv, mask=("batch", "cache_seq"), next_pos=("batch",), index=())
+
+    def extend(self, n: int) -> KVCache:
+        """The same cache with ``n`` more empty slots at the end (``max_len + n``)."""
+
+        def grow(x: jax.Array, axis: int) -> jax.Array:
+            return jnp.pad(x, [(0, n if d == axis else 0) for d in range(x.ndim)])
+
+        return dataclasses.replace(
+            self, k=grow(self.k, 2), v=grow(self.v, 2), mask=grow(self.mask, 1)
+        )
+
+
+def _remat_policy(cfg: Qwen3Config) -> Any:
+    return None if cfg.remat is True else getattr(jax.checkpoint_policies, cfg.remat)
+
+
+def _write_chunk(stack: jax.Array, layer_kv: jax.Array, layer: Any, index: jax.Array,
+                 length: int) -> jax.Array:
+    """Write slots ``[index, index + length)`` of one layer's ``[B, S, K, D]`` keys (or values)
+    into the ``[L, B, S, K, D]`` cache at ``layer``; only the new chunk is written."""
+    chunk = jax.lax.dynamic_slice_in_dim(layer_kv, index, length, axis=1)
+    return jax.lax.dynamic_update_slice(stack, chunk[None].astype(stack.dtype),
+                                        (layer, 0, index, 0, 0))
+
+
+def _stacked_layers(cfg: Qwen3Config, rngs: nnx.Rngs) -> DecoderLayer:
+    """``num_hidden_layers`` decoder layers as one module whose parameters have a leading
+    layer axis (logical name ``"layers"``), each layer initialised from its own RNG stream."""
+
+    @nnx.split_rngs(splits=cfg.num_hidden_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(layer_rngs: nnx.Rngs) -> DecoderLayer:
+        return DecoderLayer(cfg, rngs=layer_rngs)
+
+    return make(rngs)
 
 
 class Qwen3Model(nnx.Module):
-    """Embedding, decoder layers and final norm: ``input_ids -> hidden states``."""
+    """Embedding, decoder layers and final norm: ``input_ids -> hidden states``.
+
+    ``layers`` is an ``nnx.List`` of ``DecoderLayer`` (``scan_layers=False``) or one
+    ``DecoderLayer`` whose parameters are stacked ``[num_hidden_layers, ...]`` (``True``).
+    """
 
     def __init__(self, cfg: Qwen3Config, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, cfg.weight_dtype, rngs=rngs)
-        self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+        if cfg.scan_layers:
+            self.layers = _stacked_layers(cfg, rngs)
+        else:
+            self.layers = nnx.List(
+                [DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)]
+            )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "norm", cfg.weight_dtype)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array,
@@ -567,30 +632,72 @@ class Qwen3Model(nnx.Module):
 
         x = self.embed_tokens(input_ids).astype(dt)
         x = shard_activation(x, ("batch", "seq", "act_embed"))
-        new_k, new_v = [], []
-        if cache is None and cfg.remat:
-            policy = None if cfg.remat is True else getattr(jax.checkpoint_policies, cfg.remat)
-
-            def run(layer: DecoderLayer, x: jax.Array) -> jax.Array:
-                return layer(x, cos, sin, kv_valid)[0]
-
-            run_remat = nnx.remat(run, policy=policy)
-            for layer in self.layers:
-                x = run_remat(layer, x)
-        else:
-            for i, layer in enumerate(self.layers):
-                kv = None if cache is None else (cache.k[i], cache.v[i])
-                x, (k, v) = layer(x, cos, sin, kv_valid, kv, None if cache is None else cache.index)
-                new_k.append(k)
-                new_v.append(v)
+        run = self._scanned if cfg.scan_layers else self._unrolled
+        x, kv = run(x, cos, sin, kv_valid, cache)
         x = self.norm(x)
         if cache is None:
             return x, None
         new_cache = KVCache(
-            k=tuple(new_k), v=tuple(new_v), mask=kv_valid,
+            k=kv[0], v=kv[1], mask=kv_valid,
             next_pos=cache.next_pos + valid.sum(-1, dtype=jnp.int32), index=cache.index + t,
         )
         return x, new_cache
+
+    def _unrolled(self, x, cos, sin, kv_valid, cache):
+        """The layers one after another in Python: ``(x, (k, v) or None)``."""
+        if cache is None:
+            def step(layer: DecoderLayer, x: jax.Array) -> jax.Array:
+                return layer(x, cos, sin, kv_valid)[0]
+
+            if self.cfg.remat:
+                step = nnx.remat(step, policy=_remat_policy(self.cfg))
+            for layer in self.layers:
+                x = step(layer, x)
+            return x, None
+        ks, vs, t = cache.k, cache.v, x.shape[1]
+        for i, layer in enumerate(self.layers):
+            x, (k, v) = layer(x, cos, sin, kv_valid, (ks[i], vs[i]), cache.index)
+            ks = _write_chunk(ks, k, i, cache.index, t)
+            vs = _write_chunk(vs, v, i, cache.index, t)
+        return x, (ks, vs)
+
+    def _scanned(self, x, cos, sin, kv_valid, cache):
+        """The stacked layers under one ``jax.lax.scan``: ``(x, (k, v) or None)``.
+
+        ``jax.lax.scan`` over the split state (merged back into a layer inside the body),
+        not ``nnx.scan``: measured on CPU (RM forward + backward, 8 layers of hidden 256,
+        remat) both lower to the same HLO ops, with trace times and step times equal within
+        the noise of a loaded machine (trace 0.5-0.9 s vs 0.5-1.4 s). ``jax.lax.scan`` keeps
+        the KV-cache path explicit (the cache is a loop carry written in place at the layer
+        index) and needs no ``transform_metadata`` at call time.
+        """
+        graphdef, stacked = nnx.split(self.layers)
+        index = None if cache is None else cache.index
+
+        def apply(layer_state, x, kv=None):
+            return nnx.merge(graphdef, layer_state)(x, cos, sin, kv_valid, kv, index)
+
+        if cache is None:
+            def body(x, layer_state):
+                return apply(layer_state, x)[0], None
+
+            if self.cfg.remat:
+                # The checkpointed unit is one layer, as in the unrolled path; prevent_cse is
+                # not needed inside a scan (the loop already keeps XLA from merging copies).
+                body = jax.checkpoint(body, policy=_remat_policy(self.cfg), prevent_cse=False)
+            x, _ = jax.lax.scan(body, x, stacked)
+            return x, None
+        t = x.shape[1]
+
+        def body_cached(carry, xs):
+            x, ks, vs = carry
+            layer_state, i = xs
+            x, (k, v) = apply(layer_state, x, (ks[i], vs[i]))
+            return (x, _write_chunk(ks, k, i, index, t), _write_chunk(vs, v, i, index, t)), None
+
+        layer_ids = jnp.arange(self.cfg.num_hidden_layers)
+        (x, ks, vs), _ = jax.lax.scan(body_cached, (x, cache.k, cache.v), (stacked, layer_ids))
+        return x, (ks, vs)
 
 
 def last_token_index(attention_mask: jax.Array) -> jax.Array:
@@ -679,11 +786,10 @@ class Qwen3ForCausalLM(nnx.Module):
         """An empty cache for ``batch`` rows of up to ``max_len`` tokens (default compute dtype)."""
         cfg = self.cfg
         dtype = cfg.compute_dtype if dtype is None else jnp.dtype(dtype)
-        shape = (batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
-        layers = range(cfg.num_hidden_layers)
+        shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
         return KVCache(
-            k=tuple(jnp.zeros(shape, dtype) for _ in layers),
-            v=tuple(jnp.zeros(shape, dtype) for _ in layers),
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
             mask=jnp.zeros((batch, max_len), bool),
             next_pos=jnp.zeros((batch,), jnp.int32),
             index=jnp.zeros((), jnp.int32),
@@ -734,3 +840,99 @@ class Qwen3ForCausalLM(nnx.Module):
             cache, lasts = jax.lax.scan(step, cache, (rest(input_ids), rest(attention_mask)))
             last = lasts[-1]
         return self.logits(last), cache
+
+
+# ---- layer layouts ----------------------------------------------------------------------------
+
+
+def stack_layers(tree: Any) -> Any:
+    """Unrolled -> scanned layout: every ``{"layers": {0: {...}, 1: {...}, ...}}`` node of a
+    nested dict (a ``nnx.to_pure_dict`` parameter dict, or any tree holding one, e.g. Adam's
+    moments) becomes ``{"layers": {...}}`` with each leaf stacked ``[L, ...]``."""
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            out = {}
+            for key, value in node.items():
+                if key == "layers" and _is_unrolled(value):
+                    layers = [value[i] for i in sorted(value)]
+                    out[key] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+                else:
+                    out[key] = walk(value)
+            return out
+        return _map_sequence(walk, node)
+
+    return walk(tree)
+
+
+def unstack_layers(tree: Any) -> Any:
+    """Scanned -> unrolled layout, the inverse of ``stack_layers``."""
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            out = {}
+            for key, value in node.items():
+                if key == "layers" and isinstance(value, dict) and not _is_unrolled(value):
+                    n = jax.tree.leaves(value)[0].shape[0]
+                    out[key] = {i: jax.tree.map(lambda x, i=i: x[i], value) for i in range(n)}
+                else:
+                    out[key] = walk(value)
+            return out
+        return _map_sequence(walk, node)
+
+    return walk(tree)
+
+
+def tree_scan_layers(tree: Any) -> bool | None:
+    """The layer layout of a nested dict holding a ``"layers"`` node (parameters, optimizer
+    state, or an Orbax checkpoint's metadata tree): True stacked, False unrolled (keys 0, 1,
+    ... or "0", "1", ...), None when there is no ``"layers"`` node."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            if key == "layers" and isinstance(value, dict) and value:
+                return not all(isinstance(k, int) or str(k).isdigit() for k in value)
+            found = tree_scan_layers(value)
+            if found is not None:
+                return found
+    elif isinstance(tree, (list, tuple)):
+        for value in tree:
+            found = tree_scan_layers(value)
+            if found is not None:
+                return found
+    return None
+
+
+def _key(k: Any) -> Any:
+    """A path element as a plain str/int (``jax.tree_util`` keys or ``nnx`` path entries)."""
+    return getattr(k, "key", getattr(k, "idx", k))
+
+
+def stacked_layer_path(path: Any) -> bool:
+    """True if the parameter at ``path`` (``nnx.to_flat_state`` or ``jax.tree_util`` key path)
+    is a scanned layer stack, i.e. its leading axis is the layer (``model.layers.<name>...``
+    rather than ``model.layers.<i>...``)."""
+    keys = [_key(k) for k in path]
+    if "layers" not in keys:
+        return False
+    i = keys.index("layers")
+    return i + 1 < len(keys) and not isinstance(keys[i + 1], int)
+
+
+def layer_path(path: Any, layer: int) -> tuple[Any, ...]:
+    """The unrolled path of layer ``layer`` of the stacked parameter ``path``:
+    ``("model", "layers", "mlp", ...)`` -> ``("model", "layers", layer, "mlp", ...)``."""
+    keys = [_key(k) for k in path]
+    i = keys.index("layers")
+    return (*keys[: i + 1], layer, *keys[i + 1:])
+
+
+def _is_unrolled(node: Any) -> bool:
+    return isinstance(node, dict) and bool(node) and all(isinstance(k, int) for k in node)
+
+
+def _map_sequence(fn: Any, node: Any) -> Any:
+    if isinstance(node, tuple) and hasattr(node, "_fields"):  # optax states are namedtuples
+        return type(node)(*(fn(x) for x in node))
+    if isinstance(node, (list, tuple)):
+        return type(node)(fn(x) for x in node)
+    return node

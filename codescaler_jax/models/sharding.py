@@ -35,8 +35,11 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Logical axis -> mesh axes. None means replicated. Parameters: vocab/embed/heads/kv_heads/
-# head_dim/mlp/norm/classes. Activations and caches: batch/seq/act_embed/cache_seq.
+# head_dim/mlp/norm/classes, and layers (the leading axis of scanned layer stacks and of the KV
+# cache; replicated, since a scan reads every layer on every device). Activations and caches:
+# batch/seq/act_embed/cache_seq.
 DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "layers": None,
     "batch": ("data", "fsdp"),
     "seq": None,
     "act_embed": None,

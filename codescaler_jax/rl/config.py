@@ -23,7 +23,9 @@ class PolicySection:
     Qwen3-8B-Base) or ``None`` for random init of ``size`` (a ``Qwen3Config`` named size:
     ``tiny``, ``qwen3_0_6b`` ...), with the explicit fields below overriding that size.
     ``attention`` / ``attention_block_q`` / ``attention_block_kv``: as ``rm.config.ModelSection``
-    (training, log-prob passes and the sampler's prefill and decode all use it)."""
+    (training, log-prob passes and the sampler's prefill and decode all use it).
+    ``scan_layers``: as ``model.scan_layers`` of the RM config (``None``: the model's
+    default, on for the named sizes and HF checkpoints, off for ``tiny``)."""
 
     init_from: str | None = None
     tokenizer: str = "qwen3"
@@ -42,6 +44,7 @@ class PolicySection:
     attention: Literal["auto", "xla", "chunked", "splash", "cudnn"] = "auto"
     attention_block_q: int | None = None
     attention_block_kv: int | None = None
+    scan_layers: bool | None = None
 
     def __post_init__(self):
         check_attention_blocks(self, "policy")

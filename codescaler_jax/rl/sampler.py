@@ -42,7 +42,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from codescaler_jax.models.qwen3 import KVCache, Qwen3ForCausalLM
+from codescaler_jax.models.qwen3 import Qwen3ForCausalLM
 from codescaler_jax.models.sharding import batch_sharding, param_shardings, tree_shardings
 from codescaler_jax.rl.registry import Registry
 
@@ -292,9 +292,7 @@ def sample(
     # less prefill attention memory and work). Empty slots are masked, so nothing changes.
     logits, cache = model.prefill(prompt_ids, prompt_mask, model.init_cache(b, p),
                                   chunk_size=cfg.prefill_chunk)
-    grow = lambda x: jnp.pad(x, [(0, 0), (0, n)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
-    cache = KVCache(k=tuple(map(grow, cache.k)), v=tuple(map(grow, cache.v)),
-                    mask=grow(cache.mask), next_pos=cache.next_pos, index=cache.index)
+    cache = cache.extend(n)
     if cache_shardings is not None:
         cache = jax.lax.with_sharding_constraint(cache, cache_shardings)
     eos = jnp.asarray(cfg.eos_token_ids or (-1,), jnp.int32)

@@ -59,6 +59,7 @@ from codescaler_jax.rl.sampler import (
 )
 from codescaler_jax.rm.config import compute_overrides
 from codescaler_jax.rm.train_step import (
+    check_resume_layout,
     init_state,
     make_optimizer,
     make_schedule,
@@ -76,7 +77,8 @@ _SIZE_FIELDS = (
 
 
 def policy_config(cfg: GRPOConfig, vocab_min: int, pad_id: int, eos_id: int) -> Qwen3Config:
-    """Qwen3Config of a from-scratch policy: the named size, explicit overrides, dtypes."""
+    """Qwen3Config of a from-scratch policy: the named size, explicit overrides, dtypes,
+    remat, layer scan."""
     p = cfg.policy
     named = getattr(Qwen3Config, p.size, None)
     if named is None:
@@ -274,6 +276,7 @@ class GRPOTrainer:
             history: list[dict[str, float]] = []
             if self.resume and ckpt.latest_step() is not None:
                 step0 = ckpt.latest_step()
+                check_resume_layout(ckpt.directory, step0, mcfg.scan_layers, "policy.scan_layers")
                 sds = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
                 abstract = jax.tree.map(sds, state, shardings)
                 restored = ckpt.restore(step0, args=ocp.args.Composite(

@@ -6,7 +6,7 @@ Loaded by ``python -m codescaler_jax.train_rm --config FILE [--set key.sub=value
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 from codescaler_jax.config import check_at_least, check_fraction, check_input_path
 from codescaler_jax.distributed import DistributedConfig
@@ -20,7 +20,10 @@ class ModelSection:
     explicit fields below overriding that size's values). ``attention``: the attention
     implementation (``models.attention``: ``auto`` picks splash on TPU, cudnn on GPU, and
     chunked or xla by length on CPU); ``attention_block_q`` / ``attention_block_kv``: its block
-    sizes (None: the implementation's default)."""
+    sizes (None: the implementation's default). ``scan_layers``: stack the decoder layers and
+    run them with a scan (compile time independent of depth); ``None`` keeps the model's
+    default (on for the named Qwen3 sizes and HF checkpoints, off for ``tiny``). Orbax
+    checkpoints are in the layout they were trained with."""
 
     init_from: str | None = None
     size: str = "tiny"
@@ -37,6 +40,7 @@ class ModelSection:
     attention: Literal["auto", "xla", "chunked", "splash", "cudnn"] = "auto"
     attention_block_q: int | None = None
     attention_block_kv: int | None = None
+    scan_layers: bool | None = None
 
     def __post_init__(self):
         check_attention_blocks(self, "model")
@@ -46,10 +50,14 @@ COMPUTE_KEYS = ("param_dtype", "dtype", "remat", "attention", "attention_block_q
                 "attention_block_kv")
 
 
-def compute_overrides(section) -> dict:
+def compute_overrides(section: Any) -> dict[str, Any]:
     """The ``Qwen3Config`` compute knobs of a model section (``model`` / ``policy``), applied
-    both to a named size and to a checkpoint's own config.json."""
-    return {name: getattr(section, name) for name in COMPUTE_KEYS}
+    both to a named size and to a checkpoint's own config.json; ``scan_layers`` only when set
+    (``None`` keeps the size's or checkpoint's default)."""
+    out = {name: getattr(section, name) for name in COMPUTE_KEYS}
+    if section.scan_layers is not None:
+        out["scan_layers"] = section.scan_layers
+    return out
 
 
 def check_attention_blocks(section, prefix: str) -> None:

@@ -10,15 +10,19 @@ number of pairs, so the accumulated gradient equals the one-big-batch gradient e
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
+import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from codescaler_jax.models.qwen3 import layer_path, stacked_layer_path, tree_scan_layers
 from codescaler_jax.models.sharding import param_shardings
 from codescaler_jax.rm.config import OptimSection
 from codescaler_jax.rm.loss import bt_metrics, bt_pair_losses
@@ -49,21 +53,81 @@ def _path_name(path: tuple[Any, ...]) -> str:
     return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
-def make_optimizer(cfg: OptimSection, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """Grad clipping then AdamW; weight decay skips 1-D parameters (norm scales).
+def _matches(name: str, prefixes: tuple[str, ...]) -> bool:
+    """``name`` is one of ``prefixes`` or lies below one (whole dotted components:
+    ``model.layers.1`` covers ``model.layers.1.mlp`` but not ``model.layers.10``)."""
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
 
-    Parameters whose dotted path starts with an entry of ``cfg.freeze`` (e.g.
-    ``model.embed_tokens``) get no update and no optimizer state."""
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
-    train = _trainable_optimizer(cfg, schedule, decay_mask)
+
+def _frozen_layers(path: tuple[Any, ...], n_layers: int, frozen: tuple[str, ...]) -> list[bool]:
+    """Per layer of the stacked (scanned) parameter at ``path``: is it frozen? A layer is
+    frozen when its unrolled name (``model.layers.<i>.…``) or the stack's name matches."""
+    if _matches(_path_name(path), frozen):
+        return [True] * n_layers
+    return [_matches(_path_name(layer_path(path, i)), frozen) for i in range(n_layers)]
+
+
+def _decay_mask(params: Any) -> Any:
+    """Weight decay on matrices only: norm scales are vectors, ``[L, dim]`` when stacked."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, p: p.ndim - (1 if stacked_layer_path(path) else 0) > 1, params
+    )
+
+
+def _zero_frozen_layer_slices(frozen: tuple[str, ...]) -> optax.GradientTransformation:
+    """Zero the slices of stacked parameters whose layer is frozen (the rest of the stack
+    trains). Applied to the gradients (so frozen layers add nothing to the clipped norm or to
+    Adam's moments) and again to the updates (so weight decay does not move them)."""
+
+    def zero(path, u):
+        if not stacked_layer_path(path):
+            return u
+        keep = [not f for f in _frozen_layers(path, u.shape[0], frozen)]
+        if all(keep):
+            return u
+        return u * jnp.asarray(keep, u.dtype).reshape((-1,) + (1,) * (u.ndim - 1))
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree_util.tree_map_with_path(zero, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def make_optimizer(cfg: OptimSection, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """Grad clipping then AdamW; weight decay skips norm scales (1-D, or 2-D when stacked).
+
+    Parameters whose dotted path is or lies below an entry of ``cfg.freeze`` get no update
+    and no optimizer state. Entries read the same in both layer layouts:
+    ``model.embed_tokens``; ``model.layers`` (all layers); ``model.layers.3`` or
+    ``model.layers.3.mlp`` (one layer: with scanned layers that layer's slice of each stack
+    gets no update while the other layers train; the stack keeps its optimizer state, zero
+    in the frozen slices). An entry that matches no parameter is an error naming it."""
     if not cfg.freeze:
-        return train
+        return _trainable_optimizer(cfg, schedule, _decay_mask)
     frozen = tuple(cfg.freeze)
+    slices = _zero_frozen_layer_slices(frozen)
+    train = optax.chain(slices, _trainable_optimizer(cfg, schedule, _decay_mask), slices)
 
     def labels(params):
-        return jax.tree_util.tree_map_with_path(
-            lambda path, _: "frozen" if _path_name(path).startswith(frozen) else "train", params
-        )
+        used: set[str] = set()
+
+        def label(path, x):
+            name = _path_name(path)
+            if stacked_layer_path(path):
+                names = [_path_name(layer_path(path, i)) for i in range(x.shape[0])]
+                flags = _frozen_layers(path, x.shape[0], frozen)
+            else:
+                names, flags = [name], [_matches(name, frozen)]
+            used.update(p for p in frozen for n in [name, *names] if _matches(n, (p,)))
+            return "frozen" if all(flags) else "train"
+
+        out = jax.tree_util.tree_map_with_path(label, params)
+        unknown = [p for p in frozen if p not in used]
+        if unknown:
+            raise ValueError(f"optim.freeze: {unknown} match no parameter (paths look like "
+                             f"'model.embed_tokens', 'model.layers.0.mlp', 'score')")
+        return out
 
     return optax.multi_transform({"train": train, "frozen": optax.set_to_zero()}, labels)
 
@@ -141,6 +205,28 @@ def state_shardings(
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     o_shard = jax.tree_util.tree_map_with_path(leaf_sharding, abstract_opt)
     return {"params": p_shard, "opt_state": o_shard, "step": replicated}
+
+
+def checkpoint_scan_layers(directory: str | os.PathLike, step: int) -> bool | None:
+    """The layer layout of the Orbax checkpoint ``directory/<step>`` (its ``state`` item),
+    read from the metadata without loading arrays: True scanned (stacked), False unrolled,
+    None if it holds no layers."""
+    path = epath.Path(os.fspath(directory)) / str(step) / "state"
+    meta = ocp.StandardCheckpointHandler().metadata(path)
+    return tree_scan_layers(getattr(meta, "tree", meta))
+
+
+def check_resume_layout(directory: str | os.PathLike, step: int, scan_layers: bool,
+                        key: str) -> None:
+    """Refuse to resume a checkpoint in the other layer layout, naming the config ``key``
+    that must change (Orbax restores a tree of the same structure only)."""
+    saved = checkpoint_scan_layers(directory, step)
+    if saved is not None and saved != scan_layers:
+        layout = "scanned (stacked)" if saved else "unrolled"
+        raise ValueError(
+            f"checkpoint step {step} in {directory} has {layout} layers but {key}="
+            f"{str(scan_layers).lower()}; resume with --set {key}={str(saved).lower()}"
+        )
 
 
 def init_state(params: dict, tx: optax.GradientTransformation, shardings: dict) -> dict:

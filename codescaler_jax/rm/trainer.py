@@ -51,6 +51,8 @@ from codescaler_jax.rm.loss import finalize_metrics
 from codescaler_jax.rm.train_step import (
     BATCH_KEYS,
     StepOptions,
+    check_resume_layout,
+    checkpoint_scan_layers,
     init_state,
     make_eval_step,
     make_optimizer,
@@ -65,7 +67,8 @@ log = logging.getLogger("codescaler_jax")
 
 
 def model_config(cfg: RMTrainConfig, vocab_min: int, pad_id: int) -> Qwen3Config:
-    """Qwen3Config for a from-scratch RM: the named size, explicit overrides, dtype, remat."""
+    """Qwen3Config for a from-scratch RM: the named size, explicit overrides, dtype, remat,
+    layer scan."""
     m = cfg.model
     named = getattr(Qwen3Config, m.size, None)
     if named is None:
@@ -88,12 +91,7 @@ def model_config(cfg: RMTrainConfig, vocab_min: int, pad_id: int) -> Qwen3Config
     }
     if "vocab_size" not in overrides and base.vocab_size < vocab_min:
         overrides["vocab_size"] = -(-vocab_min // 128) * 128
-    return dataclasses.replace(
-        base,
-        **overrides,
-        pad_token_id=pad_id,
-        **compute_overrides(m),
-    )
+    return dataclasses.replace(base, **overrides, pad_token_id=pad_id, **compute_overrides(m))
 
 
 def step_options(cfg: RMTrainConfig) -> StepOptions:
@@ -433,6 +431,7 @@ class RMTrainer:
             history: dict[str, Any] = {"eval": []}
             if self.resume and ckpt.latest_step() is not None:
                 step0 = ckpt.latest_step()
+                check_resume_layout(ckpt.directory, step0, mc.scan_layers, "model.scan_layers")
                 abstract = jax.tree.map(
                     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                     state,
@@ -645,9 +644,19 @@ def load_run_checkpoint(
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     if cfg.model.init_from:
         mcfg = Qwen3Config.from_hf(cfg.model.init_from)
-        mcfg = dataclasses.replace(mcfg, param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype)
+        mcfg = dataclasses.replace(mcfg, **compute_overrides(cfg.model))
     else:
         mcfg = model_config(cfg, len(tokenizer), tokenizer.pad_token_id)
+    ckpt_dir = (run_dir / "checkpoints").absolute()
+    with ocp.CheckpointManager(ckpt_dir) as mngr:
+        step = mngr.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {run_dir / 'checkpoints'}")
+    # Build the model in the layout the checkpoint was written in (a run directory whose
+    # config predates model.scan_layers leaves it None, and the size's default may differ).
+    saved = checkpoint_scan_layers(ckpt_dir, step)
+    if saved is not None and saved != mcfg.scan_layers:
+        mcfg = dataclasses.replace(mcfg, scan_layers=saved)
     abstract = nnx.eval_shape(lambda: Qwen3RewardModel(mcfg, rngs=nnx.Rngs(0)))
     graphdef, params, rest = split_model(abstract)
     tx = make_optimizer(cfg.optim, make_schedule(cfg.optim, 1))
@@ -658,10 +667,7 @@ def load_run_checkpoint(
         "opt_state": jax.tree.map(sds, jax.eval_shape(tx.init, params), sh["opt_state"]),
         "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=sh["step"]),
     }
-    with ocp.CheckpointManager((run_dir / "checkpoints").absolute()) as mngr:
-        step = mngr.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {run_dir / 'checkpoints'}")
+    with ocp.CheckpointManager(ckpt_dir) as mngr:
         restored = mngr.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
         )
