@@ -35,7 +35,9 @@ from typing import Any
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m codescaler_jax.bench.attention", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--lengths", default="512,1024,2048,4096,8192")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=4)

@@ -21,7 +21,9 @@ from typing import Any
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m codescaler_jax.bench.scan_layers", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--depths", default="2,4,8,16", help="comma-separated layer counts")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--heads", type=int, default=4)
