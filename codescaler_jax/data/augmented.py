@@ -165,16 +165,23 @@ def build_split_pairs(
                 negs.append((parent, code, kind))
         rng = random.Random(_problem_seed(seed, p.problem_id, "pairs"))
         pairs = [
-            Pair(p.prompt, kept[parent].code, code, p.problem_id, kind=kind,
-                 chosen_kind=kept[parent].kind)
+            Pair(
+                p.prompt,
+                kept[parent].code,
+                code,
+                p.problem_id,
+                kind=kind,
+                chosen_kind=kept[parent].kind,
+            )
             for parent, code, kind in negs
         ]
         cross = [(i, n) for i in range(len(kept)) for n in negs if n[0] != i]
         rng.shuffle(cross)
         for i, (_, code, kind) in cross[: options.cross_pairs_per_problem]:
             pairs.append(
-                Pair(p.prompt, kept[i].code, code, p.problem_id, kind=kind,
-                     chosen_kind=kept[i].kind)
+                Pair(
+                    p.prompt, kept[i].code, code, p.problem_id, kind=kind, chosen_kind=kept[i].kind
+                )
             )
         seen, unique = set(), []
         for pr in pairs:

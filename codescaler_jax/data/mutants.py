@@ -333,9 +333,7 @@ def _ast_edits(code: str, lo: int, hi: int) -> dict[str, list[tuple[int, int, st
                     body_start = pos.line_start(n.body[0].lineno)
                     end = pos.line_end(n.end_lineno)
                     shrink = len(code) - len(merged)
-                    out["remove_condition"].append(
-                        (start, end, merged[body_start : end - shrink])
-                    )
+                    out["remove_condition"].append((start, end, merged[body_start : end - shrink]))
         elif isinstance(n, ast.BoolOp) and len(n.values) >= 2:
             for i in range(len(n.values)):
                 rest = [paren(v) for j, v in enumerate(n.values) if j != i]

@@ -39,7 +39,6 @@ from codescaler_jax.data.source_edits import (
     Edit,
     Positions,
     apply_edits,
-    body_statements,
     find_function,
     indent_of,
     is_docstring,
@@ -113,7 +112,9 @@ def _rename(code: str, tree: ast.Module, entry: str, rng: random.Random, params:
     for node in tree.body:
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
             module_names.add(node.name)
-        for t in ast.walk(node) if isinstance(node, ast.Assign | ast.Import | ast.ImportFrom) else ():
+        if not isinstance(node, ast.Assign | ast.Import | ast.ImportFrom):
+            continue
+        for t in ast.walk(node):
             if isinstance(t, ast.Name):
                 module_names.add(t.id)
             if isinstance(t, ast.alias):
@@ -431,7 +432,7 @@ def early_return(code, tree, entry, rng):
     sites = []
     for block in _blocks(tree):
         for i, node in enumerate(block):
-            if not (isinstance(node, ast.If) and node.body and isinstance(node.body[-1], ast.Return)):
+            if not (isinstance(node, ast.If) and isinstance(node.body[-1], ast.Return)):
                 continue
             if_col = len(indent_of(code, pos.span(node)[0]))
             if node.orelse:

@@ -130,7 +130,7 @@ def reindent(code: str, pos: Positions, first: int, last: int, delta: int) -> li
         if not line.strip():
             continue
         if delta < 0:
-            if line[: -delta].strip(" "):
+            if line[:-delta].strip(" "):
                 return None
             edits.append((s, s - delta, ""))
         else:

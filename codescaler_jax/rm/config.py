@@ -40,6 +40,15 @@ class DataSection:
     canonical solution vs mutants the sandbox shows to fail), or a pair file/dataset in the
     CodeScaler schema (``question_content``, ``code_pos``, ``code_neg``: .jsonl, .parquet, a
     ``datasets`` name or a saved dataset directory).
+
+    ``pairs_recipe`` (``humaneval`` only): ``canonical_mutants`` (the canonical solution vs its
+    mutants, ``mutants_per_problem`` / ``line_mutant_fraction``, split after building) or
+    ``augmented`` (``data/augmented.py``: problems split first by the fixed hash rule, passing
+    rewrites as further positives, ``mutants_per_positive`` mutants of every positive over
+    ``train_mutant_kinds``; validation and held-out problems always get every kind).
+    ``eval_fraction`` of the problems are held out; ``validation_fraction`` (of all problems)
+    are carved from the rest for validation (early stopping, model selection); the held-out
+    problems are evaluated only untrained and at the end.
     """
 
     source: str = "humaneval"
@@ -52,6 +61,14 @@ class DataSection:
     line_mutant_fraction: float = 0.25
     max_pairs_per_problem: int = 16
     unaligned_fraction: float = 0.0
+    pairs_recipe: Literal["canonical_mutants", "augmented"] = "canonical_mutants"
+    validation_fraction: float = 0.0
+    rewrites_per_problem: int = 3
+    rewrite_candidates: int = 6
+    rewrite_transforms: list[str] | None = None  # None: every transform of data/rewrites.py
+    mutants_per_positive: int = 9
+    train_mutant_kinds: list[str] | None = None  # None: every kind of FINE_MUTANT_KINDS
+    cross_pairs_per_problem: int = 0
     skip_bad: bool = False
     max_record_bytes: int = 1 << 20
     max_pairs: int | None = None
@@ -61,6 +78,21 @@ class DataSection:
     def __post_init__(self):
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if not 0.0 <= self.validation_fraction < 1.0 - self.eval_fraction:
+            raise ValueError(
+                f"data.validation_fraction must be in [0, 1 - data.eval_fraction), "
+                f"got {self.validation_fraction}"
+            )
+        from codescaler_jax.data.mutants import FINE_MUTANT_KINDS
+        from codescaler_jax.data.rewrites import TRANSFORMS
+
+        for key, given, known in (
+            ("train_mutant_kinds", self.train_mutant_kinds, FINE_MUTANT_KINDS),
+            ("rewrite_transforms", self.rewrite_transforms, tuple(TRANSFORMS)),
+        ):
+            bad = [k for k in given or () if k not in known]
+            if bad:
+                raise ValueError(f"data.{key}: unknown {bad}; known: {list(known)}")
         if self.max_length < 8:
             raise ValueError(f"data.max_length must be >= 8, got {self.max_length}")
 
@@ -91,8 +123,11 @@ class TrainSection:
     max_steps: int | None = None
     margin: float = 0.0
     center_rewards_coefficient: float | None = None
-    eval_every: int = 50
+    eval_every: int = 50  # validation (or, without one, held-out) evaluation cadence
     eval_batch_size: int = 16
+    early_stopping_patience: int | None = None  # stop after this many validation evaluations
+    # without a better validation accuracy (needs data.validation_fraction > 0)
+    select_best: bool = True  # with a validation split: keep the best-validation parameters
     save_every: int = 100
     keep_checkpoints: int = 2
     log_every: int = 1
