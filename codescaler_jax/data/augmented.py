@@ -12,7 +12,8 @@ in training in any form. Per problem:
    count (mutants that still pass are dropped and counted);
 3. pairs: each positive with its own failing mutants (minimal pairs: they differ only in the
    bug), plus ``cross_pairs_per_problem`` pairs of a positive with a mutant of another positive,
-   capped at ``max_pairs_per_problem`` by a seeded draw.
+   capped at ``max_pairs_per_problem`` (training problems) or ``eval_max_pairs_per_problem``
+   (validation and held-out problems) by a seeded draw.
 
 Training problems use ``train_mutant_kinds`` (a recipe choice); validation and held-out
 problems always use every kind in ``FINE_MUTANT_KINDS``, so the measured mix is fixed and
@@ -48,8 +49,9 @@ class AugmentOptions:
     rewrite_transforms: tuple[str, ...] = tuple(TRANSFORMS)
     mutants_per_positive: int = 9
     train_mutant_kinds: tuple[str, ...] = FINE_MUTANT_KINDS
-    max_pairs_per_problem: int = 40
+    max_pairs_per_problem: int = 40  # training problems
     cross_pairs_per_problem: int = 0
+    eval_max_pairs_per_problem: int = 24  # validation and held-out problems (fixed)
 
 
 @dataclasses.dataclass
@@ -157,6 +159,7 @@ def build_split_pairs(
     li = iter(mlabels)
     for p, kept, cands, own in zip(problems, positives, mut_cands, owners):
         split = split_of[p.problem_id]
+        # cross pairs only for training: the measured sets are minimal pairs
         negs: list[tuple[int, str, str]] = []
         for (code, kind), parent in zip(cands, own):
             res = next(li)
@@ -177,7 +180,8 @@ def build_split_pairs(
         ]
         cross = [(i, n) for i in range(len(kept)) for n in negs if n[0] != i]
         rng.shuffle(cross)
-        for i, (_, code, kind) in cross[: options.cross_pairs_per_problem]:
+        n_cross = options.cross_pairs_per_problem if split == "train" else 0
+        for i, (_, code, kind) in cross[:n_cross]:
             pairs.append(
                 Pair(
                     p.prompt, kept[i].code, code, p.problem_id, kind=kind, chosen_kind=kept[i].kind
@@ -190,9 +194,14 @@ def build_split_pairs(
                 seen.add(key)
                 unique.append(pr)
         rng.shuffle(unique)
-        if len(unique) > options.max_pairs_per_problem:
-            counts["pairs_over_cap"] += len(unique) - options.max_pairs_per_problem
-            unique = unique[: options.max_pairs_per_problem]
+        cap = (
+            options.max_pairs_per_problem
+            if split == "train"
+            else options.eval_max_pairs_per_problem
+        )
+        if len(unique) > cap:
+            counts["pairs_over_cap"] += len(unique) - cap
+            unique = unique[:cap]
         out[split].extend(unique)
 
     stats["candidates"] = dict(counts)

@@ -40,3 +40,62 @@ def split_problem_ids(
     for i, pid in enumerate(ranked):
         out[pid] = "held_out" if i < n_held else "validation" if i < n_held + n_val else "train"
     return out
+
+
+def held_out_needles(problem) -> list[tuple[str, str]]:
+    """``(what, text)`` pieces of a held-out problem that no training text may contain: its
+    prompt, the entry point's docstring, the canonical solution and its body."""
+    from codescaler_jax.data.source_edits import body_range, find_function, parse
+
+    out = [("prompt", problem.prompt.strip())]
+    sol = problem.solution or ""
+    if sol.strip():
+        out.append(("solution", sol.strip()))
+        tree = parse(sol)
+        entry = problem.tests.get("entry_point", "") if isinstance(problem.tests, dict) else ""
+        func = find_function(tree, entry) if tree is not None and entry else None
+        doc = func is not None and ast_docstring(func)
+        if doc and len(doc.strip()) >= 20:
+            out.append(("docstring", doc.strip()))
+        rng = body_range(sol, entry) if entry else None
+        if rng is not None and len(sol[rng[0] : rng[1]].strip()) >= 40:
+            out.append(("solution body", sol[rng[0] : rng[1]].strip()))
+    return [(w, t) for w, t in out if t]
+
+
+def ast_docstring(func) -> str | None:
+    import ast
+
+    return ast.get_docstring(func, clean=False)
+
+
+def find_leaks(
+    held_out: Iterable,
+    records: Iterable[tuple[str, str, Iterable[str]]],
+    *,
+    held_out_texts: Iterable[str] = (),
+) -> list[str]:
+    """Every way a held-out problem shows up in training data, as readable lines (empty: none).
+
+    ``held_out``: the held-out ``Problem``s. ``records``: ``(where, problem_id, texts)`` for each
+    training or validation item (a pair's problem / chosen / rejected text, a rewrite, an SFT
+    prompt and response). ``held_out_texts``: further held-out texts (its rewrites and
+    mutants) that must not appear verbatim. A record leaks when its id is a held-out id, or
+    one of its texts contains a held-out prompt, docstring or solution, or equals a held-out
+    text.
+    """
+    held = list(held_out)
+    ids = {p.problem_id for p in held}
+    needles = [(p.problem_id, w, t) for p in held for w, t in held_out_needles(p)]
+    exact = {t.strip() for t in held_out_texts if t.strip()}
+    out = []
+    for where, pid, texts in records:
+        if pid in ids:
+            out.append(f"{where}: problem id {pid} is held out")
+        for text in texts:
+            if text.strip() in exact:
+                out.append(f"{where}: a held-out candidate text appears verbatim")
+            for hid, what, needle in needles:
+                if needle in text:
+                    out.append(f"{where}: contains the {what} of held-out {hid}")
+    return out

@@ -1,0 +1,168 @@
+"""Augmented verified pairs: rewrites, mutation kinds, the fixed problem split, no leakage of
+held-out problems into training, determinism (sandbox-labelled, small problem subsets)."""
+
+import random
+
+import pytest
+
+from codescaler_jax.code.sandbox import Sandbox, SandboxConfig, tests_from_record
+from codescaler_jax.data.augmented import AugmentOptions, build_split_pairs
+from codescaler_jax.data.mutants import FINE_MUTANT_KINDS, make_mutants_by_kind
+from codescaler_jax.data.problems import humaneval_problems
+from codescaler_jax.data.rewrites import apply_transform, make_rewrites
+from codescaler_jax.data.source_edits import body_range
+from codescaler_jax.data.splits import find_leaks, split_problem_ids
+
+OPTS = AugmentOptions(rewrites_per_problem=2, rewrite_candidates=3, mutants_per_positive=4,
+                      max_pairs_per_problem=12)
+
+
+@pytest.fixture(scope="module")
+def problems():
+    return humaneval_problems()[:24]
+
+
+@pytest.fixture(scope="module")
+def built(problems):
+    return build_split_pairs(problems, held_out_fraction=0.25, validation_fraction=0.125,
+                             options=OPTS, seed=0, progress=False)
+
+
+def test_split_is_a_fixed_rule_of_the_ids():
+    ids = [f"HumanEval/{i}" for i in range(164)]
+    a = split_problem_ids(ids, held_out_fraction=0.2, validation_fraction=0.15)
+    b = split_problem_ids(list(reversed(ids)), held_out_fraction=0.2, validation_fraction=0.15)
+    assert a == b  # no seed, no order dependence
+    counts = {s: sum(v == s for v in a.values()) for s in ("train", "validation", "held_out")}
+    assert counts == {"train": 106, "validation": 25, "held_out": 33}
+    # a problem keeps its held-out status when others are added
+    more = split_problem_ids(ids + ["extra"], held_out_fraction=0.0, validation_fraction=0.0)
+    assert set(more.values()) == {"train"}
+    with pytest.raises(ValueError, match="validation_fraction"):
+        split_problem_ids(ids, held_out_fraction=0.5, validation_fraction=0.6)
+
+
+def test_no_held_out_problem_text_in_training_or_validation(problems, built):
+    split, stats = built
+    held_ids = set(stats["split_rule"]["held_out_ids"])
+    val_ids = set(stats["split_rule"]["validation_ids"])
+    assert len(held_ids) == 6 and len(val_ids) == 3
+    assert {p.problem_id for p in split["held_out"]} == held_ids
+    assert {p.problem_id for p in split["validation"]} <= val_ids
+    held = [p for p in problems if p.problem_id in held_ids]
+    held_texts = [t for p in split["held_out"] for t in (p.chosen, p.rejected)]
+    records = [
+        (f"{name} pair {i}", p.problem_id, (p.problem, p.chosen, p.rejected))
+        for name in ("train", "validation")
+        for i, p in enumerate(split[name])
+    ]
+    assert records and not find_leaks(held, records, held_out_texts=held_texts)
+    # the check can fail: a training record carrying a held-out solution is caught
+    bad = [("planted", "HumanEval/x", ("q", "x = 1\n" + held[0].solution))]
+    assert find_leaks(held, bad) == [f"planted: contains the solution of held-out "
+                                     f"{held[0].problem_id}"]
+    assert find_leaks(held, [("id", held[1].problem_id, ())])
+
+
+def test_rewrites_pass_in_the_sandbox_and_differ_from_the_canonical_text(problems, built):
+    split, stats = built
+    by_id = {p.problem_id: p for p in problems}
+    rewrites = {(p.problem_id, p.chosen) for s in split.values() for p in s
+                if p.chosen_kind == "rewrite"}
+    assert len(rewrites) >= 30 and stats["candidates"]["rewrite_kept"] == len(rewrites)
+    for pid, code in rewrites:
+        assert code.strip() != by_id[pid].solution.strip()
+    canon = {p.chosen for s in split.values() for p in s if p.chosen_kind == "canonical"}
+    assert canon <= {p.solution for p in problems}
+    items = [(code, tests_from_record(by_id[pid].tests)) for pid, code in sorted(rewrites)]
+    with Sandbox(SandboxConfig(time_limit_s=5.0, workers=2)) as sb:
+        results = sb.run_many(items)
+    assert all(r.passed for r in results)
+    # negatives come from rewrites too, and every pair's rejected code failed
+    assert any(p.chosen_kind == "rewrite" for p in split["train"])
+    assert all(p.kind in FINE_MUTANT_KINDS for s in split.values() for p in s)
+
+
+def test_build_is_deterministic(problems, built):
+    again = build_split_pairs(problems, held_out_fraction=0.25, validation_fraction=0.125,
+                              options=OPTS, seed=0, progress=False)
+    rec = lambda s: {k: [p.to_record() for p in v] for k, v in s.items()}  # noqa: E731
+    assert rec(again[0]) == rec(built[0])
+    other = build_split_pairs(problems[:8], held_out_fraction=0.25, validation_fraction=0.125,
+                              options=OPTS, seed=1, progress=False)
+    same_subset = build_split_pairs(problems[:8], held_out_fraction=0.25,
+                                    validation_fraction=0.125, options=OPTS, seed=0,
+                                    progress=False)
+    assert rec(other[0]) != rec(same_subset[0])
+
+
+@pytest.mark.parametrize("name, code, expected", [
+    ("aug_assign", "def f(x):\n    t = 0\n    t += x * 2\n    return t\n",
+     "def f(x):\n    t = 0\n    t = t + x * 2\n    return t\n"),
+    ("aug_assign", "def f(x):\n    t = 0\n    t = t + (x - 1)\n    return t\n",
+     "def f(x):\n    t = 0\n    t += x - 1\n    return t\n"),
+    ("comprehension", "def f(xs):\n    r = []\n    for x in xs:\n        if x > 1:\n"
+     "            r.append(x * 2)\n    return r\n",
+     "def f(xs):\n    r = [x * 2 for x in xs if x > 1]\n    return r\n"),
+    ("comprehension", "def f(xs):\n    r = [x * 2 for x in xs]\n    return r\n",
+     "def f(xs):\n    r = []\n    for x in xs:\n        r.append(x * 2)\n    return r\n"),
+    ("ternary", "def f(x):\n    if x > 0:\n        return x\n    else:\n        return -x\n",
+     "def f(x):\n    return x if x > 0 else -x\n"),
+    ("early_return", "def f(x):\n    if x > 0:\n        return x\n    else:\n"
+     "        y = -x\n        return y\n",
+     "def f(x):\n    if x > 0:\n        return x\n    y = -x\n    return y\n"),
+    ("compare_mirror", "def f(a, b):\n    return a < b\n", "def f(a, b):\n    return b > a\n"),
+    ("strip_docstring", 'def f(a):\n    """Doc."""\n    return a\n', "def f(a):\n    return a\n"),
+    ("range_zero", "def f(n):\n    return list(range(0, n))\n",
+     "def f(n):\n    return list(range(n))\n"),
+    ("quotes", "def f():\n    return 'ab'\n", None),
+    ("bool_return", "def f(x):\n    if x > 2:\n        return True\n    return False\n",
+     "def f(x):\n    return x > 2\n"),
+])
+def test_rewrite_transforms(name, code, expected):
+    out = apply_transform(name, code, "f", random.Random(0))
+    if expected is None:
+        assert out is not None and out != code
+    else:
+        assert out == expected
+
+
+def test_renaming_keeps_the_entry_point_and_module_names():
+    code = ("import math\n\nLIMIT = 3\n\n\ndef helper(v):\n    return v + LIMIT\n\n\n"
+            "def f(xs):\n    total = 0\n    for x in xs:\n        total += helper(x)\n"
+            "    return math.floor(total)\n")
+    for seed in range(5):
+        out = apply_transform("rename_locals", code, "f", random.Random(seed))
+        assert out is not None and out != code
+        for name in ("def f(xs)", "helper(", "LIMIT", "math.floor", "def helper(v)"):
+            assert name in out
+    out = apply_transform("rename_params", code, "f", random.Random(0))
+    assert out is not None and "def f(" in out and "def helper(" in out
+
+
+def test_each_mutant_kind_edits_only_the_body():
+    stub = 'def f(xs, k):\n    """Sum of the items below k, then 1 2."""\n'
+    body = ("    total = 0\n    for i in range(len(xs)):\n        if xs[i] < k and i >= 0:\n"
+            "            total += xs[i] - 1\n    return total\n")
+    code = stub + body
+    lo, hi = body_range(code, "f")
+    assert code[lo:hi] == body
+    muts = make_mutants_by_kind(code, n=40, seed=0, lo=lo, hi=hi)
+    assert {k for _, k in muts} == set(FINE_MUTANT_KINDS)
+    assert len({m for m, _ in muts}) == len(muts)
+    for m, _ in muts:
+        compile(m, "<m>", "exec")
+        assert m.startswith(stub) and m != code
+    assert make_mutants_by_kind(code, n=40, seed=0, lo=lo, hi=hi) == muts
+    only = make_mutants_by_kind(code, n=5, kinds=["cut", "swap_operands"], seed=0, lo=lo, hi=hi)
+    assert {k for _, k in only} == {"cut", "swap_operands"}
+    with pytest.raises(ValueError, match="unknown mutant kind"):
+        make_mutants_by_kind(code, n=1, kinds=["nope"])
+
+
+def test_make_rewrites_deterministic_and_distinct(problems):
+    for p in problems[:10]:
+        a = make_rewrites(p.solution, p.tests["entry_point"], n=4, seed=3)
+        assert a == make_rewrites(p.solution, p.tests["entry_point"], n=4, seed=3)
+        texts = [c.strip() for c, _ in a]
+        assert len(set(texts)) == len(texts) and p.solution.strip() not in texts
