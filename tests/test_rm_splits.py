@@ -59,8 +59,8 @@ def test_no_held_out_problem_text_in_training_or_validation(problems, built):
     assert records and not find_leaks(held, records, held_out_texts=held_texts)
     # the check can fail: a training record carrying a held-out solution is caught
     bad = [("planted", "HumanEval/x", ("q", "x = 1\n" + held[0].solution))]
-    assert find_leaks(held, bad) == [f"planted: contains the solution of held-out "
-                                     f"{held[0].problem_id}"]
+    assert f"planted: contains the solution of held-out {held[0].problem_id}" in find_leaks(
+        held, bad)
     assert find_leaks(held, [("id", held[1].problem_id, ())])
 
 

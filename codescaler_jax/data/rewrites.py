@@ -192,12 +192,20 @@ def reformat(code, tree, entry, rng):
 
 
 def quotes(code, tree, entry, rng):
-    target = rng.choice(['"', "'"])
-    other = "'" if target == '"' else '"'
     try:
         toks = list(tokenize.generate_tokens(io.StringIO(code).readline))
     except (tokenize.TokenError, SyntaxError, IndentationError):
         return None
+    # convert the simple strings of the more common style to the other one
+    single = sum(t.type == tokenize.STRING and t.string.lstrip("rRbBuUfF")[:1] == "'" for t in toks)
+    double = sum(
+        t.type == tokenize.STRING
+        and t.string.lstrip("rRbBuUfF")[:1] == '"'
+        and t.string.lstrip("rRbBuUfF")[:3] != '"""'
+        for t in toks
+    )
+    other = "'" if single >= double else '"'
+    target = "'" if other == '"' else '"'
     pos = Positions(code)
     edits = []
     for t in toks:
@@ -248,6 +256,22 @@ _OPS = {
 }
 
 
+_PREC = {
+    ast.Pow: 6,
+    ast.Mult: 5,
+    ast.Div: 5,
+    ast.FloorDiv: 5,
+    ast.Mod: 5,
+    ast.Add: 4,
+    ast.Sub: 4,
+    ast.LShift: 3,
+    ast.RShift: 3,
+    ast.BitAnd: 2,
+    ast.BitXor: 1,
+    ast.BitOr: 0,
+}
+
+
 def aug_assign(code, tree, entry, rng):
     pos = Positions(code)
     sites = []
@@ -260,7 +284,9 @@ def aug_assign(code, tree, entry, rng):
             and type(node.op) in _OPS
         ):
             op = _OPS[type(node.op)]
-            val = _paren(code, pos, node.value)
+            v = node.value
+            tight = isinstance(v, ast.BinOp) and _PREC[type(v.op)] > _PREC[type(node.op)]
+            val = _seg(code, pos, v) if tight else _paren(code, pos, v)
             sites.append((node, f"{node.target.id} = {node.target.id} {op} {val}"))
         elif (
             isinstance(node, ast.Assign)
