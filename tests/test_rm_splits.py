@@ -3,6 +3,7 @@ held-out problems into training, determinism (sandbox-labelled, small problem su
 
 import random
 
+import numpy as np
 import pytest
 
 from codescaler_jax.code.sandbox import Sandbox, SandboxConfig, tests_from_record
@@ -166,3 +167,19 @@ def test_make_rewrites_deterministic_and_distinct(problems):
         assert a == make_rewrites(p.solution, p.tests["entry_point"], n=4, seed=3)
         texts = [c.strip() for c, _ in a]
         assert len(set(texts)) == len(texts) and p.solution.strip() not in texts
+
+
+def test_grouped_batches_cover_each_epoch_once_with_less_padding():
+    from codescaler_jax.data.pipeline import grouped_batches
+
+    lengths = np.random.default_rng(0).integers(10, 500, size=203)
+    batches = grouped_batches(lengths, 8, seed=3, num_epochs=2, window=4)
+    assert len(batches) == 2 * (203 // 8) and all(len(b) == 8 for b in batches)
+    for epoch in (batches[:25], batches[25:]):
+        flat = np.concatenate(epoch)
+        assert len(set(flat.tolist())) == len(flat) == 200
+    assert [b.tolist() for b in batches] == [
+        b.tolist() for b in grouped_batches(lengths, 8, seed=3, num_epochs=2, window=4)]
+    padded = sum(lengths[b].max() for b in batches)
+    rand = np.random.default_rng(1).permutation(200).reshape(-1, 8)
+    assert padded < 0.8 * 2 * sum(lengths[b].max() for b in rand)

@@ -57,6 +57,8 @@ class DataSection:
     tokenizer: str = "qwen3"
     max_length: int = 512
     min_bucket: int = 64
+    buckets_per_octave: int = 1  # 2: also 1.5x bucket lengths (192, 384, ...): less padding
+    group_by_length: bool = False  # training batches of similar length (less padding)
     mutants_per_problem: int = 8
     line_mutant_fraction: float = 0.25
     max_pairs_per_problem: int = 16

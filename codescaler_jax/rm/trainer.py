@@ -299,7 +299,9 @@ class RMTrainer:
                 f"train.global_batch_size={cfg.train.global_batch_size}"
             )
         max_len = cfg.data.max_length
-        buckets = make_buckets(max_len, min(cfg.data.min_bucket, max_len))
+        buckets = make_buckets(
+            max_len, min(cfg.data.min_bucket, max_len), cfg.data.buckets_per_octave
+        )
         train_tok = tokenize_pairs(train_pairs, tokenizer, max_len, progress=self.progress)
         val_tok = tokenize_pairs(val_pairs, tokenizer, max_len, progress=self.progress)
         held_tok = tokenize_pairs(held_pairs, tokenizer, max_len, progress=self.progress)
@@ -310,6 +312,9 @@ class RMTrainer:
         val_pairs, val_tok, identical["validation"] = _drop_identical(val_pairs, val_tok)
         held_pairs, held_tok, identical["held_out"] = _drop_identical(held_pairs, held_tok)
         data_stats = {**data_stats, "identical_after_truncation": identical}
+        # evaluation in length order: less padding, the same metrics
+        val_pairs, val_tok = _by_length(val_pairs, val_tok)
+        held_pairs, held_tok = _by_length(held_pairs, held_tok)
         if any(identical.values()):
             log.info(
                 "dropped pairs identical after truncation at %d tokens: %s", max_len, identical
@@ -324,6 +329,7 @@ class RMTrainer:
             num_epochs=cfg.train.num_epochs,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
+            group_by_length=cfg.data.group_by_length,
         )
         total_steps = len(train_ds)
         if cfg.train.max_steps is not None:
@@ -620,6 +626,13 @@ def _drop_identical(pairs: list[Pair], tok) -> tuple[list[Pair], Any, int]:
         return pairs, tok, 0
     kept = type(tok)([tok.chosen[i] for i in keep], [tok.rejected[i] for i in keep])
     return [pairs[i] for i in keep], kept, len(tok) - len(keep)
+
+
+def _by_length(pairs: list[Pair], tok) -> tuple[list[Pair], Any]:
+    order = np.argsort(tok.lengths(), kind="stable") if len(tok) else []
+    return [pairs[i] for i in order], type(tok)(
+        [tok.chosen[i] for i in order], [tok.rejected[i] for i in order]
+    )
 
 
 def _fmt(m: dict[str, float]) -> str:
