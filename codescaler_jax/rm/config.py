@@ -71,6 +71,7 @@ class DataSection:
     mutants_per_positive: int = 9
     train_mutant_kinds: list[str] | None = None  # None: every kind of FINE_MUTANT_KINDS
     cross_pairs_per_problem: int = 0
+    max_problems: int | None = None  # humaneval: only the first N problems (tests, quick runs)
     skip_bad: bool = False
     max_record_bytes: int = 1 << 20
     max_pairs: int | None = None

@@ -180,7 +180,7 @@ class RMTrainer:
             from codescaler_jax.data.rewrites import TRANSFORMS
 
             split, stats["build"] = build_split_pairs(
-                humaneval_problems(),
+                humaneval_problems()[: d.max_problems],
                 held_out_fraction=d.eval_fraction,
                 validation_fraction=d.validation_fraction,
                 options=AugmentOptions(
