@@ -51,9 +51,11 @@ def main(argv):
     pos = {k.split("/")[1]: v for k, v in fe.items() if k.startswith("by_positive/")
            and k.endswith("/accuracy")}
     d = s["data"]
+    used = d.get("pairs_used") or {"train": d["train_pairs"], "validation": d["validation_pairs"],
+                                   "held_out": d["eval_pairs"]}
     row = (
-        f"| {name} | {' '.join(rest) or '(base)'} | {d['train_pairs']}/{d['validation_pairs']}/"
-        f"{d['eval_pairs']} | {bv.get('accuracy', float('nan')):.3f} @{bv.get('step')} "
+        f"| {name} | {' '.join(rest) or '(base)'} | {used['train']}/{used['validation']}/"
+        f"{used['held_out']} | {bv.get('accuracy', float('nan')):.3f} @{bv.get('step')} "
         f"| {s['steps']}/{s['planned_steps']} | **{fe['accuracy']:.3f}** "
         f"| {pos.get('rewrite', float('nan')):.3f} / {pos.get('canonical', float('nan')):.3f} "
         f"| {s['last_train'].get('accuracy', float('nan')):.2f} "

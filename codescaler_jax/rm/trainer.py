@@ -311,7 +311,15 @@ class RMTrainer:
         train_pairs, train_tok, identical["train"] = _drop_identical(train_pairs, train_tok)
         val_pairs, val_tok, identical["validation"] = _drop_identical(val_pairs, val_tok)
         held_pairs, held_tok, identical["held_out"] = _drop_identical(held_pairs, held_tok)
-        data_stats = {**data_stats, "identical_after_truncation": identical}
+        data_stats = {
+            **data_stats,
+            "identical_after_truncation": identical,
+            "pairs_used": {
+                "train": len(train_pairs),
+                "validation": len(val_pairs),
+                "held_out": len(held_pairs),
+            },
+        }
         # evaluation in length order: less padding, the same metrics
         val_pairs, val_tok = _by_length(val_pairs, val_tok)
         held_pairs, held_tok = _by_length(held_pairs, held_tok)
