@@ -200,7 +200,7 @@ def test_augmented_run_validates_selects_and_repeats_exactly(tmp_path):
         "model.hidden_size=32", "model.intermediate_size=64", "model.num_hidden_layers=1",
         "model.num_attention_heads=2", "model.num_key_value_heads=1", "model.head_dim=16",
         "data.max_problems=16", "data.rewrites_per_problem=1", "data.rewrite_candidates=2",
-        "data.mutants_per_positive=3", "data.max_length=256", "data.min_bucket=128",
+        "data.mutants_per_positive=3", "data.max_length=256", "data.min_bucket=256",
         "train.global_batch_size=8", "train.eval_batch_size=16", "train.num_epochs=3",
         "train.eval_every=1", "train.early_stopping_patience=2", "train.save_every=100",
         "train.export_hf=false", "optim.warmup_steps=1",
