@@ -159,7 +159,6 @@ def build_split_pairs(
     li = iter(mlabels)
     for p, kept, cands, own in zip(problems, positives, mut_cands, owners):
         split = split_of[p.problem_id]
-        # cross pairs only for training: the measured sets are minimal pairs
         negs: list[tuple[int, str, str]] = []
         for (code, kind), parent in zip(cands, own):
             res = next(li)
@@ -180,6 +179,7 @@ def build_split_pairs(
         ]
         cross = [(i, n) for i in range(len(kept)) for n in negs if n[0] != i]
         rng.shuffle(cross)
+        # cross pairs only for training: the measured sets are minimal pairs
         n_cross = options.cross_pairs_per_problem if split == "train" else 0
         for i, (_, code, kind) in cross[:n_cross]:
             pairs.append(
