@@ -1,7 +1,10 @@
-"""The embedded default, end to end (about 10 minutes on 2 cores: slow-marked).
+"""The embedded default, end to end, for 3 seeds (slow-marked: several minutes per seed).
 
-`python -m codescaler_jax.train_rm --config configs/rm_tiny.yaml` must reach held-out pairwise
-accuracy >= 0.65 on problems it never trained on, above the untrained model of the same run.
+`python -m codescaler_jax.train_rm --config configs/rm_tiny.yaml --set train.seed=S` for
+S = 0, 1, 2 must reach issue 13's bar on the held-out problems (never trained on, never used
+for any choice): pairwise accuracy >= 0.80 as the mean over the seeds and >= 0.75 for every
+seed, and >= 0.70 on held-out pairs whose positive is a rewrite rather than the canonical
+solution (pairs identical after truncation are excluded by the trainer).
 """
 
 import json
@@ -10,14 +13,31 @@ import pytest
 
 from codescaler_jax.train_rm import main
 
+SEEDS = (0, 1, 2)
+
+
+@pytest.fixture(scope="module")
+def summaries(tmp_path_factory):
+    out = {}
+    for seed in SEEDS:
+        run = tmp_path_factory.mktemp(f"rm_tiny_seed{seed}")
+        assert main(["--config", "configs/rm_tiny.yaml", "--set", f"run_dir={run}",
+                     "--set", f"train.seed={seed}", "--no-progress"]) == 0
+        out[seed] = json.loads((run / "summary.json").read_text())
+        assert (run / "hf" / "config.json").is_file()
+    return out
+
 
 @pytest.mark.slow
-def test_rm_tiny_default_reaches_the_accuracy_target(tmp_path):
-    assert main(["--config", "configs/rm_tiny.yaml", "--set", f"run_dir={tmp_path}",
-                 "--no-progress"]) == 0
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    untrained = summary["untrained_eval"]["accuracy"]
-    trained = summary["final_eval"]["accuracy"]
-    assert summary["data"]["eval_problems"] >= 30 and summary["data"]["eval_pairs"] >= 200
-    assert trained >= 0.65 and trained > untrained
-    assert (tmp_path / "hf" / "config.json").is_file()
+def test_rm_tiny_default_reaches_the_bar_on_held_out_problems(summaries):
+    accs = {s: summaries[s]["final_eval"]["accuracy"] for s in SEEDS}
+    rewrite = {s: summaries[s]["final_eval"]["by_positive/rewrite/accuracy"] for s in SEEDS}
+    for s in SEEDS:
+        d = summaries[s]["data"]
+        assert d["eval_problems"] == 33 and d["eval_pairs"] >= 400
+        assert d["validation_problems"] == 25
+        assert summaries[s]["best_validation"] is not None
+        assert accs[s] > summaries[s]["untrained_eval"]["accuracy"]
+    assert min(accs.values()) >= 0.75, accs
+    assert sum(accs.values()) / len(SEEDS) >= 0.80, accs
+    assert min(rewrite.values()) >= 0.70, rewrite

@@ -40,6 +40,7 @@ TINY = [
     "data.max_length=256",
     "data.min_bucket=256",
     "data.eval_fraction=0.25",
+    "data.validation_fraction=0",
     "optim.warmup_steps=1",
     "optim.learning_rate=3e-3",
     # Adam's eps well above the tiny gradients of rarely seen embedding rows, whose update

@@ -35,6 +35,7 @@ TINY_OVERRIDES = [
     "data.max_length=256",
     "data.min_bucket=128",
     "data.eval_fraction=0.25",
+    "data.validation_fraction=0",  # held-out cadence checked here; validation: test_rm_splits
     "optim.warmup_steps=2",
     "optim.learning_rate=3e-3",
     "train.global_batch_size=8",

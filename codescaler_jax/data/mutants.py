@@ -183,3 +183,220 @@ def make_mutants(
             code, n=n, seed=seed, lo=lo, hi=hi, line_fraction=line_fraction
         )
     ]
+
+
+# ----------------------------------------------------------------------------- by kind
+#
+# Finer kinds, for pairs whose negatives come from many mutation kinds. The token edits above
+# are split by what they change; AST-located kinds add bugs a token swap cannot make. Every
+# edit replaces an exact span of the original text (``data/source_edits.py``).
+
+_COMPARISON_TOKENS = {"<", "<=", ">", ">=", "==", "!="}
+_OPERATOR_TOKENS = {"+", "-", "*", "//", "%", "+=", "-=", "and", "or", "min", "max"}
+
+# Kinds of `make_mutants_by_kind`, in a fixed order (the evaluation mix uses all of them).
+FINE_MUTANT_KINDS = (
+    "comparison",
+    "operator",
+    "constant",
+    "range_bound",
+    "swap_operands",
+    "wrong_return",
+    "remove_condition",
+    "delete_line",
+    "cut",
+)
+_NON_COMMUTATIVE = {
+    ast.Sub: "-",
+    ast.Div: "/",
+    ast.FloorDiv: "//",
+    ast.Mod: "%",
+    ast.Pow: "**",
+    ast.LShift: "<<",
+    ast.RShift: ">>",
+}
+_ORDERING = {ast.Lt: "<", ast.Gt: ">", ast.LtE: "<=", ast.GtE: ">="}
+_LOOSE = (ast.BoolOp, ast.Compare, ast.IfExp, ast.Lambda, ast.NamedExpr, ast.BinOp, ast.UnaryOp)
+
+
+def _token_kind(code: str, edit: tuple[int, int, str]) -> str:
+    s, e, r = edit
+    orig = code[s:e]
+    if r == " None":
+        return "wrong_return"
+    if orig in _COMPARISON_TOKENS:
+        return "comparison"
+    if orig in _OPERATOR_TOKENS:
+        return "operator"
+    if orig.strip() == "not":
+        return "remove_condition"
+    return "constant"  # numbers +-1, True <-> False
+
+
+def _ast_edits(code: str, lo: int, hi: int) -> dict[str, list[tuple[int, int, str]]]:
+    from codescaler_jax.data.source_edits import Positions, nodes_in, parse, reindent
+
+    out: dict[str, list[tuple[int, int, str]]] = {
+        "range_bound": [],
+        "swap_operands": [],
+        "wrong_return": [],
+        "remove_condition": [],
+    }
+    tree = parse(code)
+    if tree is None:
+        return out
+    pos = Positions(code)
+
+    def seg(n):
+        s, e = pos.span(n)
+        return code[s:e]
+
+    def paren(n):
+        return f"({seg(n)})" if isinstance(n, _LOOSE) else seg(n)
+
+    def shift(n, d):
+        if isinstance(n, ast.Constant) and type(n.value) is int:
+            return str(n.value + d)
+        return f"{paren(n)} {'+' if d > 0 else '-'} {abs(d)}"
+
+    nodes = nodes_in(tree, pos, lo, hi)
+    local_names = sorted(
+        {n.id for n in nodes if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+        | {n.arg for n in ast.walk(tree) if isinstance(n, ast.arg)}
+    )
+    for n in nodes:
+        if (
+            isinstance(n, ast.Call)
+            and isinstance(n.func, ast.Name)
+            and n.func.id == "range"
+            and 1 <= len(n.args) <= 3
+            and not n.keywords
+            and not any(isinstance(a, ast.Starred) for a in n.args)
+        ):
+            bounds = [n.args[0]] if len(n.args) == 1 else [n.args[1], n.args[0]]
+            for b in bounds:
+                for d in (1, -1):
+                    out["range_bound"].append((*pos.span(b), shift(b, d)))
+        elif isinstance(n, ast.Slice):
+            for b in (n.lower, n.upper):
+                if b is not None:
+                    for d in (1, -1):
+                        out["range_bound"].append((*pos.span(b), shift(b, d)))
+        elif isinstance(n, ast.BinOp) and type(n.op) in _NON_COMMUTATIVE:
+            op = _NON_COMMUTATIVE[type(n.op)]
+            if seg(n.left) != seg(n.right):
+                out["swap_operands"].append(
+                    (*pos.span(n), f"{paren(n.right)} {op} {paren(n.left)}")
+                )
+        elif isinstance(n, ast.Compare) and len(n.ops) == 1 and type(n.ops[0]) in _ORDERING:
+            if seg(n.left) != seg(n.comparators[0]):
+                op = _ORDERING[type(n.ops[0])]
+                out["swap_operands"].append(
+                    (*pos.span(n), f"{paren(n.comparators[0])} {op} {paren(n.left)}")
+                )
+        elif isinstance(n, ast.Return) and n.value is not None:
+            v = n.value
+            if isinstance(v, ast.Constant) and v.value is None:
+                continue
+            s, e = pos.span(v)
+            if isinstance(v, ast.Compare | ast.BoolOp) or (
+                isinstance(v, ast.Constant) and isinstance(v.value, bool)
+            ):
+                out["wrong_return"].append((s, e, f"not {paren(v)}"))
+            elif isinstance(v, ast.List | ast.ListComp | ast.Tuple):
+                out["wrong_return"].append((s, e, "[]"))
+            elif isinstance(v, ast.JoinedStr) or (
+                isinstance(v, ast.Constant) and isinstance(v.value, str)
+            ):
+                out["wrong_return"].append((s, e, "''"))
+            elif isinstance(v, ast.Constant) and isinstance(v.value, int | float):
+                out["wrong_return"].append((s, e, "0" if v.value != 0 else "1"))
+            for name in local_names:
+                if name != seg(v):
+                    out["wrong_return"].append((s, e, name))
+        elif isinstance(n, ast.If):
+            t = n.test
+            if not (isinstance(t, ast.UnaryOp) and isinstance(t.op, ast.Not)):
+                out["remove_condition"].append((*pos.span(t), f"not {paren(t)}"))
+            head = pos.span(n)[0]
+            is_elif = code[head : head + 4] == "elif"
+            if not n.orelse and not is_elif and n.body[0].lineno > n.lineno:
+                # drop the guard: its body runs unconditionally
+                ind = len(code[pos.line_start(n.lineno) : head])
+                delta = pos.span(n.body[0])[0] - pos.line_start(n.body[0].lineno) - ind
+                edits = reindent(code, pos, n.body[0].lineno, n.end_lineno, -delta)
+                if edits and delta > 0 and n.body[0].lineno == n.lineno + 1:
+                    merged = code
+                    for s, e, r in sorted(edits, reverse=True):
+                        merged = merged[:s] + r + merged[e:]
+                    start = pos.line_start(n.lineno)
+                    body_start = pos.line_start(n.body[0].lineno)
+                    end = pos.line_end(n.end_lineno)
+                    shrink = len(code) - len(merged)
+                    out["remove_condition"].append((start, end, merged[body_start : end - shrink]))
+        elif isinstance(n, ast.BoolOp) and len(n.values) >= 2:
+            for i in range(len(n.values)):
+                rest = [paren(v) for j, v in enumerate(n.values) if j != i]
+                op = " and " if isinstance(n.op, ast.And) else " or "
+                out["remove_condition"].append((*pos.span(n), op.join(rest)))
+        elif isinstance(n, ast.While):
+            t = n.test
+            if not (isinstance(t, ast.Constant) and t.value is True):
+                out["remove_condition"].append((*pos.span(t), f"not {paren(t)}"))
+    return out
+
+
+def mutant_edits_by_kind(code: str, lo: int, hi: int) -> dict[str, list[tuple[int, int, str]]]:
+    """Candidate edits ``(start, end, replacement)`` inside ``[lo, hi)``, by fine kind."""
+    pools: dict[str, list[tuple[int, int, str]]] = {k: [] for k in FINE_MUTANT_KINDS}
+    for edit in _edits(code, lo, hi):
+        pools[_token_kind(code, edit)].append(edit)
+    for kind, edits in _ast_edits(code, lo, hi).items():
+        pools[kind].extend(edits)
+    line = _line_edits(code, lo, hi)
+    pools["delete_line"] = [e for e in line if e[1] != len(code) or e[2]]
+    pools["cut"] = [e for e in line if e[1] == len(code) and not e[2]]
+    return pools
+
+
+def make_mutants_by_kind(
+    code: str,
+    *,
+    n: int,
+    kinds: tuple[str, ...] | list[str] = FINE_MUTANT_KINDS,
+    seed: int = 0,
+    lo: int = 0,
+    hi: int | None = None,
+) -> list[tuple[str, str]]:
+    """Up to ``n`` distinct, syntactically valid mutants ``(code, kind)`` spread evenly over
+    ``kinds`` (round robin in a seeded order; a kind out of edits leaves its turn to the
+    others). Only ``[lo, hi)`` is edited. Deterministic for a given seed."""
+    unknown = [k for k in kinds if k not in FINE_MUTANT_KINDS]
+    if unknown:
+        raise ValueError(f"unknown mutant kind(s) {unknown}; known: {list(FINE_MUTANT_KINDS)}")
+    hi = len(code) if hi is None else hi
+    rng = random.Random(seed)
+    pools = mutant_edits_by_kind(code, lo, hi)
+    order = list(kinds)
+    rng.shuffle(order)
+    for k in order:
+        rng.shuffle(pools[k])
+    cursor = dict.fromkeys(order, 0)
+    seen = {code.strip()}
+    out: list[tuple[str, str]] = []
+    active = [k for k in order if pools[k]]
+    while len(out) < n and active:
+        for kind in list(active):
+            if len(out) >= n:
+                break
+            while cursor[kind] < len(pools[kind]):
+                s, e, r = pools[kind][cursor[kind]]
+                cursor[kind] += 1
+                m = code[:s] + r + code[e:]
+                if m.strip() not in seen and _valid(m):
+                    seen.add(m.strip())
+                    out.append((m, kind))
+                    break
+            if cursor[kind] >= len(pools[kind]):
+                active.remove(kind)
+    return out

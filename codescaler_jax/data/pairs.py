@@ -33,6 +33,7 @@ class Pair:
     problem_id: str = ""
     unaligned: bool = False
     kind: str = ""  # how the rejected code was made, when known (e.g. a mutant kind)
+    chosen_kind: str = ""  # how the chosen code was made, when known (canonical / rewrite)
 
     def to_record(self) -> dict[str, Any]:
         return {
@@ -42,6 +43,7 @@ class Pair:
             "problem_id": self.problem_id,
             "unaligned": self.unaligned,
             "kind": self.kind,
+            "chosen_kind": self.chosen_kind,
         }
 
 
@@ -193,6 +195,7 @@ def _check_record(rec: Any, where: str, max_bytes: int, size: int) -> Pair:
             raise BadRecordError(f"{where}: field {f!r} is empty")
     pid = rec.get("problem_id", rec.get("question_id", ""))
     kind = rec.get("kind", "")
+    chosen_kind = rec.get("chosen_kind", "")
     return Pair(
         rec["question_content"],
         rec["code_pos"],
@@ -200,6 +203,7 @@ def _check_record(rec: Any, where: str, max_bytes: int, size: int) -> Pair:
         str(pid or ""),
         unaligned=bool(rec.get("unaligned", False)),
         kind=kind if isinstance(kind, str) else "",
+        chosen_kind=chosen_kind if isinstance(chosen_kind, str) else "",
     )
 
 

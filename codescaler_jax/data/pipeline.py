@@ -77,15 +77,44 @@ def drop_identical(
     return [pairs[i] for i in keep], kept, len(pairs) - len(keep)
 
 
-def make_buckets(max_length: int, smallest: int = 64) -> tuple[int, ...]:
-    """Power-of-two buckets from ``smallest`` up to ``max_length`` (which is always the last)."""
+def make_buckets(max_length: int, smallest: int = 64, per_octave: int = 1) -> tuple[int, ...]:
+    """Buckets from ``smallest`` up to ``max_length`` (always the last): powers of two, or with
+    ``per_octave=2`` also the midpoints (128, 192, 256, 384, 512): less padding, more shapes
+    to compile."""
     out = []
     b = smallest
     while b < max_length:
         out.append(b)
+        if per_octave > 1:
+            mid = b + b // 2
+            if mid < max_length:
+                out.append(mid)
         b *= 2
     out.append(max_length)
     return tuple(out)
+
+
+def grouped_batches(
+    lengths: np.ndarray, batch_size: int, *, seed: int, num_epochs: int, window: int = 32
+) -> list[np.ndarray]:
+    """Index batches of similar length: each epoch is shuffled (seeded), cut into windows of
+    ``window`` batches, sorted by length inside each window and batched; the batch order is
+    then shuffled. Less padding than random batches, still a different mix every epoch. The
+    remainder of an epoch (fewer than ``batch_size`` pairs) is dropped."""
+    n = len(lengths)
+    out: list[np.ndarray] = []
+    for epoch in range(num_epochs):
+        rng = np.random.default_rng([seed, epoch])
+        perm = rng.permutation(n)[: (n // batch_size) * batch_size]
+        epoch_batches = []
+        for start in range(0, len(perm), batch_size * window):
+            chunk = perm[start : start + batch_size * window]
+            chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+            epoch_batches.extend(
+                chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)
+            )
+        out.extend(epoch_batches[i] for i in rng.permutation(len(epoch_batches)))
+    return out
 
 
 class _Collate:
@@ -127,11 +156,13 @@ def pair_batches(
     drop_remainder: bool = True,
     process_index: int = 0,
     process_count: int = 1,
+    group_by_length: bool = False,
 ) -> grain.MapDataset:
     """Grain ``MapDataset`` of this process's batches (global_batch_size / process_count rows).
 
     Each element: ``chosen_ids, chosen_mask, rejected_ids, rejected_mask`` ``[b, L]`` int32 with
     ``L`` the bucket of the longest pair in the global batch, and ``index [b]`` (pair indices).
+    ``group_by_length``: batches of similar length (``grouped_batches``), less padding.
     """
     if global_batch_size % process_count:
         raise ValueError(
@@ -139,13 +170,19 @@ def pair_batches(
         )
     if len(data) == 0:
         raise ValueError("no pairs to batch")
+    collate = _Collate(data, buckets, pad_id, process_index, process_count)
+    if group_by_length:
+        if num_epochs is None or not shuffle or not drop_remainder:
+            raise ValueError("group_by_length needs a number of epochs, shuffle, drop_remainder")
+        order = grouped_batches(data.lengths(), global_batch_size, seed=seed, num_epochs=num_epochs)
+        return grain.MapDataset.source(order).map(collate)
     ds = grain.MapDataset.range(len(data))
     if shuffle:
         ds = ds.shuffle(seed=seed)
     if num_epochs != 1:
         ds = ds.repeat(num_epochs)
     ds = ds.batch(global_batch_size, drop_remainder=drop_remainder, batch_fn=np.asarray)
-    return ds.map(_Collate(data, buckets, pad_id, process_index, process_count))
+    return ds.map(collate)
 
 
 def eval_batches(data: TokenizedPairs, *, batch_size: int, buckets, pad_id: int):

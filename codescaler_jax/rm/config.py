@@ -76,6 +76,15 @@ class DataSection:
     canonical solution vs mutants the sandbox shows to fail), or a pair file/dataset in the
     CodeScaler schema (``question_content``, ``code_pos``, ``code_neg``: .jsonl, .parquet, a
     ``datasets`` name or a saved dataset directory).
+
+    ``pairs_recipe`` (``humaneval`` only): ``canonical_mutants`` (the canonical solution vs its
+    mutants, ``mutants_per_problem`` / ``line_mutant_fraction``, split after building) or
+    ``augmented`` (``data/augmented.py``: problems split first by the fixed hash rule, passing
+    rewrites as further positives, ``mutants_per_positive`` mutants of every positive over
+    ``train_mutant_kinds``; validation and held-out problems always get every kind).
+    ``eval_fraction`` of the problems are held out; ``validation_fraction`` (of all problems)
+    are carved from the rest for validation (early stopping, model selection); the held-out
+    problems are evaluated only untrained and at the end.
     """
 
     source: str = "humaneval"
@@ -84,10 +93,21 @@ class DataSection:
     tokenizer: str = "qwen3"
     max_length: int = 512
     min_bucket: int = 64
+    buckets_per_octave: int = 1  # 2: also 1.5x bucket lengths (192, 384, ...): less padding
+    group_by_length: bool = False  # training batches of similar length (less padding)
     mutants_per_problem: int = 8
     line_mutant_fraction: float = 0.25
     max_pairs_per_problem: int = 16
     unaligned_fraction: float = 0.0
+    pairs_recipe: Literal["canonical_mutants", "augmented"] = "canonical_mutants"
+    validation_fraction: float = 0.0
+    rewrites_per_problem: int = 3
+    rewrite_candidates: int = 6
+    rewrite_transforms: list[str] | None = None  # None: every transform of data/rewrites.py
+    mutants_per_positive: int = 9
+    train_mutant_kinds: list[str] | None = None  # None: every kind of FINE_MUTANT_KINDS
+    cross_pairs_per_problem: int = 0
+    max_problems: int | None = None  # humaneval: only the first N problems (tests, quick runs)
     skip_bad: bool = False
     max_record_bytes: int = 1 << 20
     max_pairs: int | None = None
@@ -100,12 +120,29 @@ class DataSection:
         check_at_least(
             "data", self, max_length=8, min_bucket=1, mutants_per_problem=1,
             max_pairs_per_problem=1, max_record_bytes=1, max_pairs=1, sandbox_workers=1,
+            rewrites_per_problem=0, rewrite_candidates=1, mutants_per_positive=1,
+            cross_pairs_per_problem=0, max_problems=1, buckets_per_octave=1,
         )
         check_fraction("data", self, "line_mutant_fraction", "unaligned_fraction")
         if self.sandbox_time_limit_s <= 0:
             raise ValueError(
                 f"data.sandbox_time_limit_s must be > 0, got {self.sandbox_time_limit_s}"
             )
+        if not 0.0 <= self.validation_fraction < 1.0 - self.eval_fraction:
+            raise ValueError(
+                f"data.validation_fraction must be in [0, 1 - data.eval_fraction), "
+                f"got {self.validation_fraction}"
+            )
+        from codescaler_jax.data.mutants import FINE_MUTANT_KINDS
+        from codescaler_jax.data.rewrites import TRANSFORMS
+
+        for key, given, known in (
+            ("train_mutant_kinds", self.train_mutant_kinds, FINE_MUTANT_KINDS),
+            ("rewrite_transforms", self.rewrite_transforms, tuple(TRANSFORMS)),
+        ):
+            bad = [k for k in given or () if k not in known]
+            if bad:
+                raise ValueError(f"data.{key}: unknown {bad}; known: {list(known)}")
 
 
 @dataclasses.dataclass
@@ -143,8 +180,11 @@ class TrainSection:
     max_steps: int | None = None
     margin: float = 0.0
     center_rewards_coefficient: float | None = None
-    eval_every: int = 50
+    eval_every: int = 50  # validation (or, without one, held-out) evaluation cadence
     eval_batch_size: int = 16
+    early_stopping_patience: int | None = None  # stop after this many validation evaluations
+    # without a better validation accuracy (needs data.validation_fraction > 0)
+    select_best: bool = True  # with a validation split: keep the best-validation parameters
     save_every: int = 100
     keep_checkpoints: int = 2
     log_every: int = 1
@@ -157,6 +197,7 @@ class TrainSection:
         check_at_least(
             "train", self, global_batch_size=1, grad_accum_steps=1, num_epochs=1, max_steps=1,
             eval_every=0, eval_batch_size=1, save_every=0, keep_checkpoints=1, log_every=1,
+            early_stopping_patience=1,
         )
         if self.global_batch_size % self.grad_accum_steps:
             raise ValueError(

@@ -190,8 +190,8 @@ class RMTrainer:
         self._prepared = True
 
     # ------------------------------------------------------------------ data
-    def load_pairs(self) -> tuple[list[Pair], list[Pair], dict[str, Any]]:
-        """Train and held-out pairs; built once, cached in ``run_dir/data`` for resumes.
+    def load_pairs(self) -> tuple[list[Pair], list[Pair], list[Pair], dict[str, Any]]:
+        """Train, validation and held-out pairs; built once, cached in ``run_dir/data``.
 
         Multi-host: process 0 builds (or reads) them and writes the cache; the other
         processes then read that cache, so all train on the same pairs and the sandbox runs
@@ -207,22 +207,24 @@ class RMTrainer:
             out = self._load_pairs()
         return out
 
-    def _load_pairs(self) -> tuple[list[Pair], list[Pair], dict[str, Any]]:
+    def _load_pairs(self) -> tuple[list[Pair], list[Pair], list[Pair], dict[str, Any]]:
         d = self.cfg.data
         data_dir = self.run_dir / "data"
-        cached = [data_dir / "train_pairs.jsonl", data_dir / "eval_pairs.jsonl"]
+        cached = [
+            data_dir / "train_pairs.jsonl",
+            data_dir / "validation_pairs.jsonl",
+            data_dir / "eval_pairs.jsonl",
+        ]
         key = pairs_cache_key(self.cfg)
         if all(p.is_file() for p in cached) and (data_dir / "stats.json").is_file():
             stats = json.loads((data_dir / "stats.json").read_text())
             if stats.get("cache_key") == key["sha256"]:
-                train, _ = read_pairs(cached[0], max_record_bytes=1 << 40)
-                held, _ = (
-                    read_pairs(cached[1], max_record_bytes=1 << 40)
-                    if cached[1].stat().st_size
-                    else ([], None)
+                train, val, held = (
+                    read_pairs(c, max_record_bytes=1 << 40)[0] if c.stat().st_size else []
+                    for c in cached
                 )
                 log.info("reusing the pairs cached in %s", data_dir)
-                return train, held, stats
+                return train, val, held, stats
             if self.resume:
                 raise InputError(
                     f"--resume: the pairs cached in {data_dir} were built from other data "
@@ -233,7 +235,33 @@ class RMTrainer:
             log.info("the pairs cached in %s were built for another data config; rebuilding",
                      data_dir)
         stats: dict[str, Any] = {"cache_key": key["sha256"], "cache_inputs": key}
-        if d.source == "humaneval":
+        val: list[Pair] = []
+        if d.source == "humaneval" and d.pairs_recipe == "augmented":
+            from codescaler_jax.data.augmented import AugmentOptions, build_split_pairs
+            from codescaler_jax.data.mutants import FINE_MUTANT_KINDS
+            from codescaler_jax.data.problems import humaneval_problems
+            from codescaler_jax.data.rewrites import TRANSFORMS
+
+            split, stats["build"] = build_split_pairs(
+                humaneval_problems()[: d.max_problems],
+                held_out_fraction=d.eval_fraction,
+                validation_fraction=d.validation_fraction,
+                options=AugmentOptions(
+                    rewrites_per_problem=d.rewrites_per_problem,
+                    rewrite_candidates=d.rewrite_candidates,
+                    rewrite_transforms=tuple(d.rewrite_transforms or TRANSFORMS),
+                    mutants_per_positive=d.mutants_per_positive,
+                    train_mutant_kinds=tuple(d.train_mutant_kinds or FINE_MUTANT_KINDS),
+                    max_pairs_per_problem=d.max_pairs_per_problem,
+                    cross_pairs_per_problem=d.cross_pairs_per_problem,
+                ),
+                seed=self.cfg.train.seed,
+                workers=d.sandbox_workers,
+                time_limit_s=d.sandbox_time_limit_s,
+                progress=self.progress,
+            )
+            pairs, val, held = split["train"], split["validation"], split["held_out"]
+        elif d.source == "humaneval":
             from codescaler_jax.data.problems import humaneval_problems
             from codescaler_jax.data.verified import verified_pairs
 
@@ -265,7 +293,9 @@ class RMTrainer:
             stats["read"] = counts
             log.info("read %d pairs from %s (%s)", len(pairs), d.source, counts)
         pairs = [_problem_key(p) for p in pairs]
-        if d.eval_source:
+        if d.source == "humaneval" and d.pairs_recipe == "augmented":
+            train = pairs
+        elif d.eval_source:
             held, counts = read_pairs(
                 d.eval_source, skip_bad=d.skip_bad, max_record_bytes=d.max_record_bytes
             )
@@ -276,19 +306,31 @@ class RMTrainer:
             train, held = split_by_problem(
                 pairs, eval_fraction=d.eval_fraction, seed=self.cfg.train.seed
             )
+        if d.validation_fraction > 0 and not val:
+            # carve validation problems from the training ones by the fixed hash rule
+            from codescaler_jax.data.splits import split_problem_ids
+
+            which = split_problem_ids(
+                [p.problem_id for p in train],
+                held_out_fraction=d.validation_fraction / (1.0 - d.eval_fraction),
+            )
+            val = [p for p in train if which[p.problem_id] == "held_out"]
+            train = [p for p in train if which[p.problem_id] != "held_out"]
         if d.max_pairs is not None and len(train) > d.max_pairs:
             random.Random(self.cfg.train.seed).shuffle(train)
             train = train[: d.max_pairs]
         stats["train_pairs"] = len(train)
+        stats["validation_pairs"] = len(val)
         stats["eval_pairs"] = len(held)
         stats["train_problems"] = len({p.problem_id for p in train})
+        stats["validation_problems"] = len({p.problem_id for p in val})
         stats["eval_problems"] = len({p.problem_id for p in held})
         if jax.process_index() == 0:
             data_dir.mkdir(parents=True, exist_ok=True)
-            write_pairs_jsonl(train, cached[0])
-            write_pairs_jsonl(held, cached[1])
+            for part, path in zip((train, val, held), cached):
+                write_pairs_jsonl(part, path)
             (data_dir / "stats.json").write_text(json.dumps(stats, indent=2))
-        return train, held, stats
+        return train, val, held, stats
 
     # ------------------------------------------------------------------ model
     def build_model(self, mesh, tokenizer) -> Qwen3RewardModel:
@@ -312,32 +354,40 @@ class RMTrainer:
         mesh = make_mesh(cfg.mesh)
         log.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.default_backend())
         tokenizer = load_tokenizer(cfg.data.tokenizer)
-        train_pairs, held_pairs, data_stats = self.load_pairs()
+        train_pairs, val_pairs, held_pairs, data_stats = self.load_pairs()
         max_len = cfg.data.max_length
-        buckets = make_buckets(max_len, min(cfg.data.min_bucket, max_len))
+        buckets = make_buckets(
+            max_len, min(cfg.data.min_bucket, max_len), cfg.data.buckets_per_octave
+        )
         train_tok = tokenize_pairs(train_pairs, tokenizer, max_len, progress=self.progress)
+        val_tok = tokenize_pairs(val_pairs, tokenizer, max_len, progress=self.progress)
         held_tok = tokenize_pairs(held_pairs, tokenizer, max_len, progress=self.progress)
-        # Pairs whose two sides are the same tokens after truncation say nothing: dropped from
-        # training and evaluation (in held-out accuracy they could only count as wrong).
-        train_pairs, train_tok, same_train = drop_identical(train_pairs, train_tok)
-        held_pairs, held_tok, same_held = drop_identical(held_pairs, held_tok)
+        # Pairs whose two inputs are identical after truncation carry no preference: dropped
+        # from training and evaluation, and counted.
+        identical = {"max_length": max_len}
+        train_pairs, train_tok, identical["train"] = drop_identical(train_pairs, train_tok)
+        val_pairs, val_tok, identical["validation"] = drop_identical(val_pairs, val_tok)
+        held_pairs, held_tok, identical["eval"] = drop_identical(held_pairs, held_tok)
+        if not val_pairs and not identical["validation"]:
+            del identical["validation"]
         data_stats = {
             **data_stats,
-            "identical_after_truncation": {
-                "train": same_train, "eval": same_held, "max_length": max_len
-            },
+            "identical_after_truncation": identical,
             "train_pairs_used": len(train_pairs),
+            "validation_pairs_used": len(val_pairs),
             "eval_pairs_used": len(held_pairs),
         }
-        if same_train or same_held:
-            log.info(
-                "dropped %d training and %d held-out pairs whose chosen and rejected inputs are "
-                "identical after truncation to %d tokens", same_train, same_held, max_len,
-            )
         if len(train_pairs) < cfg.train.global_batch_size:
             raise ConfigError(
                 f"only {len(train_pairs)} training pairs, fewer than "
                 f"train.global_batch_size={cfg.train.global_batch_size}"
+            )
+        # evaluation in length order: less padding, the same metrics
+        val_pairs, val_tok = _by_length(val_pairs, val_tok)
+        held_pairs, held_tok = _by_length(held_pairs, held_tok)
+        if identical["train"] or identical["eval"] or identical.get("validation"):
+            log.info(
+                "dropped pairs identical after truncation at %d tokens: %s", max_len, identical
             )
         pad_id = tokenizer.pad_token_id
         train_ds = pair_batches(
@@ -349,6 +399,7 @@ class RMTrainer:
             num_epochs=cfg.train.num_epochs,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
+            group_by_length=cfg.data.group_by_length,
         )
         total_steps = len(train_ds)
         if cfg.train.max_steps is not None:
@@ -380,7 +431,6 @@ class RMTrainer:
                 make_eval_step(graphdef, rest, opts),
                 out_shardings=NamedSharding(mesh, PartitionSpec()),
             )
-            held_kinds = [p.kind or "unknown" for p in held_pairs]
             data_sharding = batch_sharding(mesh)
 
             def to_global(
@@ -395,14 +445,18 @@ class RMTrainer:
                     for k in keys
                 }
 
-            def evaluate(params) -> dict[str, float]:
-                """Held-out metrics; ``by_kind/<kind>/accuracy`` where pairs know their kind."""
-                if not len(held_tok):
+            def evaluate(params, data=None, pairs=None) -> dict[str, float]:
+                """Pairwise metrics on ``data`` (default: held-out), with
+                ``by_kind/<kind>/accuracy`` (how the rejected code was made) and
+                ``by_positive/<kind>/accuracy`` (canonical or rewrite) where pairs know it."""
+                data = held_tok if data is None else data
+                pairs = held_pairs if pairs is None else pairs
+                if not len(data):
                     return {}
                 sums: dict[str, float] = {}
                 correct: list[float] = []
                 for b in eval_batches(
-                    held_tok, batch_size=cfg.train.eval_batch_size, buckets=buckets, pad_id=pad_id
+                    data, batch_size=cfg.train.eval_batch_size, buckets=buckets, pad_id=pad_id
                 ):
                     out = jax.device_get(
                         eval_step(params, to_global(b, (*BATCH_KEYS, "weight"), whole=True))
@@ -411,13 +465,16 @@ class RMTrainer:
                     for k, v in out.items():
                         sums[k] = sums.get(k, 0.0) + float(v)
                 metrics = finalize_metrics(sums)
-                metrics["pairs"] = float(sums["count"])
-                kinds = sorted(set(held_kinds))
-                if len(kinds) > 1:
-                    for kind in kinds:
-                        sel = [c for c, k in zip(correct, held_kinds) if k == kind]
-                        metrics[f"by_kind/{kind}/accuracy"] = float(np.mean(sel))
-                        metrics[f"by_kind/{kind}/pairs"] = float(len(sel))
+                for prefix, labels in (
+                    ("by_kind", [p.kind or "unknown" for p in pairs]),
+                    ("by_positive", [p.chosen_kind or "unknown" for p in pairs]),
+                ):
+                    kinds = sorted(set(labels))
+                    if len(kinds) > 1:
+                        for kind in kinds:
+                            sel = [c for c, k in zip(correct, labels) if k == kind]
+                            metrics[f"{prefix}/{kind}/accuracy"] = float(np.mean(sel))
+                            metrics[f"{prefix}/{kind}/pairs"] = float(len(sel))
                 return metrics
 
             ckpt = ocp.CheckpointManager(
@@ -494,6 +551,12 @@ class RMTrainer:
                     disable=not self.progress or jax.process_index() != 0,
                 )
                 last: dict[str, float] = {}
+                history.setdefault("validation", [])
+                # best validation so far; after a resume it restarts (its parameters are not
+                # checkpointed)
+                best: dict[str, Any] = {"step": None, "accuracy": -1.0, "since": 0}
+                stopped_early = False
+                end_step = start_step
                 for step in range(start_step, total_steps):
                     t0 = time.perf_counter()
                     batch = next(it)
@@ -535,10 +598,36 @@ class RMTrainer:
                         and done < total_steps
                     ):
                         t3 = time.perf_counter()
-                        m = evaluate(state["params"])
-                        writer.scalars(done, {**m, "time_s": time.perf_counter() - t3}, "eval/")
-                        history["eval"].append({"step": done, **m})
-                        log.info("step %d held-out: %s", done, _fmt(m))
+                        if len(val_tok):
+                            # model selection and early stopping look at validation only
+                            m = evaluate(state["params"], val_tok, val_pairs)
+                            writer.scalars(
+                                done, {**m, "time_s": time.perf_counter() - t3}, "validation/"
+                            )
+                            history["validation"].append({"step": done, **m})
+                            log.info("step %d validation: %s", done, _fmt(m))
+                            if m["accuracy"] > best["accuracy"]:
+                                best.update(step=done, accuracy=m["accuracy"], since=0)
+                                if cfg.train.select_best:
+                                    best["params"] = jax.tree.map(jnp.copy, state["params"])
+                            else:
+                                best["since"] += 1
+                            patience = cfg.train.early_stopping_patience
+                            if patience is not None and best["since"] >= patience:
+                                log.info(
+                                    "early stop at step %d: no better validation accuracy in "
+                                    "%d evaluations (best %.4f at step %d)",
+                                    done,
+                                    patience,
+                                    best["accuracy"],
+                                    best["step"],
+                                )
+                                stopped_early = True
+                        else:
+                            m = evaluate(state["params"])
+                            writer.scalars(done, {**m, "time_s": time.perf_counter() - t3}, "eval/")
+                            history["eval"].append({"step": done, **m})
+                            log.info("step %d held-out: %s", done, _fmt(m))
                     if (
                         cfg.train.save_every
                         and done % cfg.train.save_every == 0
@@ -551,14 +640,31 @@ class RMTrainer:
                         )
                     if self.on_step is not None:
                         self.on_step(done, last)
+                    end_step = done
+                    if stopped_early:
+                        break
+                if len(val_tok):
+                    m = evaluate(state["params"], val_tok, val_pairs)
+                    history["validation"].append({"step": end_step, **m})
+                    writer.scalars(end_step, m, "validation/")
+                    log.info("step %d validation: %s", end_step, _fmt(m))
+                    if m["accuracy"] > best["accuracy"]:
+                        best.update(step=end_step, accuracy=m["accuracy"], params=None)
+                    if cfg.train.select_best and best.get("params") is not None:
+                        log.info(
+                            "keeping the best-validation parameters (step %d, accuracy %.4f)",
+                            best["step"],
+                            best["accuracy"],
+                        )
+                        state = {**state, "params": best["params"]}
                 final = evaluate(state["params"])
                 if final:
-                    writer.scalars(total_steps, final, "eval/")
-                    if not history["eval"] or history["eval"][-1]["step"] != total_steps:
-                        history["eval"].append({"step": total_steps, **final})
+                    writer.scalars(end_step, final, "eval/")
+                    if not history["eval"] or history["eval"][-1]["step"] != end_step:
+                        history["eval"].append({"step": end_step, **final})
                     log.info("final held-out: %s", _fmt(final))
-                if start_step < total_steps or ckpt.latest_step() is None:
-                    save(total_steps)
+                if start_step < end_step or ckpt.latest_step() is None:
+                    save(end_step)
             finally:
                 bar.close()
                 ckpt.wait_until_finished()
@@ -575,11 +681,17 @@ class RMTrainer:
                 )
             self.state, self.graphdef, self.rest = state, graphdef, rest
         summary = {
-            "steps": total_steps,
+            "steps": end_step,
+            "planned_steps": total_steps,
+            "stopped_early": stopped_early,
             "first_step": start_step,
-            "steps_run": total_steps - start_step,
+            "steps_run": end_step - start_step,
             "data": data_stats,
             "untrained_eval": next((e for e in history["eval"] if e["step"] == 0), None),
+            "validation": history.get("validation", []),
+            "best_validation": {"step": best["step"], "accuracy": best["accuracy"]}
+            if best["step"] is not None
+            else None,
             "final_eval": final or None,
             "last_train": last,
             "wall_s": time.perf_counter() - t_start,
@@ -625,6 +737,13 @@ class RMTrainer:
             "wall_s": time.perf_counter() - t_start,
             "config": to_dict(self.cfg),
         }
+
+
+def _by_length(pairs: list[Pair], tok) -> tuple[list[Pair], Any]:
+    order = np.argsort(tok.lengths(), kind="stable") if len(tok) else []
+    return [pairs[i] for i in order], type(tok)(
+        [tok.chosen[i] for i in order], [tok.rejected[i] for i in order]
+    )
 
 
 def _fmt(m: dict[str, float]) -> str:
