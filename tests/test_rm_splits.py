@@ -211,7 +211,8 @@ def test_augmented_run_validates_selects_and_repeats_exactly(tmp_path):
         if name == "b":
             shutil.copytree(tmp_path / "a" / "data", run / "data")
         cfg = load_config(RMTrainConfig, "configs/rm_tiny.yaml", sets + [f"run_dir={run}"])
-        runs.append(RMTrainer(cfg, progress=False).run())
+        # b holds only a's pair cache: --resume with no checkpoint starts from scratch on it
+        runs.append(RMTrainer(cfg, progress=False, resume=name == "b").run())
     a, b = runs
     assert a["final_eval"] == b["final_eval"] and a["validation"] == b["validation"]
     d = a["data"]
