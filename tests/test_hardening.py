@@ -319,7 +319,8 @@ def test_b1_resume_refuses_a_changed_config_naming_the_keys(used_run, pairs_file
     assert main([*argv, "--resume"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: --resume: the config differs")
-    assert "data.max_pairs: None -> 8" in err and re.search(r"optim.learning_rate: [0-9.e-]+ -> 0.01", err)
+    assert "data.max_pairs: None -> 8" in err
+    assert re.search(r"optim.learning_rate: [0-9.e-]+ -> 0.01", err)
     assert "train.max_steps" in err  # what may change is named too
     assert _snapshot(used_run) == before
 
