@@ -49,7 +49,6 @@ from codescaler_jax.serving.protocol import (
     Limits,
     RequestError,
     parse_get_reward,
-    parse_json_body,
     parse_score,
 )
 
@@ -322,7 +321,7 @@ class RewardService:
             "reasons": reasons,
         }
 
-    def get_reward(self, data: dict[str, Any], limits: Limits) -> dict[str, Any]:
+    def get_reward(self, data: bytes | dict[str, Any], limits: Limits) -> dict[str, Any]:
         """The OpenRLHF ``/get_reward`` answer: rewards = scores = shaped RM rewards
         (``extra_logs.rm_score`` is 0 for responses without code: they are not run through
         the RM, their reward is 0 whatever their score)."""
@@ -342,7 +341,7 @@ class RewardService:
             },
         }
 
-    def score(self, data: dict[str, Any], limits: Limits) -> dict[str, Any]:
+    def score(self, data: bytes | dict[str, Any], limits: Limits) -> dict[str, Any]:
         """The native ``/score`` answer: raw RM scores (of ``(problem, "")`` for a response
         without code, as the ``score`` command gives), rewards, validity, reasons."""
         res = self.evaluate(parse_score(data, limits), score_invalid=True)
@@ -511,7 +510,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(404, f"no such endpoint {self.path!r}; try /get_reward, /score, /health")
             return
         try:
-            out = route(parse_json_body(body), self.server.limits)
+            out = route(body, self.server.limits)
         except RequestError as e:
             self._error(e.status, e.message)
             return
