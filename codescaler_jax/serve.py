@@ -23,9 +23,10 @@ the server refuses to start and says what to lower. ``/health`` shows the result
 
 The front end is uvicorn + Starlette (``--backend uvicorn``, the stack of OpenRLHF's own RM
 server) or the standard library's threaded ``http.server`` (``--backend stdlib``); both keep the
-same endpoints, messages and limits. A connection must send each complete request within ``--request-timeout`` seconds (of opening or
-of its previous answer), however slowly it drips; at ``--max-connections`` the connection that
-has waited longest for its request makes room for a new one, so ``/health`` stays answerable.
+same endpoints, messages and limits. A connection must send each complete request within
+``--request-timeout`` seconds (of opening or of its previous answer), however slowly it drips;
+at ``--max-connections`` the connection that has waited longest for its request makes room for
+a new one, so ``/health`` stays answerable.
 A body over ``--max-body-mb`` is refused from its Content-Length before it is read (uvicorn also
 accepts chunked bodies, cut at the limit).
 
