@@ -230,8 +230,9 @@ def test_connection_cap_in_process(backend):
 
 def test_uvicorn_streamed_bodies_are_cut_at_the_limit_and_early_answers_keep_the_connection():
     """uvicorn accepts chunked bodies, refused (413) as soon as they pass the limit; a 404
-    answered before its (small) body arrived leaves the connection usable; a whole request
-    from a client that then half-closes still gets its answer."""
+    answered before its (small) body arrived leaves the connection usable; a request httptools
+    cannot parse is a JSON 400. (A client that half-closes after its request still gets its
+    answer: `_raw_request` does that.)"""
     from codescaler_jax.serving.server import RewardService
 
     svc = RewardService({4: _FakeScorer(4, [])})
@@ -257,8 +258,12 @@ def test_uvicorn_streamed_bodies_are_cut_at_the_limit_and_early_answers_keep_the
             assert resp.status == 404 and "no such endpoint" in json.loads(resp.read())["error"]
         status, out = _post(conn, "/score", {"items": [{"problem": "p", "code": "abc"}]})
         assert status == 200 and out["scores"] == [3.0]
+        # what httptools cannot parse is a JSON 400 too
+        status, resp = _raw_request(addr, b"POST /score HTTP/1.1\r\nHost: x\r\n"
+                                    b"Content-Length: abc\r\n\r\n{}")
+        assert status == 400 and b"malformed HTTP request" in resp
         health = _request_health(host, port)
-        assert health["requests_refused"] == {"404": 3, "413": 1}, health
+        assert health["requests_refused"] == {"400": 1, "404": 3, "413": 1}, health
     finally:
         _stop(srv, svc)
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import logging
 import socket
 import threading
@@ -192,6 +193,17 @@ class _GuardedProtocol(HttpToolsProtocol):
             cycle.message_event.set()
             return None
         return True  # a half-closed client still gets its answer; closed after it
+
+    def send_400_response(self, msg: str) -> None:
+        """A request httptools cannot parse (a bad Content-Length, say): a JSON 400 like every
+        other refusal, then close (the stream is out of step)."""
+        self.guard.count_error(400)
+        body = json.dumps({"error": f"malformed HTTP request: {msg}"}).encode()
+        self.transport.write(
+            b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+            b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        self._drain_and_close()
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
