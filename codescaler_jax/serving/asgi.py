@@ -137,7 +137,7 @@ class _GuardedProtocol(HttpToolsProtocol):
         self.since = time.monotonic()
         self.busy = False
         self.closing = False
-        self.draining = 0  # bytes still accepted (and dropped) while draining; 0: not draining
+        self.draining: int | None = None  # bytes still dropped before closing; None: serving
         self.eof = False
         self.refused_body = False  # the app answered without reading an over-limit body
         self._timer: asyncio.TimerHandle | None = None
@@ -174,9 +174,9 @@ class _GuardedProtocol(HttpToolsProtocol):
         self.loop.call_later(DRAIN_S, self.transport.close)
 
     def data_received(self, data: bytes) -> None:
-        if self.draining:
-            self.draining = max(self.draining - len(data), 0)
-            if not self.draining:
+        if self.draining is not None:
+            self.draining -= len(data)
+            if self.draining <= 0:
                 self.transport.close()
             return
         super().data_received(data)
@@ -184,7 +184,7 @@ class _GuardedProtocol(HttpToolsProtocol):
     def eof_received(self) -> bool | None:
         self.eof = True
         cycle = self.cycle
-        if self.draining or cycle is None or cycle.response_complete:
+        if self.draining is not None or cycle is None or cycle.response_complete:
             return None  # close now
         if cycle.more_body:
             # The client stopped sending mid-request: it cannot finish it, so the app's read
