@@ -14,14 +14,16 @@ and its memory read from XLA before it ever runs; a length bucket then takes at 
 that fit the budget per pass (a larger batch is split), and a model whose smallest pass at
 ``max_length`` does not fit is refused at start-up with what to lower.
 
-`RewardHTTPServer` is a standard-library ``ThreadingHTTPServer`` (HTTP/1.1, keep-alive): the
-Content-Length is checked against the limit before a byte of the body is read, open connections
-are capped, each socket has a timeout, and every refusal is a JSON ``{"error": message}`` with a
-4xx/5xx status; no request can stop the server. Slow clients cannot hold it: a connection must
-deliver each complete request within ``request_timeout_s`` of opening or of its previous answer
-(else it is closed), and at the connection cap a new connection replaces the one that has waited
-longest for its request, so ``/health`` and fast clients are still served. A client that goes
-away mid-request costs one log line.
+`RewardHTTPServer` (``serve --backend stdlib``; the default front end is uvicorn + Starlette,
+`codescaler_jax.serving.asgi`, with the same rules) is a standard-library
+``ThreadingHTTPServer`` (HTTP/1.1, keep-alive): the Content-Length is checked against the limit
+before a byte of the body is read, open connections are capped, each socket has a timeout, and
+every refusal is a JSON ``{"error": message}`` with a 4xx/5xx status; no request can stop the
+server. Slow clients cannot hold it: a connection must deliver each complete request within
+``request_timeout_s`` of opening or of its previous answer (else it is closed), and at the
+connection cap a new connection replaces the one that has waited longest for its request, so
+``/health`` and fast clients are still served. A client that goes away mid-request costs one log
+line.
 """
 
 from __future__ import annotations
