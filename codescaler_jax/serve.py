@@ -21,9 +21,14 @@ free device memory on an accelerator) and larger batches are split, so the defau
 tokens, 32 rows) start on a small machine; when even one row at ``--max-length`` does not fit,
 the server refuses to start and says what to lower. ``/health`` shows the resulting plan.
 
-A connection must send each complete request within ``--request-timeout`` seconds (of opening or
-of its previous answer), however slowly it drips; at ``--max-connections`` the connection that
-has waited longest for its request makes room for a new one, so ``/health`` stays answerable.
+The front end is uvicorn + Starlette (``--backend uvicorn``, the stack of OpenRLHF's own RM
+server) or the standard library's threaded ``http.server`` (``--backend stdlib``); both keep the
+same endpoints, messages and limits. A connection must send each complete request within
+``--request-timeout`` seconds (of opening or of its previous answer), however slowly it drips;
+at ``--max-connections`` the connection that has waited longest for its request makes room for
+a new one, so ``/health`` stays answerable.
+A body over ``--max-body-mb`` is refused from its Content-Length before it is read (uvicorn also
+accepts chunked bodies, cut at the limit).
 
 When ready the server prints one JSON line ``{"event": "listening", "url": ...}`` on stdout
 (with the real port when ``--port 0``). SIGTERM/SIGINT stop it cleanly.
@@ -99,6 +104,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    "host's available memory on CPU, 90%% of free device memory otherwise)")
     p.add_argument("--no-warmup", action="store_true",
                    help="compile shapes on first use (the memory check happens then too)")
+    p.add_argument(
+        "--backend", default="uvicorn", choices=["uvicorn", "stdlib"],
+        help="HTTP front end: uvicorn + Starlette (default), or the standard library's "
+        "threaded http.server; same endpoints, rules and limits",
+    )
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -115,11 +125,18 @@ def main(argv: list[str] | None = None) -> int:
     from codescaler_jax.models.sharding import make_mesh
     from codescaler_jax.rm.scorer import resolve_rm_path
     from codescaler_jax.serving.protocol import Limits
-    from codescaler_jax.serving.server import (
-        RewardHTTPServer,
-        RewardService,
-        default_memory_budget,
-    )
+    from codescaler_jax.serving.server import RewardService, default_memory_budget
+
+    if args.backend == "uvicorn":
+        try:
+            from codescaler_jax.serving.asgi import RewardASGIServer as server_cls
+        except ImportError as e:
+            raise InputError(
+                f"--backend uvicorn needs {e.name} (pip install -r requirements.txt), "
+                "or use --backend stdlib"
+            ) from None
+    else:
+        from codescaler_jax.serving.server import RewardHTTPServer as server_cls
 
     resolve_rm_path(args.rm)  # a wrong --rm fails now, naming the file, before any loading
     t0 = time.perf_counter()
@@ -151,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         max_chars=args.max_chars,
     )
     try:
-        server = RewardHTTPServer(
+        server = server_cls(
             (args.host, args.port), service, limits=limits, max_connections=args.max_connections,
             socket_timeout_s=args.socket_timeout, request_timeout_s=args.request_timeout,
         )
@@ -160,7 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         raise InputError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
 
     def stop(signum, frame):
-        # shutdown() waits for serve_forever to return, so it must not run on this thread.
+        # The stdlib server's shutdown() waits for serve_forever to return, so it must not run
+        # on this thread. (uvicorn installs its own handlers while serving and calls this one
+        # again once it has stopped, which is then harmless.)
         threading.Thread(target=server.shutdown, daemon=True).start()
 
     signal.signal(signal.SIGTERM, stop)

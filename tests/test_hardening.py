@@ -707,11 +707,18 @@ def _start_server(args: list[str], log_path: Path, timeout: float = 600):
     err.close()
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout], daemon=True).start()
-    try:
-        line = lines.get(timeout=timeout)
-    except queue.Empty:
-        proc.kill()
-        pytest.fail(f"server did not start in {timeout} s: {log_path.read_text()[-2000:]}")
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:  # until the listening line, the deadline, or the server's exit
+        try:
+            line = lines.get(timeout=1)
+            break
+        except queue.Empty:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"server did not start (exit status {proc.poll()}): "
+                            f"{log_path.read_text()[-2000:]}")
     host, port = json.loads(line)["url"].removeprefix("http://").split(":")
     return proc, host, int(port)
 
@@ -728,13 +735,15 @@ def _request(host, port, method, path, payload=None, raw=None, timeout=30):
     return out
 
 
-@pytest.fixture(scope="module")
-def hostile_server(rm_dir, tmp_path_factory):
+@pytest.fixture(scope="module",
+                params=["uvicorn", pytest.param("stdlib", marks=pytest.mark.slow)])
+def hostile_server(rm_dir, tmp_path_factory, request):
+    """The real server of each backend (the default, uvicorn, in the fast suite)."""
     log_path = tmp_path_factory.mktemp("srv") / "server.log"
     proc, host, port = _start_server(
         ["--rm", str(rm_dir), "--port", "0", "--max-batch", "8", "--max-length", "128",
          "--max-connections", "16", "--socket-timeout", "10", "--request-timeout", "3",
-         "--log-level", "INFO"], log_path)
+         "--log-level", "INFO", "--backend", request.param], log_path)
     yield {"host": host, "port": port, "log": log_path}
     proc.terminate()
     assert proc.wait(timeout=60) == 0

@@ -163,15 +163,51 @@ def test_mixed_length_batches_split_by_bucket_when_cheaper():
     svc.close()
 
 
-def test_connection_cap_in_process():
-    """Past ``max_connections`` open connections a new one gets 503 and is closed; the held
-    connection keeps working (an in-process server over the fake scorer)."""
-    from codescaler_jax.serving.server import RewardHTTPServer, RewardService
+BACKENDS = ("uvicorn", "stdlib")
 
-    svc = RewardService({4: _FakeScorer(4, [])})
-    srv = RewardHTTPServer(("127.0.0.1", 0), svc, max_connections=1)
+
+def _server_cls(backend):
+    if backend == "uvicorn":
+        from codescaler_jax.serving.asgi import RewardASGIServer
+
+        return RewardASGIServer
+    from codescaler_jax.serving.server import RewardHTTPServer
+
+    return RewardHTTPServer
+
+
+def _in_process(backend, svc, **kwargs):
+    """An in-process server of ``backend`` over ``svc``, serving from a thread. Both listen
+    once constructed: connections wait in the backlog until the thread serves them (no
+    readiness probe, which would hold one of the connections a cap test counts)."""
+    srv = _server_cls(backend)(("127.0.0.1", 0), svc, **kwargs)
     threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     host, port = srv.server_address[:2]
+    return srv, host, port
+
+
+def _request_health(host, port):
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    conn.request("GET", "/health")
+    out = json.loads(conn.getresponse().read())
+    conn.close()
+    return out
+
+
+def _stop(srv, svc):
+    srv.shutdown()
+    srv.server_close()
+    svc.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_connection_cap_in_process(backend):
+    """Past ``max_connections`` open connections a new one gets 503 and is closed; the held
+    connection keeps working (an in-process server over the fake scorer)."""
+    from codescaler_jax.serving.server import RewardService
+
+    svc = RewardService({4: _FakeScorer(4, [])})
+    srv, host, port = _in_process(backend, svc, max_connections=1)
     try:
         held = http.client.HTTPConnection(host, port, timeout=10)
         status, out = _post(held, "/score", {"items": [{"problem": "p", "code": "abc"}]})
@@ -183,9 +219,47 @@ def test_connection_cap_in_process():
         assert status == 200 and out["scores"] == [4.0]
         held.close()
     finally:
-        srv.shutdown()
-        srv.server_close()
-        svc.close()
+        _stop(srv, svc)
+
+
+def test_uvicorn_streamed_bodies_are_cut_at_the_limit_and_early_answers_keep_the_connection():
+    """uvicorn accepts chunked bodies, refused (413) as soon as they pass the limit; a 404
+    answered before its (small) body arrived leaves the connection usable; a request httptools
+    cannot parse is a JSON 400. (A client that half-closes after its request still gets its
+    answer: `_raw_request` does that.)"""
+    from codescaler_jax.serving.server import RewardService
+
+    svc = RewardService({4: _FakeScorer(4, [])})
+    srv, host, port = _in_process("uvicorn", svc, limits=Limits(max_body_bytes=1000))
+    addr = {"host": host, "port": port}
+    head = b"POST /score HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    try:
+        body = json.dumps({"items": [{"problem": "p", "code": "abcd"}]}).encode()
+        status, resp = _raw_request(addr, head + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+        assert status == 200 and b'"scores":[4.0]' in resp
+        status, resp = _raw_request(addr, head + (b"200\r\n" + b" " * 512 + b"\r\n") * 4
+                                    + b"0\r\n\r\n")
+        assert status == 413 and b"exceeds the limit of 1000" in resp
+        conn = http.client.HTTPConnection(host, port, timeout=10)
+        for _ in range(3):
+            # headers and body in two writes: the 404 may be sent before the body arrives
+            conn.putrequest("POST", "/nowhere")
+            conn.putheader("Content-Length", "300")
+            conn.endheaders()
+            time.sleep(0.02)
+            conn.send(b" " * 300)
+            resp = conn.getresponse()
+            assert resp.status == 404 and "no such endpoint" in json.loads(resp.read())["error"]
+        status, out = _post(conn, "/score", {"items": [{"problem": "p", "code": "abc"}]})
+        assert status == 200 and out["scores"] == [3.0]
+        # what httptools cannot parse is a JSON 400 too
+        status, resp = _raw_request(addr, b"POST /score HTTP/1.1\r\nHost: x\r\n"
+                                    b"Content-Length: abc\r\n\r\n{}")
+        assert status == 400 and b"malformed HTTP request" in resp
+        health = _request_health(host, port)
+        assert health["requests_refused"] == {"400": 1, "404": 3, "413": 1}, health
+    finally:
+        _stop(srv, svc)
 
 
 # ---- the real server ------------------------------------------------------------------------
@@ -196,8 +270,10 @@ def rm_dir(tmp_path_factory):
     return save_tiny_rm(tmp_path_factory.mktemp("rm") / "tiny_rm")
 
 
-@pytest.fixture(scope="module")
-def server(rm_dir):
+@pytest.fixture(scope="module",
+                params=["uvicorn", pytest.param("stdlib", marks=pytest.mark.slow)])
+def server(rm_dir, request):
+    """The real server of each backend (the default, uvicorn, in the fast suite)."""
     env = dict(os.environ)
     env["XLA_FLAGS"] = " ".join(
         f for f in env.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f
@@ -206,7 +282,7 @@ def server(rm_dir):
         sys.executable, "-m", "codescaler_jax.serve", "--rm", str(rm_dir), "--port", "0",
         "--max-batch", "8", "--max-length", str(MAX_LENGTH), "--max-items", str(MAX_ITEMS),
         "--max-body-mb", str(MAX_BODY / (1 << 20)), "--max-chars", str(MAX_CHARS),
-        "--max-wait-ms", "5", "--log-level", "WARNING",
+        "--max-wait-ms", "5", "--log-level", "WARNING", "--backend", request.param,
     ]
     # the repository root on the path: the package need not be installed
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
@@ -220,7 +296,7 @@ def server(rm_dir):
         pytest.fail("server did not start within 180 s")
     url = json.loads(line)["url"]
     host, port = url.removeprefix("http://").split(":")
-    yield {"host": host, "port": int(port), "pid": proc.pid}
+    yield {"host": host, "port": int(port), "pid": proc.pid, "backend": request.param}
     proc.terminate()
     assert proc.wait(timeout=30) == 0  # SIGTERM is a clean shutdown
 
@@ -387,10 +463,16 @@ def test_malformed_and_oversized_requests(server):
     assert status == 413
     status, resp = _raw_request(server, b"POST /score HTTP/1.1\r\nHost: x\r\n\r\n")
     assert status == 411
-    status, resp = _raw_request(
-        server, b"POST /score HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
-    )
-    assert status == 411
+    chunked = b"POST /score HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    status, resp = _raw_request(server, chunked + b"0\r\n\r\n")
+    if server["backend"] == "stdlib":
+        assert status == 411  # chunked bodies are refused
+    else:
+        assert status == 400 and b"not valid JSON" in resp  # accepted: an empty body
+        # a streamed body is cut at the limit
+        piece = b"4000\r\n" + b" " * 0x4000 + b"\r\n"
+        status, resp = _raw_request(server, chunked + piece * (MAX_BODY // 0x4000 + 1))
+        assert status == 413 and b"exceeds the limit" in resp
     assert _rss_kb(server["pid"]) - rss0 < 50 * 1024  # well under 50 MB of growth
 
     # the server still answers correctly afterwards, on a fresh and on the old connection

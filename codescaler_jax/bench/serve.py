@@ -1,7 +1,9 @@
-"""Benchmark: reward-server throughput and latency at several batch limits, beside the scorer.
+"""Benchmark: reward-server throughput and latency at several batch limits, beside the scorer,
+for each HTTP backend side by side.
 
-    python -m codescaler_jax.bench.serve                 # random tiny RM
+    python -m codescaler_jax.bench.serve                 # random tiny RM, uvicorn vs stdlib
     python -m codescaler_jax.bench.serve --rm runs/rm_tiny --max-batches 1,8,32
+    python -m codescaler_jax.bench.serve --backends uvicorn --rounds 1
 
 For each batch limit B the server (``python -m codescaler_jax.serve --max-batch B``) runs as a
 separate process on loopback; ``--clients`` threads each send ``--requests`` OpenRLHF-style
@@ -10,6 +12,12 @@ solution as the response) over keep-alive connections. Reported: items/s, reques
 p99 and the mean batch the server formed. The reference, in this process on the same items: the
 `RewardScorer` called directly with ``batch_size=B`` (no HTTP, no batching wait), i.e. what the
 device alone sustains at that batch size.
+
+Backends (``--backends``, ``serve --backend``): one server process of each runs at a time per
+batch limit, and the load alternates between them ``--rounds`` times (A B A B ...), so both see
+the same machine; reported per batch limit: each backend's median items/s and p50 / p99 over
+the rounds, and the median of the per-round ratios (first backend / second). The load average
+is recorded before and after.
 """
 
 from __future__ import annotations
@@ -34,10 +42,12 @@ from codescaler_jax.bench.common import write_json
 CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 
 
-def _start_server(rm: str, max_batch: int, max_length: int) -> tuple[subprocess.Popen, str, int]:
+def _start_server(
+    rm: str, max_batch: int, max_length: int, backend: str = "uvicorn"
+) -> tuple[subprocess.Popen, str, int]:
     cmd = [sys.executable, "-m", "codescaler_jax.serve", "--rm", rm, "--port", "0",
            "--max-batch", str(max_batch), "--max-length", str(max_length),
-           "--log-level", "WARNING"]
+           "--log-level", "WARNING", "--backend", backend]
     repo = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH")]))
@@ -101,6 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=20, help="requests per client")
     p.add_argument("--items", type=int, default=1, help="responses per request")
     p.add_argument("--max-length", type=int, default=1024, help="RM input truncation")
+    p.add_argument("--backends", default="uvicorn,stdlib",
+                   help="serve --backend values, measured side by side (the ratio: first / "
+                   "second)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="load rounds per backend, interleaved A B A B ...")
     p.add_argument("--out", default=None, help="JSON path (default bench_results/serve.json)")
     args = p.parse_args(argv)
 
@@ -134,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
                                     "labels": [None] * len(group)}).encode())
         items += [(q.prompt, q.solution.strip()) for q in group]
 
+    backends = [x for x in args.backends.split(",") if x]
+    load_before = list(os.getloadavg())
     rows = []
     for b in [int(x) for x in args.max_batches.split(",")]:
         # reference: the scorer alone at this batch size, same process, same items
@@ -145,39 +162,68 @@ def main(argv: list[str] | None = None) -> int:
         direct_s = time.perf_counter() - t0
         del scorer
 
-        proc, host, port = _start_server(rm, b, args.max_length)
+        servers = {}
         try:
-            _load(host, port, payloads, min(args.clients, 4), 2)  # warm the connections
-            h0 = _health(host, port)
-            wall, lat, fails = _load(host, port, payloads, args.clients, args.requests)
-            h1 = _health(host, port)
+            for be in backends:
+                servers[be] = _start_server(rm, b, args.max_length, be)
+                _load(*servers[be][1:], payloads, min(args.clients, 4), 2)  # warm connections
+            runs: dict[str, list[dict[str, float]]] = {be: [] for be in backends}
+            for _ in range(args.rounds):  # A B A B ...: both sides see the same machine
+                for be in backends:
+                    host, port = servers[be][1:]
+                    h0 = _health(host, port)
+                    wall, lat, fails = _load(host, port, payloads, args.clients, args.requests)
+                    h1 = _health(host, port)
+                    runs[be].append({
+                        "items_per_s": args.clients * args.requests * args.items / wall,
+                        "p50_ms": 1e3 * float(np.percentile(lat, 50)),
+                        "p99_ms": 1e3 * float(np.percentile(lat, 99)),
+                        "mean_batch": (h1["items"] - h0["items"])
+                        / max(h1["batches"] - h0["batches"], 1),
+                        "failures": len(fails),
+                    })
         finally:
-            proc.terminate()
-            proc.wait(timeout=60)
-        n_items = args.clients * args.requests * args.items
-        batches = h1["batches"] - h0["batches"]
-        row = {
+            for proc, _, _ in servers.values():
+                proc.terminate()
+                proc.wait(timeout=60)
+        row: dict[str, Any] = {
             "max_batch": b,
-            "items": n_items,
-            "wall_s": wall,
-            "server_items_per_s": n_items / wall,
-            "latency_p50_ms": 1e3 * float(np.percentile(lat, 50)),
-            "latency_p99_ms": 1e3 * float(np.percentile(lat, 99)),
-            "mean_server_batch": (h1["items"] - h0["items"]) / max(batches, 1),
-            "failures": len(fails),
+            "items_per_round": args.clients * args.requests * args.items,
             "direct_scorer_items_per_s": len(items) / direct_s,
         }
+        for be in backends:
+            r = runs[be]
+            row[be] = {
+                "server_items_per_s": float(np.median([x["items_per_s"] for x in r])),
+                "latency_p50_ms": float(np.median([x["p50_ms"] for x in r])),
+                "latency_p99_ms": float(np.median([x["p99_ms"] for x in r])),
+                "mean_server_batch": float(np.median([x["mean_batch"] for x in r])),
+                "failures": sum(x["failures"] for x in r),
+                "rounds": r,
+            }
+            print(f"max_batch {b:>3} {be:>8}: server {row[be]['server_items_per_s']:8.1f} "
+                  f"items/s (p50 {row[be]['latency_p50_ms']:.1f} ms, p99 "
+                  f"{row[be]['latency_p99_ms']:.1f} ms, mean batch "
+                  f"{row[be]['mean_server_batch']:.1f}, {row[be]['failures']} failures) | "
+                  f"scorer alone {row['direct_scorer_items_per_s']:8.1f} items/s", flush=True)
+        if len(backends) == 2:
+            x, y = (runs[be] for be in backends)
+            ratio = {k: float(np.median([u[k] / v[k] for u, v in zip(x, y)]))
+                     for k in ("items_per_s", "p50_ms", "p99_ms")}
+            row[f"{backends[0]}_over_{backends[1]}"] = ratio
+            print(f"max_batch {b:>3} {backends[0]} / {backends[1]} (median of {args.rounds} "
+                  f"paired rounds): items/s {ratio['items_per_s']:.2f}x, p50 "
+                  f"{ratio['p50_ms']:.2f}x, p99 {ratio['p99_ms']:.2f}x", flush=True)
         rows.append(row)
-        print(f"max_batch {b:>3}: server {row['server_items_per_s']:8.1f} items/s "
-              f"(p50 {row['latency_p50_ms']:.1f} ms, p99 {row['latency_p99_ms']:.1f} ms, "
-              f"mean batch {row['mean_server_batch']:.1f}, {len(fails)} failures) | "
-              f"scorer alone {row['direct_scorer_items_per_s']:8.1f} items/s", flush=True)
+    load_after = list(os.getloadavg())
+    print(f"load average (1, 5, 15 min): before {load_before}, after {load_after}")
     payload = {
         "rm": args.rm or "random tiny (configs/rm_tiny.yaml architecture)",
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "results": rows,
         # the machine is shared: its load while this ran qualifies every number above
-        "load_average_1_5_15min_at_end": list(os.getloadavg()),
+        "load_average_1_5_15min_before": load_before,
+        "load_average_1_5_15min_after": load_after,
     }
     path = write_json("serve", payload, args.out)
     print(f"wrote {path}")

@@ -18,20 +18,25 @@ then everything up to the last ChatML assistant header.
 (the response goes through the training extractor) or ``{"problem", "code"}`` items (the code is
 scored as given).
 
-Every violation raises `RequestError` with an HTTP status and a message that names the field.
+A body is parsed and type-checked in one pass by pydantic (`GetRewardRequest`, `ScoreRequest`;
+pydantic-core's JSON parser also stops at a fixed nesting depth), then checked against the
+server's `Limits`. Every violation raises `RequestError` with an HTTP status and a message that
+names the field.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, StrictStr, ValidationError
 
 CHATML_USER = "<|im_start|>user\n"
 CHATML_END = "<|im_end|>"
 CHATML_ASSISTANT = "<|im_start|>assistant\n"
 PROMPT_FORMATS = ("auto", "chatml", "raw")
+_M = TypeVar("_M", bound=BaseModel)
 
 
 class RequestError(ValueError):
@@ -68,33 +73,88 @@ class Item:
     is_code: bool = False
 
 
-def parse_json_body(body: bytes) -> dict[str, Any]:
+class GetRewardRequest(BaseModel):
+    """OpenRLHF's ``/get_reward`` body. Unknown fields are ignored (clients add their own)."""
+
+    model_config = ConfigDict(extra="ignore")
+    query: list[StrictStr]
+    prompts: list[StrictStr] | None = None
+    labels: list[Any] | None = None
+
+
+class ScoreItem(BaseModel):
+    """One ``/score`` item: a problem and exactly one of a response or ready code."""
+
+    model_config = ConfigDict(extra="ignore")
+    problem: StrictStr
+    response: StrictStr | None = None
+    code: StrictStr | None = None
+
+
+class ScoreRequest(BaseModel):
+    """The native ``/score`` body."""
+
+    model_config = ConfigDict(extra="ignore")
+    items: list[ScoreItem]
+
+
+def _path(loc: Sequence[str | int]) -> str:
+    """``("items", 0, "problem")`` -> ``items[0].problem``."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+_KINDS = {"list_type": "a list", "string_type": "a string", "model_type": "an object",
+          "dict_type": "an object"}
+
+
+def _request_error(e: ValidationError, body: Any) -> RequestError:
+    """The first validation error as a 400 whose message names the field."""
+    err = e.errors(include_url=False)[0]
+    kind, loc, got = err["type"], err["loc"], err.get("input")
+    if kind == "json_invalid":
+        if isinstance(body, bytes | bytearray):
+            try:
+                body.decode("utf-8")
+            except UnicodeDecodeError as u:
+                return RequestError(400, f"body is not UTF-8: {u.reason} at byte {u.start}")
+        msg = err["msg"].removeprefix("Invalid JSON: ")
+        if "recursion limit" in msg:
+            # The parser stops at a fixed depth: a body of 100k "[" is a 400, not a crash.
+            return RequestError(400, "body is not valid JSON: nested too deeply")
+        return RequestError(400, f"body is not valid JSON: {msg}")
+    if not loc:
+        return RequestError(400, f"body must be a JSON object, got {_json_type(got)}")
+    where = _path(loc)
+    if kind == "missing":
+        return RequestError(400, f"missing field {where!r}")
+    if kind in _KINDS:
+        return RequestError(400, f"{where} must be {_KINDS[kind]}, got {_json_type(got)}")
+    return RequestError(400, f"{where}: {err['msg']}")
+
+
+def _json_type(v: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
+            float: "number", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def _validate(model: type[_M], data: bytes | dict[str, Any]) -> _M:
+    """``model`` from a raw body (parsed and validated in one pass by pydantic-core) or from
+    an already-decoded dict."""
     try:
-        data = json.loads(body.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise RequestError(400, f"body is not UTF-8: {e.reason} at byte {e.start}") from e
-    except json.JSONDecodeError as e:
-        raise RequestError(400, f"body is not valid JSON: {e.msg} (char {e.pos})") from e
-    except RecursionError:
-        # json.loads recurses once per nesting level; a body of 100k "[" must be a 400, not
-        # a 500 from inside the parser.
-        raise RequestError(400, "body is not valid JSON: nested too deeply") from None
-    if not isinstance(data, dict):
-        raise RequestError(400, f"body must be a JSON object, got {type(data).__name__}")
-    return data
+        if isinstance(data, bytes | bytearray):
+            return model.model_validate_json(data)
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise _request_error(e, data) from None
 
 
-def _string_list(data: dict[str, Any], key: str, limits: Limits) -> list[str]:
-    v = data.get(key)
-    if v is None:
-        raise RequestError(400, f"missing field {key!r} (a list of strings)")
-    if not isinstance(v, list):
-        raise RequestError(400, f"field {key!r} must be a list of strings, got {type(v).__name__}")
+def _check_strings(key: str, v: list[str], limits: Limits) -> list[str]:
     if len(v) > limits.max_items:
         raise RequestError(413, f"field {key!r} has {len(v)} items; limit is {limits.max_items}")
     for i, s in enumerate(v):
-        if not isinstance(s, str):
-            raise RequestError(400, f"{key}[{i}] must be a string, got {type(s).__name__}")
         if len(s) > limits.max_chars:
             raise RequestError(
                 413, f"{key}[{i}] has {len(s)} characters; limit is {limits.max_chars}"
@@ -157,24 +217,25 @@ def split_chatml_query(query: str, index: int = 0) -> str:
 
 
 def parse_get_reward(
-    data: dict[str, Any],
+    data: bytes | dict[str, Any],
     limits: Limits,
     *,
     prompt_format: str = "auto",
     end_markers: Sequence[str] = (),
 ) -> list[Item]:
-    """Items of an OpenRLHF ``/get_reward`` request (see the module docstring)."""
-    queries = _string_list(data, "query", limits)
-    if data.get("prompts") is None:
+    """Items of an OpenRLHF ``/get_reward`` request, from its raw body or its decoded dict
+    (see the module docstring)."""
+    req = _validate(GetRewardRequest, data)
+    queries = _check_strings("query", req.query, limits)
+    if req.prompts is None:
         prompts = [split_chatml_query(q, i) for i, q in enumerate(queries)]
     else:
-        prompts = _string_list(data, "prompts", limits)
+        prompts = _check_strings("prompts", req.prompts, limits)
     if len(prompts) != len(queries):
         raise RequestError(
             400, f"'prompts' has {len(prompts)} items but 'query' has {len(queries)}"
         )
-    labels = data.get("labels")
-    if labels is not None and (not isinstance(labels, list) or len(labels) != len(queries)):
+    if req.labels is not None and len(req.labels) != len(queries):
         raise RequestError(400, "'labels', when given, must be a list as long as 'query'")
     items = []
     for i, (q, p) in enumerate(zip(queries, prompts)):
@@ -185,28 +246,23 @@ def parse_get_reward(
     return items
 
 
-def parse_score(data: dict[str, Any], limits: Limits) -> list[Item]:
-    """Items of a native ``/score`` request: ``{"items": [{"problem", "response"|"code"}]}``."""
-    raw = data.get("items")
-    if not isinstance(raw, list):
-        raise RequestError(400, "field 'items' must be a list of objects")
-    if len(raw) > limits.max_items:
-        raise RequestError(413, f"'items' has {len(raw)} entries; limit is {limits.max_items}")
+def parse_score(data: bytes | dict[str, Any], limits: Limits) -> list[Item]:
+    """Items of a native ``/score`` request: ``{"items": [{"problem", "response"|"code"}]}``,
+    from its raw body or its decoded dict."""
+    req = _validate(ScoreRequest, data)
+    if len(req.items) > limits.max_items:
+        raise RequestError(
+            413, f"'items' has {len(req.items)} entries; limit is {limits.max_items}")
     items = []
-    for i, it in enumerate(raw):
-        if not isinstance(it, dict):
-            raise RequestError(400, f"items[{i}] must be an object")
-        problem = it.get("problem")
-        has_resp, has_code = "response" in it, "code" in it
+    for i, it in enumerate(req.items):
+        has_resp, has_code = it.response is not None, it.code is not None
         if has_resp == has_code:
             raise RequestError(400, f"items[{i}] needs exactly one of 'response' and 'code'")
-        text = it["response" if has_resp else "code"]
-        for name, v in (("problem", problem), ("response" if has_resp else "code", text)):
-            if not isinstance(v, str):
-                raise RequestError(400, f"items[{i}].{name} must be a string")
+        name, text = ("response", it.response) if has_resp else ("code", it.code)
+        for field, v in (("problem", it.problem), (name, text)):
             if len(v) > limits.max_chars:
                 raise RequestError(
-                    413, f"items[{i}].{name} has {len(v)} characters; limit is {limits.max_chars}"
+                    413, f"items[{i}].{field} has {len(v)} characters; limit is {limits.max_chars}"
                 )
-        items.append(Item(problem, text, is_code=has_code))
+        items.append(Item(it.problem, text, is_code=has_code))
     return items

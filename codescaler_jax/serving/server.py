@@ -14,14 +14,16 @@ and its memory read from XLA before it ever runs; a length bucket then takes at 
 that fit the budget per pass (a larger batch is split), and a model whose smallest pass at
 ``max_length`` does not fit is refused at start-up with what to lower.
 
-`RewardHTTPServer` is a standard-library ``ThreadingHTTPServer`` (HTTP/1.1, keep-alive): the
-Content-Length is checked against the limit before a byte of the body is read, open connections
-are capped, each socket has a timeout, and every refusal is a JSON ``{"error": message}`` with a
-4xx/5xx status; no request can stop the server. Slow clients cannot hold it: a connection must
-deliver each complete request within ``request_timeout_s`` of opening or of its previous answer
-(else it is closed), and at the connection cap a new connection replaces the one that has waited
-longest for its request, so ``/health`` and fast clients are still served. A client that goes
-away mid-request costs one log line.
+`RewardHTTPServer` (``serve --backend stdlib``; the default front end is uvicorn + Starlette,
+`codescaler_jax.serving.asgi`, with the same rules) is a standard-library
+``ThreadingHTTPServer`` (HTTP/1.1, keep-alive): the Content-Length is checked against the limit
+before a byte of the body is read, open connections are capped, each socket has a timeout, and
+every refusal is a JSON ``{"error": message}`` with a 4xx/5xx status; no request can stop the
+server. Slow clients cannot hold it: a connection must deliver each complete request within
+``request_timeout_s`` of opening or of its previous answer (else it is closed), and at the
+connection cap a new connection replaces the one that has waited longest for its request, so
+``/health`` and fast clients are still served. A client that goes away mid-request costs one log
+line.
 """
 
 from __future__ import annotations
@@ -49,7 +51,6 @@ from codescaler_jax.serving.protocol import (
     Limits,
     RequestError,
     parse_get_reward,
-    parse_json_body,
     parse_score,
 )
 
@@ -322,7 +323,7 @@ class RewardService:
             "reasons": reasons,
         }
 
-    def get_reward(self, data: dict[str, Any], limits: Limits) -> dict[str, Any]:
+    def get_reward(self, data: bytes | dict[str, Any], limits: Limits) -> dict[str, Any]:
         """The OpenRLHF ``/get_reward`` answer: rewards = scores = shaped RM rewards
         (``extra_logs.rm_score`` is 0 for responses without code: they are not run through
         the RM, their reward is 0 whatever their score)."""
@@ -342,7 +343,7 @@ class RewardService:
             },
         }
 
-    def score(self, data: dict[str, Any], limits: Limits) -> dict[str, Any]:
+    def score(self, data: bytes | dict[str, Any], limits: Limits) -> dict[str, Any]:
         """The native ``/score`` answer: raw RM scores (of ``(problem, "")`` for a response
         without code, as the ``score`` command gives), rewards, validity, reasons."""
         res = self.evaluate(parse_score(data, limits), score_invalid=True)
@@ -511,7 +512,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(404, f"no such endpoint {self.path!r}; try /get_reward, /score, /health")
             return
         try:
-            out = route(parse_json_body(body), self.server.limits)
+            out = route(body, self.server.limits)
         except RequestError as e:
             self._error(e.status, e.message)
             return
