@@ -9,7 +9,8 @@ separate process on loopback; ``--clients`` threads each send ``--requests`` Ope
 solution as the response) over keep-alive connections. Reported: items/s, request latency p50 /
 p99 and the mean batch the server formed. The reference, in this process on the same items: the
 `RewardScorer` called directly with ``batch_size=B`` (no HTTP, no batching wait), i.e. what the
-device alone sustains at that batch size.
+device alone sustains at that batch size. The two alternate (scorer, server load, scorer, ...)
+for ``--rounds`` rounds; the ratio server / scorer is the median of the per-round ratios.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import http.client
 import json
 import os
 import queue
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from codescaler_jax.bench.common import write_json
+from codescaler_jax.bench.common import LoadMonitor, add_harness_args, write_json
 
 CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 
@@ -102,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--items", type=int, default=1, help="responses per request")
     p.add_argument("--max-length", type=int, default=1024, help="RM input truncation")
     p.add_argument("--out", default=None, help="JSON path (default bench_results/serve.json)")
+    add_harness_args(p, rounds=2)
     args = p.parse_args(argv)
+    monitor = LoadMonitor()
 
     from codescaler_jax.data.problems import humaneval_problems
     from codescaler_jax.rm.scorer import RewardScorer
@@ -136,25 +140,34 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for b in [int(x) for x in args.max_batches.split(",")]:
-        # reference: the scorer alone at this batch size, same process, same items
+        # reference: the scorer alone at this batch size, same process, same items; it and
+        # the server's load alternate (scorer, server, scorer, ...) for --rounds rounds.
         scorer = RewardScorer.from_pretrained(rm, max_length=args.max_length, batch_size=b)
         probs, codes = [x[0] for x in items], [x[1] for x in items]
         scorer.score(probs, codes)  # compile every bucket used
-        t0 = time.perf_counter()
-        scorer.score(probs, codes)
-        direct_s = time.perf_counter() - t0
-        del scorer
-
+        direct, walls, lat, fails = [], [], [], []
         proc, host, port = _start_server(rm, b, args.max_length)
         try:
             _load(host, port, payloads, min(args.clients, 4), 2)  # warm the connections
             h0 = _health(host, port)
-            wall, lat, fails = _load(host, port, payloads, args.clients, args.requests)
+            for _ in range(args.rounds):
+                t0 = time.perf_counter()
+                scorer.score(probs, codes)
+                direct.append(time.perf_counter() - t0)
+                wall, lat_r, fails_r = _load(host, port, payloads, args.clients, args.requests)
+                walls.append(wall)
+                lat += lat_r
+                fails += fails_r
             h1 = _health(host, port)
         finally:
             proc.terminate()
             proc.wait(timeout=60)
+        del scorer
+        wall = sorted(walls)[len(walls) // 2]
+        direct_s = sorted(direct)[len(direct) // 2]
         n_items = args.clients * args.requests * args.items
+        # per round: server items/s over scorer-alone items/s
+        per_round = [(n_items / w) / (len(items) / d) for w, d in zip(walls, direct, strict=True)]
         batches = h1["batches"] - h0["batches"]
         row = {
             "max_batch": b,
@@ -166,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
             "mean_server_batch": (h1["items"] - h0["items"]) / max(batches, 1),
             "failures": len(fails),
             "direct_scorer_items_per_s": len(items) / direct_s,
+            "server_over_scorer_median_of_pairs": statistics.median(per_round),
+            "rounds": args.rounds,
         }
         rows.append(row)
         print(f"max_batch {b:>3}: server {row['server_items_per_s']:8.1f} items/s "
@@ -176,10 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         "rm": args.rm or "random tiny (configs/rm_tiny.yaml architecture)",
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "results": rows,
-        # the machine is shared: its load while this ran qualifies every number above
-        "load_average_1_5_15min_at_end": list(os.getloadavg()),
     }
-    path = write_json("serve", payload, args.out)
+    path = write_json("serve", payload, args.out, monitor=monitor, force=args.force)
     print(f"wrote {path}")
     if tmp is not None:
         tmp.cleanup()
