@@ -191,7 +191,8 @@ class LoadMonitor:
         refusal = None
         if too_busy:
             refusal = (
-                f"{'; '.join(too_busy)} exceeds {limit:g} (half of {self.cpu_count} cores): "
+                f"{'; '.join(too_busy)}: above the limit of {limit:g} (half of {self.cpu_count} "
+                "cores); "
                 + ("README-grade only because --force was given" if force else
                    "not README-grade; rerun on a quiet machine or pass --force")
             )

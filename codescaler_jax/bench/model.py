@@ -53,7 +53,12 @@ from codescaler_jax.bench.common import (
 # --xla_cpu_experimental_xnn_fusion_type=dot[,eltwise,reduce], --xla_cpu_enable_fast_math=true,
 # --xla_cpu_use_xnnpack=false, --xla_cpu_experimental_ynn_fusion_type=-dot or
 # --xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY changed the CPU
-# seconds of a step by more than the noise (a few %). Add flags here to try others.
+# seconds of a step by more than the noise (a few %). Add flags here to try others. Flags of the
+# CPU backend in jax 0.10.2's XLA include xla_cpu_multi_thread_eigen, xla_cpu_use_thunk_runtime,
+# xla_cpu_enable_fast_math (changes numerics), xla_cpu_enable_concurrency_optimized_scheduler,
+# xla_cpu_scheduler_type, xla_cpu_prefer_vector_width, xla_cpu_use_onednn, xla_cpu_use_xnnpack,
+# xla_cpu_experimental_{xnn,ynn,onednn}_fusion_type; there is no intra-op thread-count flag (the
+# CPU client uses every core it may run on: pin with taskset to compare at equal threads).
 XLA_CPU_FLAGS: list[str] = []
 
 
