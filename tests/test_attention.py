@@ -289,7 +289,15 @@ def test_auto_picks_by_platform_and_length():
     n = A.CPU_CHUNKED_MIN_KV_LEN
     assert r("auto", q_len=n, kv_len=n, platform="cpu") == "chunked"
     assert r("auto", q_len=1, kv_len=4 * n, platform="cpu") == "chunked"  # decode, long cache
-    assert r("auto", q_len=n - 1, kv_len=n - 1, platform="cpu") == "xla"
+    assert r("auto", q_len=1, kv_len=n - 1, platform="cpu") == "xla"  # decode, short cache
+    m = A.CPU_CHUNKED_MIN_Q_LEN
+    assert r("auto", q_len=m, kv_len=m, platform="cpu") == "chunked"  # prefill / training
+    assert r("auto", q_len=m - 1, kv_len=m - 1, platform="cpu") == "xla"
+    assert A._chunked_defaults("auto", "chunked", m, None) == (A.CPU_SHORT_BLOCK,) * 2
+    assert A._chunked_defaults("chunked", "chunked", m, None) == (
+        A.CHUNKED_BLOCK_Q, A.CHUNKED_BLOCK_KV)
+    assert A._chunked_defaults("auto", "chunked", A.CPU_SHORT_BLOCK_MAX_KV_LEN, None) == (
+        A.CHUNKED_BLOCK_Q, A.CHUNKED_BLOCK_KV)
     assert r("xla", q_len=10**6, kv_len=10**6, platform="tpu") == "xla"
     # Without a mesh, the platform is the default backend's (cpu here).
     assert A._target_platform(None) == "cpu"

@@ -33,6 +33,8 @@ import os
 import time
 from typing import Any
 
+from codescaler_jax.bench.common import LoadMonitor, add_harness_args
+
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
@@ -54,6 +56,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
                    help="cache lengths for the decode-step comparison ('' to skip)")
     p.add_argument("--no-jax-nn", action="store_true", help="skip jax.nn.dot_product_attention")
     p.add_argument("--out", default=None)
+    add_harness_args(p)
     return p.parse_args(argv)
 
 
@@ -101,23 +104,19 @@ def _blocking(fn, *args):
 
 
 def _timed_interleaved(fns: dict[str, Any], warmup: int, repeat: int) -> dict[str, dict]:
-    """Wall and CPU seconds of each zero-argument blocking ``fn``, in rounds A B C, A B C ..."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    wall: dict[str, list[float]] = {k: [] for k in fns}
-    cpu: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            c, t0 = time.process_time(), time.perf_counter()
-            fn()
-            wall[name].append(time.perf_counter() - t0)
-            cpu[name].append(time.process_time() - c)
+    """Wall and CPU seconds of each zero-argument blocking ``fn``, in rounds A B C, A B C ...
+    (``common.interleave``); per side the per-round lists and their minimum / median."""
+    from codescaler_jax.bench.common import interleave
+
+    if not fns:
+        return {}
+    timing = interleave(fns, rounds=repeat, warmup=warmup)
     out = {}
-    for name in fns:
-        best = min(range(repeat), key=lambda i: wall[name][i])
-        out[name] = {"min_s": wall[name][best], "median_s": sorted(wall[name])[repeat // 2],
-                     "cpu_s_of_min": cpu[name][best], "repeat": repeat}
+    for name, t in timing["sides"].items():
+        best = min(range(repeat), key=lambda i: t["wall_s"][i])
+        out[name] = {"min_s": t["min_s"], "median_s": t["median_s"],
+                     "cpu_s_of_min": t["cpu_s"][best], "wall_s": t["wall_s"],
+                     "cpu_s": t["cpu_s"], "repeat": repeat}
     return out
 
 
@@ -199,17 +198,20 @@ def _row_line(row: dict[str, Any]) -> str:
 
 
 def summarize(rows: list[dict[str, Any]], chunked: str = "chunked") -> dict[str, Any]:
-    """Per length the xla/chunked time ratio (> 1: chunked faster), in wall seconds and in
-    process CPU seconds, and for each the shortest length from which chunked is at least as
-    fast as xla at every longer measured length (None if it never is). CPU seconds move far
+    """Per length the xla/chunked time ratio (> 1: chunked faster; the median of the per-round
+    ratios of the interleaved calls), in wall seconds and in process CPU seconds, and for each
+    the shortest length from which chunked is at least as fast as xla at every longer measured
+    length (None if it never is). CPU seconds move far
     less than wall time when other processes share the cores."""
     out: dict[str, Any] = {}
-    for key, label in (("min_s", "wall"), ("cpu_s_of_min", "cpu")):
+    from codescaler_jax.bench.common import median_of_pair_ratios
+
+    for key, label in (("wall_s", "wall"), ("cpu_s", "cpu")):
         ratios: dict[int, float | None] = {}
         for row in rows:
             c, x = row["sides"].get(chunked, {}), row["sides"].get("xla", {})
             if key in c and key in x:
-                ratios[row["seq_len"]] = round(x[key] / c[key], 3)
+                ratios[row["seq_len"]] = round(median_of_pair_ratios(c[key], x[key]), 3)
             elif key in c:
                 ratios[row["seq_len"]] = None  # xla too big to run: chunked wins by default
         switch = None
@@ -229,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from codescaler_jax.bench.common import write_json
 
-    load_before = os.getloadavg()
+    monitor = LoadMonitor()
+    load_before = monitor.before
     sides = _sides(args)
     rows = _train_lengths(args, sides)
     decode = _decode_lengths(args) if args.decode_lengths else []
@@ -246,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         "decode_step": decode,
         "summary": {name: summarize(rows, name) for name in chunked_names},
     }
-    path = write_json("attention", payload, args.out)
+    path = write_json("attention", payload, args.out, monitor=monitor, force=args.force)
     print(f"summary: {payload['summary']}\nload {load_before} -> {load_after}\nwrote {path}")
     return 0
 

@@ -9,8 +9,10 @@ and loaded through our HF I/O) generate ``--new-tokens`` tokens for ``--batch`` 
 ``--prompt-len`` tokens in both frameworks, in this process, greedy and with the reference's
 sampling (temperature 0.6, top-p 0.95, top-k 20); EOS is disabled so both produce exactly the
 same number of tokens. Each timed call includes putting prompts on the device and fetching the
-results; compilation (JAX) and the first call (torch) are excluded as warm-up. Reported:
-generated tokens/s (batch x new tokens / seconds, median of ``--repeat`` calls) and the ratio,
+results; compilation (JAX) and the first call (torch) are excluded as warm-up. The sides run
+interleaved (ours, torch, torch on one thread, ours, ... ``--repeat`` rounds). Reported:
+generated tokens/s (batch x new tokens / seconds, median of the rounds) and the speed-up (the
+median of the per-round ratios, ``codescaler_jax.bench.common``),
 against torch with its default threads and against torch on one thread (on a busy 2-core
 machine torch's threads thrash and the single-thread run is many times faster).
 
@@ -33,7 +35,13 @@ from typing import Any
 
 import numpy as np
 
-from codescaler_jax.bench.common import time_call, write_json
+from codescaler_jax.bench.common import (
+    LoadMonitor,
+    add_harness_args,
+    compare,
+    interleave,
+    write_json,
+)
 
 # Two policy shapes with the real Qwen3 vocabulary (the LM head is a large share of the work).
 SHAPES = {
@@ -111,23 +119,34 @@ def _bench_mode(ours, hf, mesh, prompts: np.ndarray, mode: str, new_tokens: int,
         assert out.shape == (batch, prompt_len + new_tokens)
 
     n = batch * new_tokens
-    t_ours = time_call(run_ours, warmup=1, repeat=repeat)
-    row = {"mode": mode, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
-           "ours_tokens_per_s": n / t_ours["median_s"], "ours_s": t_ours}
     # torch's default (one thread per core) is the like-for-like baseline; on a shared machine
     # its threads can thrash, so a single-thread run is measured too and reported beside it.
+    # All sides run interleaved (ours, torch, torch 1-thread, ours, ...).
     default_threads = torch.get_num_threads()
-    for label, threads in (("", default_threads), ("_1thread", 1)):
-        if label and default_threads == 1:
-            continue
-        torch.set_num_threads(threads)
+
+    def run_hf_1thread():
+        torch.set_num_threads(1)
         try:
-            t_hf = time_call(run_hf, warmup=1, repeat=repeat)
+            run_hf()
         finally:
             torch.set_num_threads(default_threads)
-        row[f"transformers{label}_tokens_per_s"] = n / t_hf["median_s"]
-        row[f"speedup{label}"] = t_hf["median_s"] / t_ours["median_s"]
-        row[f"transformers{label}_s"] = t_hf
+
+    sides = {"ours": run_ours, "transformers": run_hf}
+    if default_threads > 1:
+        sides["transformers_1thread"] = run_hf_1thread
+    timing = interleave(sides, rounds=repeat, warmup=1)
+    t_ours = timing["sides"]["ours"]
+    row = {"mode": mode, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+           "ours_tokens_per_s": n / t_ours["median_s"], "ours_s": t_ours,
+           "order": timing["order"]}
+    for label in ("", "_1thread"):
+        name = f"transformers{label}"
+        if name not in sides:
+            continue
+        t_hf = timing["sides"][name]
+        row[f"{name}_tokens_per_s"] = n / t_hf["median_s"]
+        row[f"speedup{label}"] = compare(timing, "ours", name)["ratio_median_of_pairs"]
+        row[f"{name}_s"] = t_hf
     return row
 
 
@@ -181,17 +200,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=5, help="interleaved rounds")
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--grpo-steps", type=int, default=4, help="0 skips the GRPO phase split")
     p.add_argument("--rm-path", default="runs/rm_tiny")
     p.add_argument("--out", default=None)
+    add_harness_args(p)
     args = p.parse_args(argv)
 
     import torch
 
     t0 = time.perf_counter()
-    load_before = os.getloadavg()  # other work on a shared machine skews both columns
+    monitor = LoadMonitor()  # other work on a shared machine skews both columns
     rows = []
     for shape in args.shapes:
         rows += bench_decode(shape, batch=args.batch, prompt_len=args.prompt_len,
@@ -217,10 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     payload = {
         "decode": rows, "grpo_tiny_step": grpo or None,
         "torch_threads": torch.get_num_threads(), "wall_s": time.perf_counter() - t0,
-        "load_average_1m_before_after": [load_before[0], os.getloadavg()[0]],
         "argv": sys.argv[1:] if argv is None else argv,
     }
-    path = write_json("sampler", payload, args.out)
+    path = write_json("sampler", payload, args.out, monitor=monitor, force=args.force)
     print(f"\nwrote {path}")
     return 0
 

@@ -6,7 +6,9 @@ For each depth, both layouts (``Qwen3Config.scan_layers`` True / False) build th
 (float32, remat on, random weights) and its full train step (Bradley-Terry loss, AdamW, as
 ``rm.train_step``) on one device. Reported per layout and depth: trace + lower seconds, XLA
 compile seconds, the size of the lowered StableHLO and of the compiled HLO text (characters),
-compiled temporaries, and the median step time. The two layouts run the same arithmetic, so
+compiled temporaries, and the median step time, the two layouts' steps interleaved (scan,
+unrolled, scan, ... ``--repeat`` rounds) with the median of the per-round ratios. The two
+layouts run the same arithmetic, so
 step times should match; the scanned program should stay the same size at every depth while
 the unrolled one grows linearly. Figures depend on the machine's load, which is recorded.
 """
@@ -18,6 +20,8 @@ import os
 import sys
 import time
 from typing import Any
+
+from codescaler_jax.bench.common import add_harness_args
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -32,19 +36,20 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--pairs", type=int, default=2, help="pairs per step (2x rows)")
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=3, help="interleaved rounds per depth")
     p.add_argument("--out", default=None)
+    add_harness_args(p)
     return p.parse_args(argv)
 
 
-def measure(depth: int, scan: bool, a: argparse.Namespace) -> dict[str, Any]:
-    """Compile and time one layout at one depth (see the module docstring)."""
+def measure(depth: int, scan: bool, a: argparse.Namespace) -> tuple[dict[str, Any], Any]:
+    """Compile one layout at one depth: its row (see the module docstring) and its blocking
+    step function (timed by ``main``, interleaved with the other layout's)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
-    from codescaler_jax.bench.common import time_call
     from codescaler_jax.models.qwen3 import Qwen3Config, Qwen3RewardModel
     from codescaler_jax.models.sharding import MeshConfig, create_sharded, make_mesh
     from codescaler_jax.rm.config import OptimSection
@@ -86,8 +91,11 @@ def measure(depth: int, scan: bool, a: argparse.Namespace) -> dict[str, Any]:
         t1 = time.perf_counter()
         compiled = lowered.compile()
         t2 = time.perf_counter()
-        timing = time_call(lambda: jax.block_until_ready(compiled(state, batch)),
-                           warmup=1, repeat=a.repeat)
+
+    def run() -> None:
+        with jax.set_mesh(mesh):
+            jax.block_until_ready(compiled(state, batch))
+
     mem = compiled.memory_analysis()
     return {
         "layers": depth,
@@ -97,23 +105,33 @@ def measure(depth: int, scan: bool, a: argparse.Namespace) -> dict[str, Any]:
         "lowered_hlo_chars": len(lowered.as_text()),
         "compiled_hlo_chars": len(compiled.as_text()),
         "temp_mib": round(mem.temp_size_in_bytes / 2**20, 2) if mem is not None else None,
-        "step_median_s": round(timing["median_s"], 4),
         "load_avg_1m": round(os.getloadavg()[0], 2),
-    }
+    }, run
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = _args(argv)
-    from codescaler_jax.bench.common import write_json
+    from codescaler_jax.bench.common import LoadMonitor, compare, interleave, write_json
 
+    monitor = LoadMonitor()
     depths = [int(d) for d in a.depths.split(",")]
-    rows = [measure(d, scan, a) for d in depths for scan in (True, False)]
+    rows, ratios = [], {}
+    for d in depths:
+        (r_scan, f_scan), (r_unr, f_unr) = measure(d, True, a), measure(d, False, a)
+        timing = interleave({"scan": f_scan, "unrolled": f_unr}, rounds=a.repeat, warmup=1)
+        for r, name in ((r_scan, "scan"), (r_unr, "unrolled")):
+            r["step_median_s"] = round(timing["sides"][name]["median_s"], 4)
+            r["step_s_all"] = timing["sides"][name]["wall_s"]
+        # > 1: the scanned step is faster (median of the per-round unrolled/scan ratios)
+        ratios[str(d)] = compare(timing, "scan", "unrolled")["ratio_median_of_pairs"]
+        rows += [r_scan, r_unr]
     result = {
         "config": {k: v for k, v in vars(a).items() if k != "out"},
         "rows": rows,
+        "step_unrolled_over_scan_median_of_pairs": ratios,
         "note": "RM train step (fwd + bwd + AdamW), float32, remat, one device",
     }
-    path = write_json("scan_layers", result, a.out)
+    path = write_json("scan_layers", result, a.out, monitor=monitor, force=a.force)
     print(f"{'layers':>6} {'layout':>8} {'lower s':>8} {'compile s':>9} {'HLO chars':>10} "
           f"{'compiled':>9} {'step s':>7} load")
     for r in rows:

@@ -16,8 +16,10 @@ device alone sustains at that batch size.
 Backends (``--backends``, ``serve --backend``): one server process of each runs at a time per
 batch limit, and the load alternates between them ``--rounds`` times (A B A B ...), so both see
 the same machine; reported per batch limit: each backend's median items/s and p50 / p99 over
-the rounds, and the median of the per-round ratios (first backend / second). The load average
-is recorded before and after.
+the rounds, and the median of the per-round ratios (first backend / second). The scorer alone
+is timed once per round before the backends, and ``server_over_scorer_median_of_pairs`` is the
+median over rounds of (first backend's items/s / scorer items/s). The load is recorded by the
+shared harness (bench/common.py).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import http.client
 import json
 import os
 import queue
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from codescaler_jax.bench.common import write_json
+from codescaler_jax.bench.common import LoadMonitor, add_harness_args, write_json
 
 CHAT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 
@@ -114,10 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backends", default="uvicorn,stdlib",
                    help="serve --backend values, measured side by side (the ratio: first / "
                    "second)")
-    p.add_argument("--rounds", type=int, default=3,
-                   help="load rounds per backend, interleaved A B A B ...")
     p.add_argument("--out", default=None, help="JSON path (default bench_results/serve.json)")
+    add_harness_args(p, rounds=3)
     args = p.parse_args(argv)
+    monitor = LoadMonitor()
 
     from codescaler_jax.data.problems import humaneval_problems
     from codescaler_jax.rm.scorer import RewardScorer
@@ -150,25 +153,24 @@ def main(argv: list[str] | None = None) -> int:
         items += [(q.prompt, q.solution.strip()) for q in group]
 
     backends = [x for x in args.backends.split(",") if x]
-    load_before = list(os.getloadavg())
     rows = []
     for b in [int(x) for x in args.max_batches.split(",")]:
-        # reference: the scorer alone at this batch size, same process, same items
+        # reference: the scorer alone at this batch size, same process, same items; it and
+        # the server's load alternate (scorer, server, scorer, ...) for --rounds rounds.
         scorer = RewardScorer.from_pretrained(rm, max_length=args.max_length, batch_size=b)
         probs, codes = [x[0] for x in items], [x[1] for x in items]
         scorer.score(probs, codes)  # compile every bucket used
-        t0 = time.perf_counter()
-        scorer.score(probs, codes)
-        direct_s = time.perf_counter() - t0
-        del scorer
-
+        direct: list[float] = []
         servers = {}
         try:
             for be in backends:
                 servers[be] = _start_server(rm, b, args.max_length, be)
                 _load(*servers[be][1:], payloads, min(args.clients, 4), 2)  # warm connections
             runs: dict[str, list[dict[str, float]]] = {be: [] for be in backends}
-            for _ in range(args.rounds):  # A B A B ...: both sides see the same machine
+            for _ in range(args.rounds):  # S A B S A B ...: every side sees the same machine
+                t0 = time.perf_counter()
+                scorer.score(probs, codes)
+                direct.append(time.perf_counter() - t0)
                 for be in backends:
                     host, port = servers[be][1:]
                     h0 = _health(host, port)
@@ -186,10 +188,17 @@ def main(argv: list[str] | None = None) -> int:
             for proc, _, _ in servers.values():
                 proc.terminate()
                 proc.wait(timeout=60)
+        del scorer
+        direct_s = statistics.median(direct)
+        n_items = args.clients * args.requests * args.items
+        first = runs[backends[0]]
+        per_round = [x["items_per_s"] / (len(items) / d) for x, d in zip(first, direct)]
         row: dict[str, Any] = {
             "max_batch": b,
-            "items_per_round": args.clients * args.requests * args.items,
+            "items_per_round": n_items,
             "direct_scorer_items_per_s": len(items) / direct_s,
+            "server_over_scorer_median_of_pairs": statistics.median(per_round),
+            "rounds": args.rounds,
         }
         for be in backends:
             r = runs[be]
@@ -215,17 +224,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"paired rounds): items/s {ratio['items_per_s']:.2f}x, p50 "
                   f"{ratio['p50_ms']:.2f}x, p99 {ratio['p99_ms']:.2f}x", flush=True)
         rows.append(row)
-    load_after = list(os.getloadavg())
-    print(f"load average (1, 5, 15 min): before {load_before}, after {load_after}")
     payload = {
         "rm": args.rm or "random tiny (configs/rm_tiny.yaml architecture)",
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "results": rows,
-        # the machine is shared: its load while this ran qualifies every number above
-        "load_average_1_5_15min_before": load_before,
-        "load_average_1_5_15min_after": load_after,
     }
-    path = write_json("serve", payload, args.out)
+    path = write_json("serve", payload, args.out, monitor=monitor, force=args.force)
     print(f"wrote {path}")
     if tmp is not None:
         tmp.cleanup()

@@ -6,18 +6,28 @@
 Both sides build the same Qwen3 RM (float32, random weights), take the same batch of
 ``pairs`` (chosen, rejected) right-padded sequences in one forward pass of ``2 * pairs`` rows,
 compute ``-log sigmoid(r+ - r-)``, backpropagate, clip the gradient norm to 1 and take an
-AdamW step (lr 1e-5, weight decay 0.01). Steps alternate between the two sides so that both
-see the same machine load. Reported: tokens/s (padded tokens processed), step time, and MFU
-against the matmul peak measured in the same run (``codescaler_jax.perf``).
+AdamW step (lr 1e-5, weight decay 0.01). Steps alternate between the two sides (ours, torch,
+ours, torch, ... ``--repeat`` rounds after one untimed round) so that both see the same machine
+load; the reported ratio is the median of the per-round ratios, the load before and after is
+recorded, and the JSON is README-grade only on a quiet machine or with ``--force``
+(``codescaler_jax.bench.common``). Reported: tokens/s (padded tokens processed), median step
+time, and MFU against the matmul peak measured in the same run (``codescaler_jax.perf``).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import numpy as np
+
+from codescaler_jax.bench.common import (
+    LoadMonitor,
+    add_harness_args,
+    compare,
+    interleave,
+    write_json,
+)
 
 
 def _args(argv):
@@ -32,10 +42,11 @@ def _args(argv):
     p.add_argument("--vocab", type=int, default=32768)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--pairs", type=int, default=4, help="pairs per step (2x rows)")
-    p.add_argument("--repeat", type=int, default=4)
+    p.add_argument("--repeat", type=int, default=6, help="interleaved rounds")
     p.add_argument("--small", action="store_true", help="hidden 256, 4 layers, seq 256")
     p.add_argument("--skip-torch", action="store_true")
     p.add_argument("--out", default=None)
+    add_harness_args(p)
     a = p.parse_args(argv)
     if a.small:
         a.hidden, a.layers, a.heads, a.kv_heads, a.seq = 256, 4, 4, 2, 256
@@ -44,11 +55,11 @@ def _args(argv):
 
 def main(argv=None) -> int:
     a = _args(argv)
+    monitor = LoadMonitor()
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    from codescaler_jax.bench.common import write_json
     from codescaler_jax.models.qwen3 import Qwen3Config, Qwen3RewardModel
     from codescaler_jax.models.sharding import MeshConfig, create_sharded, make_mesh
     from codescaler_jax.perf import measure_matmul_peak, train_flops_per_token
@@ -108,17 +119,14 @@ def main(argv=None) -> int:
     )
     jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
 
-    ours_times, torch_times = [], []
     with jax.set_mesh(mesh):
         state, m = step(state, jbatch)  # compile
         jax.block_until_ready(m)
 
         def run_ours():
             nonlocal state
-            t0 = time.perf_counter()
             state, m = step(state, jbatch)
             jax.block_until_ready(m["loss_sum"])
-            ours_times.append(time.perf_counter() - t0)
 
         torch_step = None
         if not a.skip_torch:
@@ -139,21 +147,16 @@ def main(argv=None) -> int:
             t_ids, t_mask = torch.tensor(ids, dtype=torch.long), torch.tensor(mask)
 
             def torch_step():
-                t0 = time.perf_counter()
                 s = hf(input_ids=t_ids, attention_mask=t_mask).logits[:, 0]
                 loss = -torch.nn.functional.logsigmoid(s[:B] - s[B:]).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
                 opt.step()
-                torch_times.append(time.perf_counter() - t0)
 
-            torch_step()  # warm-up
-            torch_times.clear()
-        for _ in range(a.repeat):
-            run_ours()
-            if torch_step is not None:
-                torch_step()
+        sides = {"ours": run_ours} if torch_step is None else {"ours": run_ours,
+                                                               "torch": torch_step}
+        timing = interleave(sides, rounds=a.repeat, warmup=1)
 
     peak = measure_matmul_peak(n=2048, repeat=3)
     tokens = 2 * B * L
@@ -166,7 +169,7 @@ def main(argv=None) -> int:
         head_dim=a.head_dim,
         seq_len=L,
     )
-    ours_t = float(np.median(ours_times))
+    ours_t = timing["sides"]["ours"]["median_s"]
     res = {
         "config": vars(a),
         "tokens_per_step": tokens,
@@ -176,28 +179,30 @@ def main(argv=None) -> int:
             "step_s": ours_t,
             "tokens_per_s": tokens / ours_t,
             "mfu": fpt * tokens / ours_t / peak,
-            "all_s": ours_times,
+            "all_s": timing["sides"]["ours"]["wall_s"],
         },
+        "order": timing["order"],
     }
     mfu = res["ours"]["mfu"]
     line = f"ours : {ours_t * 1e3:8.1f} ms/step  {tokens / ours_t:10.0f} tok/s  MFU {mfu:.1%}"
-    if torch_times:
-        torch_t = float(np.median(torch_times))
+    if "torch" in timing["sides"]:
+        torch_t = timing["sides"]["torch"]["median_s"]
         res["torch"] = {
             "step_s": torch_t,
             "tokens_per_s": tokens / torch_t,
             "mfu": fpt * tokens / torch_t / peak,
-            "all_s": torch_times,
+            "all_s": timing["sides"]["torch"]["wall_s"],
             "threads": __import__("torch").get_num_threads(),
         }
-        res["speedup_vs_torch"] = torch_t / ours_t
+        res["comparison"] = compare(timing, "ours", "torch")
+        res["speedup_vs_torch"] = res["comparison"]["ratio_median_of_pairs"]
         line += (
             f"\ntorch: {torch_t * 1e3:8.1f} ms/step  {tokens / torch_t:10.0f} tok/s  "
-            f"MFU {res['torch']['mfu']:.1%}\nratio ours/torch throughput: "
+            f"MFU {res['torch']['mfu']:.1%}\nratio ours/torch (median of per-round ratios): "
             f"{res['speedup_vs_torch']:.2f}x"
         )
     print(line)
-    path = write_json("train_rm", res, a.out)
+    path = write_json("train_rm", res, a.out, monitor=monitor, force=a.force)
     print(f"wrote {path}")
     return 0
 
