@@ -472,13 +472,16 @@ class Attention(nnx.Module):
         q = shard_activation(q, ("batch", "seq", "heads", "head_dim"))
         if kv_cache is not None:
             ck, cv = kv_cache
-            k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
-            v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
+            k = write_slots(ck, k, index)
+            v = write_slots(cv, v, index)
         k = shard_activation(k, ("batch", "seq", "kv_heads", "head_dim"))
         v = shard_activation(v, ("batch", "seq", "kv_heads", "head_dim"))
+        # A per-row index [B] comes with one query per row, whose visible keys are exactly
+        # the row's valid slots: every one lies at or below the largest row's slot.
+        offset = 0 if index is None else (jnp.max(index) if index.ndim else index)
         out = dot_product_attention(
             q, k.astype(dt), v.astype(dt), kv_valid=kv_valid,
-            q_offset=0 if index is None else index, implementation=self.implementation,
+            q_offset=offset, implementation=self.implementation,
             block_q=self.block_q, block_kv=self.block_kv,
         )
         y = dense(out, self.o_proj.kernel[...].astype(dt), in_dims=2)
@@ -534,7 +537,9 @@ class KVCache:
             in-place update of the loop carry), and the unrolled layers do the same by index.
         mask: ``[batch, max_len]`` bool, True where a slot holds a real token.
         next_pos: ``[batch]`` int32, RoPE position of each row's next real token.
-        index: ``[]`` int32, the next slot to write (shared by all rows).
+        index: ``[]`` int32, the next slot to write (shared by all rows), or ``[batch]``:
+            each row's own next slot (the continuous-batching engine, whose rows start at
+            different times); a per-row index takes one-token steps only.
     """
 
     k: jax.Array
@@ -546,7 +551,8 @@ class KVCache:
     def logical_axes(self) -> KVCache:
         """The same tree with logical axis names in place of arrays (for ``tree_shardings``)."""
         kv = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
-        return KVCache(k=kv, v=kv, mask=("batch", "cache_seq"), next_pos=("batch",), index=())
+        index = ("batch",) if len(self.index.shape) else ()
+        return KVCache(k=kv, v=kv, mask=("batch", "cache_seq"), next_pos=("batch",), index=index)
 
     def extend(self, n: int) -> KVCache:
         """The same cache with ``n`` more empty slots at the end (``max_len + n``)."""
@@ -563,10 +569,29 @@ def _remat_policy(cfg: Qwen3Config) -> Any:
     return None if cfg.remat is True else getattr(jax.checkpoint_policies, cfg.remat)
 
 
+def write_slots(x: jax.Array, update: jax.Array, index: jax.Array) -> jax.Array:
+    """``x [B, S, ...]`` with ``update [B, T, ...]`` written at slots ``[index, index + T)``
+    of axis 1: one slice for a scalar ``index``, row ``b`` at ``index[b]`` for an ``[B]`` one."""
+    update = update.astype(x.dtype)
+    tail = (0,) * (x.ndim - 2)
+    if not index.ndim:
+        return jax.lax.dynamic_update_slice(x, update, (0, index, *tail))
+    return jax.vmap(lambda xb, ub, i: jax.lax.dynamic_update_slice(xb, ub, (i, *tail)))(
+        x, update, index)
+
+
 def _write_chunk(stack: jax.Array, layer_kv: jax.Array, layer: Any, index: jax.Array,
                  length: int) -> jax.Array:
     """Write slots ``[index, index + length)`` of one layer's ``[B, S, K, D]`` keys (or values)
-    into the ``[L, B, S, K, D]`` cache at ``layer``; only the new chunk is written."""
+    into the ``[L, B, S, K, D]`` cache at ``layer``; only the new chunk is written (per row
+    for an ``[B]`` index)."""
+    if index.ndim:
+        chunk = jax.vmap(lambda xb, i: jax.lax.dynamic_slice_in_dim(xb, i, length, 0))(
+            layer_kv, index)
+        return jax.vmap(
+            lambda sb, cb, i: jax.lax.dynamic_update_slice(sb, cb[None], (layer, i, 0, 0)),
+            in_axes=(1, 0, 0), out_axes=1,
+        )(stack, chunk.astype(stack.dtype), index)
     chunk = jax.lax.dynamic_slice_in_dim(layer_kv, index, length, axis=1)
     return jax.lax.dynamic_update_slice(stack, chunk[None].astype(stack.dtype),
                                         (layer, 0, index, 0, 0))
@@ -627,7 +652,12 @@ class Qwen3Model(nnx.Module):
             kv_valid = valid
         else:
             positions = jnp.maximum(cache.next_pos[:, None] + steps, 0)
-            kv_valid = jax.lax.dynamic_update_slice(cache.mask, valid, (0, cache.index))
+            if cache.index.ndim and t != 1:
+                raise ValueError(
+                    f"a per-row cache index (shape {cache.index.shape}) takes one token per "
+                    f"row, got a chunk of {t}"
+                )
+            kv_valid = write_slots(cache.mask, valid, cache.index)
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
 
         x = self.embed_tokens(input_ids).astype(dt)
