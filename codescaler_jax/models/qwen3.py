@@ -455,13 +455,14 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, kv_valid: jax.Array,
                  kv_cache: tuple[jax.Array, jax.Array] | None = None,
-                 index: jax.Array | None = None):
+                 index: jax.Array | None = None, segment_ids: jax.Array | None = None):
         """``x [B, T, H]`` -> ``([B, T, H], (k, v))``.
 
         Without ``kv_cache`` the keys/values are this chunk's (``kv_valid [B, T]``, causal
         from slot 0); with it they are written at slot ``index`` of ``kv_cache`` (``[B, S, K,
         D]`` each) and the attention runs over the ``S`` slots (``kv_valid [B, S]``, query
-        ``i`` at slot ``index + i``). The mask rule is ``models.attention``'s.
+        ``i`` at slot ``index + i``). The mask rule is ``models.attention``'s; ``segment_ids
+        [B, T]`` (no cache: packed sequences) keep each token to its own sequence.
         """
         dt = x.dtype
         q = dense(x, self.q_proj.kernel[...].astype(dt))  # [B, T, N, D]
@@ -481,7 +482,8 @@ class Attention(nnx.Module):
         offset = 0 if index is None else (jnp.max(index) if index.ndim else index)
         out = dot_product_attention(
             q, k.astype(dt), v.astype(dt), kv_valid=kv_valid,
-            q_offset=offset, implementation=self.implementation,
+            q_offset=offset, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
+            implementation=self.implementation,
             block_q=self.block_q, block_kv=self.block_kv,
         )
         y = dense(out, self.o_proj.kernel[...].astype(dt), in_dims=2)
@@ -518,9 +520,10 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "norm", pdt)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, cos, sin, kv_valid, kv_cache=None, index=None):
+    def __call__(self, x, cos, sin, kv_valid, kv_cache=None, index=None, segment_ids=None):
         """``x [B, T, H]`` -> ``([B, T, H], (k, v))``; see ``Attention``."""
-        attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, kv_valid, kv_cache, index)
+        attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, kv_valid, kv_cache, index,
+                                  segment_ids)
         x = x + attn
         x = x + self.mlp(self.post_attention_layernorm(x))
         return shard_activation(x, ("batch", "seq", "act_embed")), kv
@@ -628,13 +631,18 @@ class Qwen3Model(nnx.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "norm", cfg.weight_dtype)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array,
-                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+                 cache: KVCache | None = None, *, segment_ids: jax.Array | None = None,
+                 positions: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
         """Final-normed hidden states.
 
         Args:
             input_ids: ``[B, T]`` int.
             attention_mask: ``[B, T]`` int/bool, 1 on real tokens (padding left or right).
             cache: if given, the ``T`` tokens continue it (see the module docstring).
+            segment_ids: ``[B, T]`` int32, no cache: several sequences packed in a row; a
+                token attends only to earlier tokens of its own segment.
+            positions: ``[B, T]`` int32 RoPE positions (packed rows restart them per
+                sequence); default ``cumsum(attention_mask) - 1``.
 
         Returns:
             ``(hidden [B, T, H] in the compute dtype, updated cache or None)``.
@@ -648,10 +656,12 @@ class Qwen3Model(nnx.Module):
         # query 0 (0 without a cache, the write index with one); models.attention applies
         # causality from that, blockwise where the implementation is.
         if cache is None:
-            positions = jnp.maximum(steps, 0)
+            positions = jnp.maximum(steps, 0) if positions is None else positions
             kv_valid = valid
         else:
             positions = jnp.maximum(cache.next_pos[:, None] + steps, 0)
+            if segment_ids is not None or positions is not None:
+                raise ValueError("segment_ids / positions are for cache-free (packed) forwards")
             if cache.index.ndim and t != 1:
                 raise ValueError(
                     f"a per-row cache index (shape {cache.index.shape}) takes one token per "
@@ -663,7 +673,7 @@ class Qwen3Model(nnx.Module):
         x = self.embed_tokens(input_ids).astype(dt)
         x = shard_activation(x, ("batch", "seq", "act_embed"))
         run = self._scanned if cfg.scan_layers else self._unrolled
-        x, kv = run(x, cos, sin, kv_valid, cache)
+        x, kv = run(x, cos, sin, kv_valid, cache, segment_ids)
         x = self.norm(x)
         if cache is None:
             return x, None
@@ -673,11 +683,11 @@ class Qwen3Model(nnx.Module):
         )
         return x, new_cache
 
-    def _unrolled(self, x, cos, sin, kv_valid, cache):
+    def _unrolled(self, x, cos, sin, kv_valid, cache, segment_ids=None):
         """The layers one after another in Python: ``(x, (k, v) or None)``."""
         if cache is None:
             def step(layer: DecoderLayer, x: jax.Array) -> jax.Array:
-                return layer(x, cos, sin, kv_valid)[0]
+                return layer(x, cos, sin, kv_valid, None, None, segment_ids)[0]
 
             if self.cfg.remat:
                 step = nnx.remat(step, policy=_remat_policy(self.cfg))
@@ -691,7 +701,7 @@ class Qwen3Model(nnx.Module):
             vs = _write_chunk(vs, v, i, cache.index, t)
         return x, (ks, vs)
 
-    def _scanned(self, x, cos, sin, kv_valid, cache):
+    def _scanned(self, x, cos, sin, kv_valid, cache, segment_ids=None):
         """The stacked layers under one ``jax.lax.scan``: ``(x, (k, v) or None)``.
 
         ``jax.lax.scan`` over the split state (merged back into a layer inside the body),
@@ -705,7 +715,8 @@ class Qwen3Model(nnx.Module):
         index = None if cache is None else cache.index
 
         def apply(layer_state, x, kv=None):
-            return nnx.merge(graphdef, layer_state)(x, cos, sin, kv_valid, kv, index)
+            return nnx.merge(graphdef, layer_state)(x, cos, sin, kv_valid, kv, index,
+                                                    segment_ids)
 
         if cache is None:
             def body(x, layer_state):
@@ -769,9 +780,13 @@ class Qwen3ForCausalLM(nnx.Module):
             self.lm_head = Linear((cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
                                   cfg.weight_dtype, rngs=rngs)
 
-    def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
-        """Final-normed hidden states ``[B, T, H]`` (compute dtype) for ``[B, T]`` inputs."""
-        return self.model(input_ids, attention_mask)[0]
+    def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array, *,
+                      segment_ids: jax.Array | None = None,
+                      positions: jax.Array | None = None) -> jax.Array:
+        """Final-normed hidden states ``[B, T, H]`` (compute dtype) for ``[B, T]`` inputs
+        (packed rows: ``segment_ids`` and ``positions``, see ``Qwen3Model``)."""
+        return self.model(input_ids, attention_mask, segment_ids=segment_ids,
+                          positions=positions)[0]
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """``hidden [..., H] -> logits [..., V]`` in float32."""

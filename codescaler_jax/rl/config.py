@@ -91,6 +91,7 @@ class RolloutSection:
     prefill_chunk: int | None = None
 
     def __post_init__(self):
+        import codescaler_jax.generate.engine  # noqa: F401  (registers "continuous")
         from codescaler_jax.rl.sampler import SAMPLERS
 
         SAMPLERS.check(self.engine)
