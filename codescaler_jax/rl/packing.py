@@ -159,6 +159,31 @@ def pack_update_batch(
     return packed, stats
 
 
+def pack_on_mesh(batch: Mapping[str, jax.Array], mesh: Any, *, num_minibatches: int,
+                 token_budget: int, loss: PolicyLossConfig) -> tuple[dict[str, jax.Array],
+                                                                 dict[str, float]]:
+    """``pack_update_batch`` of a global (device) batch, put back on ``mesh``: one bin per
+    data x fsdp shard in each micro-batch, the bins split over ``('data', 'fsdp')``."""
+    from jax.experimental import multihost_utils
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    def host(x: jax.Array) -> np.ndarray:
+        if not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+
+    ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    packed, stats = pack_update_batch({k: host(v) for k, v in batch.items()},
+                                      num_minibatches=num_minibatches, token_budget=token_budget,
+                                      loss=loss, rows_per_micro=ways)
+    bins = NamedSharding(mesh, PartitionSpec(None, None, ("data", "fsdp")))
+    whole = NamedSharding(mesh, PartitionSpec())
+    out = {k: jax.make_array_from_callback(v.shape, whole if v.ndim == 1 else bins,
+                                           lambda i, v=v: v[i])
+           for k, v in packed.items()}
+    return out, stats
+
+
 def packed_logprobs(model: Any, mb: Mapping[str, jax.Array], temperature: float = 1.0,
                     chunk: int | None = None) -> jax.Array:
     """``log_softmax(logits / T)`` of each position's target, ``[k, T]`` for packed rows
