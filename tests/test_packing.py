@@ -146,3 +146,29 @@ def test_packed_sequences_never_see_each_other_and_restart_positions():
     rows, cols = np.array([w[0] for w in where]).T
     np.testing.assert_allclose(all_logp[all_mask], want[rows, cols], atol=1e-5)
     assert all_mask.sum() == host["response_mask"].sum()
+
+
+@pytest.mark.slow
+def test_grpo_loop_packed_equals_padded_and_runs_continuous_rollouts(tmp_path):
+    """The trainer hooks: ``algorithm.ppo_max_token_len_per_device`` gives the padded run's
+    metrics and parameters; ``rollout.engine=continuous`` trains too."""
+    from test_grpo_train import _cfg, _loop_overrides  # registers the test reward too
+    from tiny_rm import save_tiny_rm
+
+    from codescaler_jax.rl.trainer import GRPOTrainer
+
+    rm_dir = save_tiny_rm(tmp_path / "rm")
+    mesh = make_mesh(MeshConfig(), devices=jax.devices()[:1])
+    runs = {}
+    for name, extra in (("padded", []), ("packed", ["algorithm.ppo_max_token_len_per_device=600"]),
+                        ("continuous", ["rollout.engine=continuous"])):
+        trainer = GRPOTrainer(_cfg(_loop_overrides(tmp_path / name, rm_dir, 2) + extra),
+                              progress=False, mesh=mesh)
+        runs[name] = (trainer.run(), jax.device_get(trainer.state["params"]))
+    (a, pa), (b, pb) = runs["padded"], runs["packed"]
+    for ha, hb in zip(a["history"], b["history"], strict=True):
+        for k, v in ha.items():
+            if not k.startswith("time/") and "per_s" not in k and "mfu" not in k:
+                np.testing.assert_allclose(hb[k], v, rtol=1e-5, atol=1e-6, err_msg=k)
+    _close(pb, pa, 1e-5)
+    assert runs["continuous"][0]["steps_run"] == 2

@@ -659,9 +659,9 @@ class Qwen3Model(nnx.Module):
             positions = jnp.maximum(steps, 0) if positions is None else positions
             kv_valid = valid
         else:
-            positions = jnp.maximum(cache.next_pos[:, None] + steps, 0)
             if segment_ids is not None or positions is not None:
                 raise ValueError("segment_ids / positions are for cache-free (packed) forwards")
+            positions = jnp.maximum(cache.next_pos[:, None] + steps, 0)
             if cache.index.ndim and t != 1:
                 raise ValueError(
                     f"a per-row cache index (shape {cache.index.shape}) takes one token per "
