@@ -25,7 +25,13 @@ from codescaler_jax.rl.packing import (
     pack_update_batch,
     packed_logprobs,
 )
-from codescaler_jax.rm.train_step import init_state, make_optimizer, make_schedule, split_model
+from codescaler_jax.rm.train_step import (
+    init_state,
+    make_optimizer,
+    make_schedule,
+    split_model,
+    state_shardings,
+)
 
 P, N, B, VOCAB = 6, 10, 8, 64
 
@@ -99,7 +105,8 @@ def test_packed_train_step_equals_the_padded_one():
         graphdef, params, rest = split_model(model)
         schedule = make_schedule(optim, 10)
         tx = make_optimizer(optim, per_update_schedule(schedule, opts.num_minibatches))
-        state = init_state(params, tx, None)
+        mesh = make_mesh(MeshConfig(), devices=jax.devices()[:1])
+        state = init_state(params, tx, state_shardings(model, tx, mesh))
         if packed:
             data, _ = pack_update_batch(host, num_minibatches=2, token_budget=32, loss=cfg)
             step = make_packed_train_step(graphdef, rest, tx, schedule, opts)

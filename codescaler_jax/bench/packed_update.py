@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from codescaler_jax.bench.rollout import skewed_lengths
     from codescaler_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
+    from codescaler_jax.models.sharding import MeshConfig, make_mesh
     from codescaler_jax.rl.config import GRPOOptimSection
     from codescaler_jax.rl.grpo import UpdateOptions, make_train_step, per_update_schedule
     from codescaler_jax.rl.losses import PolicyLossConfig
@@ -50,6 +51,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         make_optimizer,
         make_schedule,
         split_model,
+        state_shardings,
     )
 
     n = 8 * args.median
@@ -66,7 +68,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     graphdef, params, rest = split_model(model)
     schedule = make_schedule(optim, 10)
     tx = make_optimizer(optim, per_update_schedule(schedule, opts.num_minibatches))
-    state = init_state(params, tx, None)
+    mesh = make_mesh(MeshConfig(), devices=jax.devices()[:1])
+    state = init_state(params, tx, state_shardings(model, tx, mesh))
     budget = max(args.token_budget, args.prompt_len + n)
 
     def pack():
