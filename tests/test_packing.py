@@ -69,8 +69,9 @@ def _close(a, b, tol=1e-6):
 
 
 @pytest.mark.parametrize("mode,beta", [
-    ("token-mean", 0.0), ("seq-mean-token-mean", 0.1), ("seq-mean-token-sum", 0.0),
-    ("seq-mean-token-sum-norm", 0.0),
+    ("token-mean", 0.0), ("seq-mean-token-mean", 0.1),
+    pytest.param("seq-mean-token-sum", 0.0, marks=pytest.mark.slow),
+    pytest.param("seq-mean-token-sum-norm", 0.0, marks=pytest.mark.slow),
 ])
 def test_packed_gradient_and_loss_equal_the_padded_ones(mode, beta):
     model = _model()
@@ -94,6 +95,7 @@ def test_packed_gradient_and_loss_equal_the_padded_ones(mode, beta):
         _close(got_m[name].weight, want_m[name].weight, 1e-5)
 
 
+@pytest.mark.slow
 def test_packed_train_step_equals_the_padded_one():
     cfg = PolicyLossConfig(loss_agg_mode="seq-mean-token-mean")
     opts = UpdateOptions(loss=cfg, num_minibatches=2, temperature=0.6)
@@ -124,7 +126,7 @@ def test_packed_sequences_never_see_each_other_and_restart_positions():
     host = _batch(3)
     cfg = PolicyLossConfig()
     packed, _ = pack_update_batch(host, num_minibatches=1, token_budget=40, loss=cfg)
-    mb = {k: jnp.asarray(v[0, 0]) for k, v in packed.items()}
+    mb = {k: jnp.asarray(v[0, 0]) for k, v in packed.items() if k != "denominator"}
     logp = np.asarray(jax.jit(packed_logprobs)(model, mb))
     seg = np.asarray(mb["segment_ids"])
     row = int(np.argmax(seg.max(-1)))  # the bin with the most sequences

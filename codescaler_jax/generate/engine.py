@@ -165,9 +165,11 @@ class ContinuousSampler(JaxSampler):
         state_sh["cache"] = tree_shardings(abstract["cache"], abstract["cache"].logical_axes(),
                                            mesh)
 
-        def prefill(params, s, slot, ids, mask, first, last, key):
-            """Write chunk ``ids [C]`` (``mask [C]``) into ``slot``; draw on the last chunk."""
+        def prefill(params, s, slot, ids, mask, first, last, rng, request):
+            """Write chunk ``ids [C]`` (``mask [C]``) of ``request`` into ``slot``; draw on the
+            last chunk. The row's key ``fold_in(rng, request)`` is made here (no host op)."""
             self.traces["prefill"] += 1
+            key = jax.random.fold_in(rng, request)
             lm = nnx.merge(graphdef, params, rest)
             per_slot = {k: v for k, v in s.items() if k not in ("cache", "steps", "live_steps")}
             row = _rows(per_slot, slot)
@@ -238,7 +240,7 @@ class ContinuousSampler(JaxSampler):
         self._prefill = jax.jit(
             prefill, donate_argnums=(1,),
             in_shardings=(self._param_shardings, state_sh, scalar, scalar, scalar, scalar,
-                          scalar, scalar),
+                          scalar, scalar, scalar),
             out_shardings=state_sh)
         self._decode = jax.jit(decode, donate_argnums=(1,),
                                in_shardings=(self._param_shardings, state_sh, scalar),
@@ -283,22 +285,20 @@ class ContinuousSampler(JaxSampler):
                         continue
                     r = waiting.popleft()
                     pieces = self._chunks(prompts[r])
-                    key = jax.random.fold_in(rng, r)
                     for i, (ids, mask) in enumerate(pieces):
                         state = self._prefill(self._params, state, np.int32(b), ids, mask,
                                               np.bool_(i == 0), np.bool_(i == len(pieces) - 1),
-                                              key)
+                                              rng, np.int32(r))
                     prefill_chunks += len(pieces)
                     owner[b] = r
                 if all(o < 0 for o in owner):
                     break
                 state = self._decode(self._params, state, np.int32(1 if waiting else slots))
-                done = np.asarray(_host(state["done"]))
+                done = _host(state["done"])
                 for b in np.flatnonzero(done):
                     if owner[b] < 0:
                         continue
-                    row = {k: np.asarray(_host(v))[0]
-                           for k, v in self._fetch(state, np.int32(b)).items()}
+                    row = {k: v[0] for k, v in _host_tree(self._fetch(state, np.int32(b))).items()}
                     r = owner[b]
                     tokens[r], logprobs[r] = row["tokens"], row["logprobs"]
                     lengths[r], stopped[r] = row["count"], row["stopped"]
@@ -311,6 +311,14 @@ class ContinuousSampler(JaxSampler):
         )
         p_len = next(b for b in self.buckets if b >= longest)
         return SampleOutput(tokens, logprobs, lengths, stopped, p_len)
+
+
+def _host_tree(tree: Any) -> Any:
+    """``_host`` of every array, in one transfer when they are all on this host."""
+    leaves = jax.tree.leaves(tree)
+    if all(x.is_fully_addressable for x in leaves):
+        return jax.tree.map(np.asarray, jax.device_get(tree))
+    return jax.tree.map(_host, tree)
 
 
 SAMPLERS.register("continuous")(ContinuousSampler)
