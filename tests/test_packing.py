@@ -181,3 +181,15 @@ def test_grpo_loop_packed_equals_padded_and_runs_continuous_rollouts(tmp_path):
                 np.testing.assert_allclose(hb[k], v, rtol=1e-5, atol=1e-6, err_msg=k)
     _close(pb, pa, 1e-5)
     assert runs["continuous"][0]["steps_run"] == 2
+
+
+def test_bins_respect_the_budget_and_micro_batches_round_to_buckets():
+    from codescaler_jax.rl.packing import first_fit, micro_bucket
+
+    lengths = np.array([5, 3, 8, 2, 7, 10, 1])
+    bins = first_fit(lengths, 10)
+    assert sorted(i for b in bins for i in b) == list(range(7))
+    assert all(lengths[b].sum() <= 10 for b in bins) and len(bins) == 4  # 36 tokens: 4 bins
+    with pytest.raises(ValueError, match="token_budget=10"):
+        first_fit(np.array([11]), 10)
+    assert [micro_bucket(n) for n in (1, 2, 3, 4, 5, 7, 9, 13)] == [1, 2, 3, 4, 6, 8, 12, 16]

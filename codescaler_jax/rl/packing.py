@@ -21,8 +21,8 @@ mask is empty contribute nothing in either layout and are left out of the bins.
 
 Static shapes: the bins of a mini-batch are grouped ``rows_per_micro`` at a time (a multiple
 of the mesh's data x fsdp size, so micro-batches shard like padded rows) into micro-batches;
-their count is rounded up to a power of two (``micro_bucket``), so the jitted step compiles
-once per bucket, not per batch.
+their count is rounded up to a bucket (``micro_bucket``: 1, 2, 3, 4, 6, 8, 12, ...), so the
+jitted step compiles once per bucket, not per batch.
 """
 
 from __future__ import annotations
@@ -68,8 +68,11 @@ def first_fit(lengths: np.ndarray, budget: int) -> list[list[int]]:
 
 
 def micro_bucket(n: int) -> int:
-    """Micro-batches per mini-batch, rounded up to a power of two (bounded recompiles)."""
-    return 1 << max(n - 1, 0).bit_length()
+    """Micro-batches per mini-batch, rounded up to 1, 2, 3, 4, 6, 8, 12, 16, ... (a power of
+    two or 1.5 times one): at most two compiled shapes per doubling, at most 1/3 empty bins
+    (a power of two alone would waste up to half)."""
+    p = 1 << max(n - 1, 0).bit_length()
+    return 3 * p // 4 if p >= 4 and 3 * p // 4 >= n else p
 
 
 def pack_update_batch(
