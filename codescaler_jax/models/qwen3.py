@@ -42,6 +42,8 @@ and is not in the future: ``models.attention``'s rule with ``q_offset = cache.in
 builds a ``[C, max_len]`` mask), so shapes never change between steps. Each row keeps
 its own next RoPE position (``cache.next_pos``), so left padding costs nothing but slots.
 The caller keeps ``cache.index + C <= max_len`` (``dynamic_update_slice`` would clamp).
+``cache.index`` may also be ``[B]``, one write slot per row, for one-token steps whose rows
+started at different times (the continuous-batching engine, ``generate/engine.py``).
 The cache's keys and values are ``[layers, B, max_len, K, D]`` in both layouts (the scan
 carries them and writes each layer's new chunk in place). ``KVCache.logical_axes()`` gives
 its sharding (layers replicated, batch over data/fsdp, KV heads over tensor):
@@ -49,6 +51,9 @@ its sharding (layers replicated, batch over data/fsdp, KV heads over tensor):
 For a decode loop, jit a pure function of ``nnx.split(lm)``'s state (split once, merge
 inside ``jax.jit``): ``nnx.jit`` re-walks the module graph on every call, measured here at
 1.4 ms vs 0.5 ms per step of a tiny model on CPU.
+
+Packed training rows (several sequences per row, ``rl/packing.py``) pass ``segment_ids`` and
+``positions`` to ``hidden_states``: attention stays within a segment, positions restart.
 
 For per-token log-probs (GRPO) use ``lm.hidden_states(...)`` then
 ``lm.token_logprobs(hidden, targets, chunk_size=...)``, which never materialises more than
