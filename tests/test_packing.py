@@ -144,8 +144,9 @@ def test_packed_sequences_never_see_each_other_and_restart_positions():
     np.testing.assert_array_equal(logp2[~hit & loss_pos], logp[~hit & loss_pos])
     # Each packed token gets the log-prob of its own padded row (found by its old_logp,
     # random floats copied from that row): positions restart, nothing else is seen.
-    want = np.asarray(response_token_stats(model, jnp.asarray(host["input_ids"]),
-                                           jnp.asarray(host["attention_mask"]), N)[0])
+    stats = nnx.jit(lambda m, ids, mask: response_token_stats(m, ids, mask, N)[0])
+    want = np.asarray(stats(model, jnp.asarray(host["input_ids"]),
+                            jnp.asarray(host["attention_mask"])))
     flat = {k: jnp.asarray(v[0].reshape(-1, 40)) for k, v in packed.items() if k != "denominator"}
     all_logp = np.asarray(jax.jit(packed_logprobs)(model, flat))
     all_mask = np.asarray(flat["loss_mask"]) > 0

@@ -14,7 +14,9 @@ their traces, so a test can check there is no recompilation):
   slot's next cache slots; on the prompt's last chunk it also draws the row's first token.
 - ``decode``: a ``lax.while_loop`` of one-token steps over all slots, each row writing its own
   next cache slot (``KVCache.index`` per row), until a slot frees while prompts are waiting
-  (or every slot is done). Exiting only then keeps host round trips to one per finished row.
+  (or every slot is done). Exiting only then keeps host round trips to one per finished row
+  (its done flags); a finished row is copied out on device and fetched with all the others
+  at the end.
 
 Same tokens as the static sampler: row ``r`` draws with the key chain ``fold_in(rng, r)``,
 split once per token, one row at a time (greedy: no key at all). That is exactly what
@@ -276,6 +278,7 @@ class ContinuousSampler(JaxSampler):
         stopped = np.zeros(n_rows, bool)
         waiting = collections.deque(range(n_rows))
         owner = [-1] * slots  # the request each slot is decoding
+        finished = []  # (request, its row still on device): fetched in one transfer at the end
         prefill_chunks = 0
         with jax.set_mesh(self.mesh):
             state = self._init()
@@ -298,13 +301,15 @@ class ContinuousSampler(JaxSampler):
                 for b in np.flatnonzero(done):
                     if owner[b] < 0:
                         continue
-                    row = {k: v[0] for k, v in _host_tree(self._fetch(state, np.int32(b))).items()}
-                    r = owner[b]
-                    tokens[r], logprobs[r] = row["tokens"], row["logprobs"]
-                    lengths[r], stopped[r] = row["count"], row["stopped"]
+                    # Copied out on device before the slot is refilled; no wait here.
+                    finished.append((owner[b], self._fetch(state, np.int32(b))))
                     owner[b] = -1
             steps = int(_host(state["steps"]))
             live = int(_host(state["live_steps"]))
+            for r, row in zip([r for r, _ in finished],
+                              _host_tree([row for _, row in finished]), strict=True):
+                tokens[r], logprobs[r] = row["tokens"][0], row["logprobs"][0]
+                lengths[r], stopped[r] = row["count"][0], row["stopped"][0]
         self.last_stats = dict(
             decode_steps=steps, prefill_chunks=prefill_chunks, slots=slots,
             slot_utilisation=live / (steps * slots) if steps else 1.0,
