@@ -3,6 +3,7 @@
 same samples on a sharded 8-device mesh."""
 
 import functools
+import re
 
 import jax
 import numpy as np
@@ -121,9 +122,19 @@ def test_sharded_slots_sample_the_same_as_one_device(hf_lm):
     b = eight.generate(prompts, jax.random.key(1))
     np.testing.assert_array_equal(a.tokens, b.tokens)
     np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
-    cache = eight._init()["cache"]
-    # Slots over data x fsdp (4 ways), KV heads over tensor.
-    assert cache.k.sharding.spec[1] == ("data", "fsdp") and cache.k.sharding.spec[3] == "tensor"
+    with jax.set_mesh(eight.mesh):
+        state = eight._init()
+        cache = state["cache"]
+        # Slots over data x fsdp (4 ways), KV heads over tensor ...
+        assert cache.k.sharding.spec[1] == ("data", "fsdp")
+        assert cache.k.sharding.spec[3] == "tensor"
+        # ... and refilling one slot never gathers the cache onto every device.
+        hlo = eight._prefill.lower(
+            eight._params, state, np.int32(1), np.zeros(4, np.int32), np.ones(4, np.int32),
+            np.bool_(True), np.bool_(True), jax.random.key(0), np.int32(0)).compile().as_text()
+    gathered = re.findall(r"= \w+\[([\d,]*)\][^=]*? all-gather\(", hlo)
+    _, slots, s_len = cache.k.shape[:3]
+    assert not [g for g in gathered if f",{slots},{s_len}," in f",{g},"], gathered
 
 
 def test_one_long_row_costs_total_tokens_over_slots_not_rows_times_longest():

@@ -27,7 +27,9 @@ Cache layout per slot: the prompt's first chunk is left-padded (the padding slot
 invalid), so the last chunk ends on the prompt's last token; generated tokens follow. Slot
 order does not matter to attention (positions come from ``next_pos``), only validity.
 The cache is sharded like the static sampler's: slots over ``data``/``fsdp``, KV heads over
-``tensor``. The prefill reads and writes one slot's row with dynamic slices on the slot axis.
+``tensor``. The prefill reads one slot's row with a one-hot select (local, then one all-reduce
+of that row) and writes back only its chunk's positions, so no device ever holds more than its
+shard of the cache plus one row.
 
 ``last_stats`` after each ``generate``: decode steps, prefill chunks, and the decode slot
 utilisation (live slot-steps / (decode steps x slots)).
@@ -95,15 +97,40 @@ def _record(s: dict, logits: jax.Array, active: jax.Array, cfg: SamplingConfig) 
     )
 
 
+# Rows are read and written by a one-hot select over the slot axis, not a dynamic slice: the
+# slot axis is sharded over data/fsdp, and XLA's partitioner gathers the whole operand onto
+# every device for a dynamic slice at a traced index (seen in the compiled prefill: the full
+# KV cache all-gathered). A select stays local; reading a row costs one all-reduce of it.
+
+
+def _hot(n: int, slot: jax.Array, ndim: int, axis: int = 0) -> jax.Array:
+    shape = [1] * ndim
+    shape[axis] = n
+    return (jnp.arange(n) == slot).reshape(shape)
+
+
+def _row(x: jax.Array, slot: jax.Array, axis: int = 0) -> jax.Array:
+    """Row ``slot`` of ``x`` along ``axis``, kept as a size-1 axis."""
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(_row(jax.random.key_data(x), slot, axis),
+                                        impl=jax.random.key_impl(x))
+    hot = _hot(x.shape[axis], slot, x.ndim, axis)
+    return jnp.sum(jnp.where(hot, x, jnp.zeros((), x.dtype)), axis=axis,
+                   keepdims=True).astype(x.dtype)
+
+
+def _put(x: jax.Array, row: jax.Array, slot: jax.Array, axis: int = 0) -> jax.Array:
+    """``x`` with row ``slot`` (along ``axis``) replaced by ``row`` (a size-1 axis there)."""
+    return jnp.where(_hot(x.shape[axis], slot, x.ndim, axis), row.astype(x.dtype), x)
+
+
 def _rows(tree: Any, slot: jax.Array) -> Any:
     """Row ``slot`` of every per-slot array (the leading axis), kept as a batch of one."""
-    return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, slot, 1, axis=0), tree)
+    return jax.tree.map(lambda x: _row(x, slot), tree)
 
 
 def _put_rows(tree: Any, rows: Any, slot: jax.Array) -> Any:
-    return jax.tree.map(
-        lambda x, r: jax.lax.dynamic_update_slice_in_dim(x, r.astype(x.dtype), slot, axis=0),
-        tree, rows)
+    return jax.tree.map(lambda x, r: _put(x, r, slot), tree, rows)
 
 
 class ContinuousSampler(JaxSampler):
@@ -176,8 +203,7 @@ class ContinuousSampler(JaxSampler):
             per_slot = {k: v for k, v in s.items() if k not in ("cache", "steps", "live_steps")}
             row = _rows(per_slot, slot)
             cache = s["cache"]
-            k_row = jax.lax.dynamic_slice_in_dim(cache.k, slot, 1, axis=1)
-            v_row = jax.lax.dynamic_slice_in_dim(cache.v, slot, 1, axis=1)
+            k_row, v_row = _row(cache.k, slot, axis=1), _row(cache.v, slot, axis=1)
             c_row = _rows(dict(mask=cache.mask, next_pos=cache.next_pos, index=cache.index),
                           slot)
             # The first chunk starts a new request: forget the slot's old cache and row.
@@ -194,16 +220,19 @@ class ContinuousSampler(JaxSampler):
             row_cache = KVCache(k=k_row, v=v_row, mask=c_row["mask"], next_pos=c_row["next_pos"],
                                 index=start)
             hidden, row_cache = lm.model(ids[None], mask[None], row_cache)
-            # Write back only the chunk's C slots of the keys and values.
-            put = lambda big, new: jax.lax.dynamic_update_slice(  # noqa: E731
-                big, jax.lax.dynamic_slice_in_dim(new, start, c, axis=2), (0, slot, start, 0, 0))
+            # Write back only the chunk's C cache positions (a slice along the unsharded
+            # sequence axis, then the slot selected in it).
+            def put(big: jax.Array, new: jax.Array) -> jax.Array:
+                region = jax.lax.dynamic_slice_in_dim(big, start, c, axis=2)
+                chunk = jax.lax.dynamic_slice_in_dim(new, start, c, axis=2)
+                return jax.lax.dynamic_update_slice_in_dim(
+                    big, _put(region, chunk, slot, axis=1), start, axis=2)
+
             cache = KVCache(
                 k=put(cache.k, row_cache.k), v=put(cache.v, row_cache.v),
-                mask=jax.lax.dynamic_update_slice_in_dim(cache.mask, row_cache.mask, slot, 0),
-                next_pos=jax.lax.dynamic_update_slice_in_dim(
-                    cache.next_pos, row_cache.next_pos, slot, 0),
-                index=jax.lax.dynamic_update_slice_in_dim(
-                    cache.index, row_cache.index[None], slot, 0),
+                mask=_put(cache.mask, row_cache.mask, slot),
+                next_pos=_put(cache.next_pos, row_cache.next_pos, slot),
+                index=_put(cache.index, row_cache.index[None], slot),
             )
             logits = lm.logits(hidden[:, -1])  # [1, V]: after the prompt's last token
             row = dict(row, done=jnp.where(last, False, row["done"]))
