@@ -21,8 +21,10 @@ padded (every row padded to prompt bucket + response bucket) vs packed (rows pac
 ``--token-budget``-token micro-batches with segment ids, ``rl.packing``); tokens/s counts real
 (prompt + response) tokens, and the padding fraction of each layout is reported.
 
-``os.getloadavg()`` is recorded before and after: on a shared machine the figures move with
-the load, so compare the two sides of one run, never figures of different runs.
+``os.getloadavg()`` is recorded before and after, and each side's process CPU seconds beside
+its wall seconds: on a shared machine the figures move with the load (every host round trip
+of the continuous engine waits for the scheduler), so compare the two sides of one run,
+never figures of different runs.
 """
 
 from __future__ import annotations
@@ -121,18 +123,21 @@ def _rollout(args: argparse.Namespace) -> dict[str, Any]:
     kw = dict(mesh=mesh, batch_size=args.slots, max_prompt_len=args.prompt_len,
               min_prompt_bucket=args.prompt_len)
     sides = {"static": JaxSampler(model, sc, **kw),
-             "continuous": ContinuousSampler(model, sc, chunk=args.chunk, **kw)}
+             "continuous": ContinuousSampler(model, sc, chunk=args.chunk, min_free=args.min_free,
+                                             **kw)}
     key = jax.random.key(0)
     for name, s in sides.items():  # warm-up: compile, and check the forced lengths
         out = s.generate(prompts, key)
         if not np.array_equal(out.lengths, lengths):
             raise RuntimeError(f"{name}: lengths differ from the forced ones")
     times: dict[str, list[float]] = {k: [] for k in sides}
+    cpu: dict[str, list[float]] = {k: [] for k in sides}
     for _ in range(args.repeat):
         for name, s in sides.items():  # A B A B
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             s.generate(prompts, key)
             times[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
     total = int(lengths.sum())
     st_steps, st_util = static_utilisation(lengths, args.slots)
     res: dict[str, Any] = {
@@ -141,9 +146,10 @@ def _rollout(args: argparse.Namespace) -> dict[str, Any]:
                          generated_tokens=total, prompt_len_max=args.prompt_len,
                          chunk=sides["continuous"].chunk, model=dict(
                              vocab=vocab, hidden=args.hidden, layers=args.layers)),
-        "static": dict(seconds=times["static"], decode_steps=st_steps,
-                       slot_utilisation=st_util),
-        "continuous": dict(seconds=times["continuous"], **sides["continuous"].last_stats),
+        "static": dict(seconds=times["static"], cpu_seconds=cpu["static"],
+                       decode_steps=st_steps, slot_utilisation=st_util),
+        "continuous": dict(seconds=times["continuous"], cpu_seconds=cpu["continuous"],
+                           min_free=args.min_free, **sides["continuous"].last_stats),
     }
     for name in sides:
         res[name]["tokens_per_s"] = total / float(np.median(times[name]))
@@ -160,6 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--median", type=int, default=24)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--chunk", type=int, default=32)
+    p.add_argument("--min-free", type=int, default=1, help="ContinuousSampler min_free")
     p.add_argument("--vocab", type=int, default=512)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)

@@ -139,6 +139,9 @@ class ContinuousSampler(JaxSampler):
     Args: as ``JaxSampler``, with ``batch_size`` the number of decode slots, plus
         chunk: prompt tokens written per prefill step (default ``config.prefill_chunk``,
             else ``min(max_prompt_len, 512)``).
+        min_free: the decode loop returns to the host (to refill) once this many slots are
+            free while prompts wait; 1 keeps the slots fullest, more means fewer host round
+            trips (each one a device sync).
     """
 
     def __init__(
@@ -151,10 +154,14 @@ class ContinuousSampler(JaxSampler):
         max_prompt_len: int,
         min_prompt_bucket: int = 64,
         chunk: int | None = None,
+        min_free: int = 1,
     ):
         super().__init__(model, config, mesh=mesh, batch_size=batch_size,
                          max_prompt_len=max_prompt_len, min_prompt_bucket=min_prompt_bucket)
         self.chunk = int(chunk or config.prefill_chunk or min(max_prompt_len, 512))
+        if not 1 <= min_free <= batch_size:
+            raise ValueError(f"min_free={min_free} must be in [1, batch_size={batch_size}]")
+        self.min_free = min_free
         n, b, c = config.max_new_tokens, batch_size, self.chunk
         # A slot holds its prompt's chunks (the first left-padded) then up to N - 1 fed-back
         # tokens (the last token drawn is never fed back).
@@ -325,7 +332,8 @@ class ContinuousSampler(JaxSampler):
                     owner[b] = r
                 if all(o < 0 for o in owner):
                     break
-                state = self._decode(self._params, state, np.int32(1 if waiting else slots))
+                want = min(self.min_free, len(waiting)) if waiting else slots
+                state = self._decode(self._params, state, np.int32(want))
                 done = _host(state["done"])
                 for b in np.flatnonzero(done):
                     if owner[b] < 0:
