@@ -42,6 +42,8 @@ and is not in the future: ``models.attention``'s rule with ``q_offset = cache.in
 builds a ``[C, max_len]`` mask), so shapes never change between steps. Each row keeps
 its own next RoPE position (``cache.next_pos``), so left padding costs nothing but slots.
 The caller keeps ``cache.index + C <= max_len`` (``dynamic_update_slice`` would clamp).
+``cache.index`` may also be ``[B]``, one write slot per row, for one-token steps whose rows
+started at different times (the continuous-batching engine, ``generate/engine.py``).
 The cache's keys and values are ``[layers, B, max_len, K, D]`` in both layouts (the scan
 carries them and writes each layer's new chunk in place). ``KVCache.logical_axes()`` gives
 its sharding (layers replicated, batch over data/fsdp, KV heads over tensor):
@@ -49,6 +51,9 @@ its sharding (layers replicated, batch over data/fsdp, KV heads over tensor):
 For a decode loop, jit a pure function of ``nnx.split(lm)``'s state (split once, merge
 inside ``jax.jit``): ``nnx.jit`` re-walks the module graph on every call, measured here at
 1.4 ms vs 0.5 ms per step of a tiny model on CPU.
+
+Packed training rows (several sequences per row, ``rl/packing.py``) pass ``segment_ids`` and
+``positions`` to ``hidden_states``: attention stays within a segment, positions restart.
 
 For per-token log-probs (GRPO) use ``lm.hidden_states(...)`` then
 ``lm.token_logprobs(hidden, targets, chunk_size=...)``, which never materialises more than
@@ -455,13 +460,14 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, kv_valid: jax.Array,
                  kv_cache: tuple[jax.Array, jax.Array] | None = None,
-                 index: jax.Array | None = None):
+                 index: jax.Array | None = None, segment_ids: jax.Array | None = None):
         """``x [B, T, H]`` -> ``([B, T, H], (k, v))``.
 
         Without ``kv_cache`` the keys/values are this chunk's (``kv_valid [B, T]``, causal
         from slot 0); with it they are written at slot ``index`` of ``kv_cache`` (``[B, S, K,
         D]`` each) and the attention runs over the ``S`` slots (``kv_valid [B, S]``, query
-        ``i`` at slot ``index + i``). The mask rule is ``models.attention``'s.
+        ``i`` at slot ``index + i``). The mask rule is ``models.attention``'s; ``segment_ids
+        [B, T]`` (no cache: packed sequences) keep each token to its own sequence.
         """
         dt = x.dtype
         q = dense(x, self.q_proj.kernel[...].astype(dt))  # [B, T, N, D]
@@ -472,13 +478,17 @@ class Attention(nnx.Module):
         q = shard_activation(q, ("batch", "seq", "heads", "head_dim"))
         if kv_cache is not None:
             ck, cv = kv_cache
-            k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
-            v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
+            k = write_slots(ck, k, index)
+            v = write_slots(cv, v, index)
         k = shard_activation(k, ("batch", "seq", "kv_heads", "head_dim"))
         v = shard_activation(v, ("batch", "seq", "kv_heads", "head_dim"))
+        # A per-row index [B] comes with one query per row, whose visible keys are exactly
+        # the row's valid slots: every one lies at or below the largest row's slot.
+        offset = 0 if index is None else (jnp.max(index) if index.ndim else index)
         out = dot_product_attention(
             q, k.astype(dt), v.astype(dt), kv_valid=kv_valid,
-            q_offset=0 if index is None else index, implementation=self.implementation,
+            q_offset=offset, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
+            implementation=self.implementation,
             block_q=self.block_q, block_kv=self.block_kv,
         )
         y = dense(out, self.o_proj.kernel[...].astype(dt), in_dims=2)
@@ -515,9 +525,10 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "norm", pdt)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, cos, sin, kv_valid, kv_cache=None, index=None):
+    def __call__(self, x, cos, sin, kv_valid, kv_cache=None, index=None, segment_ids=None):
         """``x [B, T, H]`` -> ``([B, T, H], (k, v))``; see ``Attention``."""
-        attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, kv_valid, kv_cache, index)
+        attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, kv_valid, kv_cache, index,
+                                  segment_ids)
         x = x + attn
         x = x + self.mlp(self.post_attention_layernorm(x))
         return shard_activation(x, ("batch", "seq", "act_embed")), kv
@@ -534,7 +545,9 @@ class KVCache:
             in-place update of the loop carry), and the unrolled layers do the same by index.
         mask: ``[batch, max_len]`` bool, True where a slot holds a real token.
         next_pos: ``[batch]`` int32, RoPE position of each row's next real token.
-        index: ``[]`` int32, the next slot to write (shared by all rows).
+        index: ``[]`` int32, the next slot to write (shared by all rows), or ``[batch]``:
+            each row's own next slot (the continuous-batching engine, whose rows start at
+            different times); a per-row index takes one-token steps only.
     """
 
     k: jax.Array
@@ -546,7 +559,8 @@ class KVCache:
     def logical_axes(self) -> KVCache:
         """The same tree with logical axis names in place of arrays (for ``tree_shardings``)."""
         kv = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
-        return KVCache(k=kv, v=kv, mask=("batch", "cache_seq"), next_pos=("batch",), index=())
+        index = ("batch",) if len(self.index.shape) else ()
+        return KVCache(k=kv, v=kv, mask=("batch", "cache_seq"), next_pos=("batch",), index=index)
 
     def extend(self, n: int) -> KVCache:
         """The same cache with ``n`` more empty slots at the end (``max_len + n``)."""
@@ -563,10 +577,29 @@ def _remat_policy(cfg: Qwen3Config) -> Any:
     return None if cfg.remat is True else getattr(jax.checkpoint_policies, cfg.remat)
 
 
+def write_slots(x: jax.Array, update: jax.Array, index: jax.Array) -> jax.Array:
+    """``x [B, S, ...]`` with ``update [B, T, ...]`` written at slots ``[index, index + T)``
+    of axis 1: one slice for a scalar ``index``, row ``b`` at ``index[b]`` for an ``[B]`` one."""
+    update = update.astype(x.dtype)
+    tail = (0,) * (x.ndim - 2)
+    if not index.ndim:
+        return jax.lax.dynamic_update_slice(x, update, (0, index, *tail))
+    return jax.vmap(lambda xb, ub, i: jax.lax.dynamic_update_slice(xb, ub, (i, *tail)))(
+        x, update, index)
+
+
 def _write_chunk(stack: jax.Array, layer_kv: jax.Array, layer: Any, index: jax.Array,
                  length: int) -> jax.Array:
     """Write slots ``[index, index + length)`` of one layer's ``[B, S, K, D]`` keys (or values)
-    into the ``[L, B, S, K, D]`` cache at ``layer``; only the new chunk is written."""
+    into the ``[L, B, S, K, D]`` cache at ``layer``; only the new chunk is written (per row
+    for an ``[B]`` index)."""
+    if index.ndim:
+        chunk = jax.vmap(lambda xb, i: jax.lax.dynamic_slice_in_dim(xb, i, length, 0))(
+            layer_kv, index)
+        return jax.vmap(
+            lambda sb, cb, i: jax.lax.dynamic_update_slice(sb, cb[None], (layer, i, 0, 0)),
+            in_axes=(1, 0, 0), out_axes=1,
+        )(stack, chunk.astype(stack.dtype), index)
     chunk = jax.lax.dynamic_slice_in_dim(layer_kv, index, length, axis=1)
     return jax.lax.dynamic_update_slice(stack, chunk[None].astype(stack.dtype),
                                         (layer, 0, index, 0, 0))
@@ -603,13 +636,18 @@ class Qwen3Model(nnx.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "norm", cfg.weight_dtype)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array,
-                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+                 cache: KVCache | None = None, *, segment_ids: jax.Array | None = None,
+                 positions: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
         """Final-normed hidden states.
 
         Args:
             input_ids: ``[B, T]`` int.
             attention_mask: ``[B, T]`` int/bool, 1 on real tokens (padding left or right).
             cache: if given, the ``T`` tokens continue it (see the module docstring).
+            segment_ids: ``[B, T]`` int32, no cache: several sequences packed in a row; a
+                token attends only to earlier tokens of its own segment.
+            positions: ``[B, T]`` int32 RoPE positions (packed rows restart them per
+                sequence); default ``cumsum(attention_mask) - 1``.
 
         Returns:
             ``(hidden [B, T, H] in the compute dtype, updated cache or None)``.
@@ -623,17 +661,24 @@ class Qwen3Model(nnx.Module):
         # query 0 (0 without a cache, the write index with one); models.attention applies
         # causality from that, blockwise where the implementation is.
         if cache is None:
-            positions = jnp.maximum(steps, 0)
+            positions = jnp.maximum(steps, 0) if positions is None else positions
             kv_valid = valid
         else:
+            if segment_ids is not None or positions is not None:
+                raise ValueError("segment_ids / positions are for cache-free (packed) forwards")
             positions = jnp.maximum(cache.next_pos[:, None] + steps, 0)
-            kv_valid = jax.lax.dynamic_update_slice(cache.mask, valid, (0, cache.index))
+            if cache.index.ndim and t != 1:
+                raise ValueError(
+                    f"a per-row cache index (shape {cache.index.shape}) takes one token per "
+                    f"row, got a chunk of {t}"
+                )
+            kv_valid = write_slots(cache.mask, valid, cache.index)
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
 
         x = self.embed_tokens(input_ids).astype(dt)
         x = shard_activation(x, ("batch", "seq", "act_embed"))
         run = self._scanned if cfg.scan_layers else self._unrolled
-        x, kv = run(x, cos, sin, kv_valid, cache)
+        x, kv = run(x, cos, sin, kv_valid, cache, segment_ids)
         x = self.norm(x)
         if cache is None:
             return x, None
@@ -643,11 +688,11 @@ class Qwen3Model(nnx.Module):
         )
         return x, new_cache
 
-    def _unrolled(self, x, cos, sin, kv_valid, cache):
+    def _unrolled(self, x, cos, sin, kv_valid, cache, segment_ids=None):
         """The layers one after another in Python: ``(x, (k, v) or None)``."""
         if cache is None:
             def step(layer: DecoderLayer, x: jax.Array) -> jax.Array:
-                return layer(x, cos, sin, kv_valid)[0]
+                return layer(x, cos, sin, kv_valid, None, None, segment_ids)[0]
 
             if self.cfg.remat:
                 step = nnx.remat(step, policy=_remat_policy(self.cfg))
@@ -661,7 +706,7 @@ class Qwen3Model(nnx.Module):
             vs = _write_chunk(vs, v, i, cache.index, t)
         return x, (ks, vs)
 
-    def _scanned(self, x, cos, sin, kv_valid, cache):
+    def _scanned(self, x, cos, sin, kv_valid, cache, segment_ids=None):
         """The stacked layers under one ``jax.lax.scan``: ``(x, (k, v) or None)``.
 
         ``jax.lax.scan`` over the split state (merged back into a layer inside the body),
@@ -675,7 +720,8 @@ class Qwen3Model(nnx.Module):
         index = None if cache is None else cache.index
 
         def apply(layer_state, x, kv=None):
-            return nnx.merge(graphdef, layer_state)(x, cos, sin, kv_valid, kv, index)
+            return nnx.merge(graphdef, layer_state)(x, cos, sin, kv_valid, kv, index,
+                                                    segment_ids)
 
         if cache is None:
             def body(x, layer_state):
@@ -739,9 +785,13 @@ class Qwen3ForCausalLM(nnx.Module):
             self.lm_head = Linear((cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
                                   cfg.weight_dtype, rngs=rngs)
 
-    def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
-        """Final-normed hidden states ``[B, T, H]`` (compute dtype) for ``[B, T]`` inputs."""
-        return self.model(input_ids, attention_mask)[0]
+    def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array, *,
+                      segment_ids: jax.Array | None = None,
+                      positions: jax.Array | None = None) -> jax.Array:
+        """Final-normed hidden states ``[B, T, H]`` (compute dtype) for ``[B, T]`` inputs
+        (packed rows: ``segment_ids`` and ``positions``, see ``Qwen3Model``)."""
+        return self.model(input_ids, attention_mask, segment_ids=segment_ids,
+                          positions=positions)[0]
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """``hidden [..., H] -> logits [..., V]`` in float32."""

@@ -91,6 +91,7 @@ class RolloutSection:
     prefill_chunk: int | None = None
 
     def __post_init__(self):
+        import codescaler_jax.generate.engine  # noqa: F401  (registers "continuous")
         from codescaler_jax.rl.sampler import SAMPLERS
 
         SAMPLERS.check(self.engine)
@@ -151,7 +152,10 @@ class AlgorithmSection:
     ``kl_clamp``: ``rl.losses.PolicyLossConfig`` (a reference model is built only when
     ``beta > 0``). ``num_minibatches``: optimizer updates per step (reference 2);
     ``micro_batches``: gradient accumulation per mini-batch (memory only). ``logprob_chunk``:
-    response positions per log-prob chunk (bounds the ``[rows, chunk, vocab]`` logits)."""
+    response positions per log-prob chunk (bounds the ``[rows, chunk, vocab]`` logits).
+    ``ppo_max_token_len_per_device``: pack the update's sequences into micro-batches of this
+    many tokens per device (verl ``ppo_max_token_len_per_gpu``; ``rl.packing``, exact for
+    every ``loss_agg_mode``); None: padded rows (the default)."""
 
     estimator: str = "grpo"
     scale_rewards: Literal["group", "batch", "none"] = "group"
@@ -166,13 +170,15 @@ class AlgorithmSection:
     num_minibatches: int = 2
     micro_batches: int = 1
     logprob_chunk: int | None = 1024
+    ppo_max_token_len_per_device: int | None = None
 
     def __post_init__(self):
         ADVANTAGE_ESTIMATORS.check(self.estimator)
         self.loss_config()  # validates the loss knobs now, naming the bad one
         if self.num_minibatches < 1 or self.micro_batches < 1:
             raise ValueError("algorithm.num_minibatches and micro_batches must be >= 1")
-        check_at_least("algorithm", self, logprob_chunk=1, eps=0.0)
+        check_at_least("algorithm", self, logprob_chunk=1, eps=0.0,
+                       ppo_max_token_len_per_device=1)
 
     def loss_config(self) -> PolicyLossConfig:
         """The policy-loss knobs of this section."""

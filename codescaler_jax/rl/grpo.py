@@ -222,6 +222,8 @@ def make_train_step(
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
     opts: UpdateOptions,
+    *,
+    minibatch_grads: Callable[[Any, dict], tuple[Any, dict[str, WeightedMean]]] | None = None,
 ) -> Callable[[dict, dict], tuple[dict, dict]]:
     """``step(state, batch) -> (state, metrics)``: ``opts.num_minibatches`` optimizer updates.
 
@@ -230,11 +232,16 @@ def make_train_step(
     ``metrics``: the policy-loss metrics over all rows (``pg_loss``, ``clipfrac_high``,
     ``clipfrac_low``, ``dual_clipfrac``, ``approx_kl``, ``ratio``, ``kl`` ...), ``grad_norm``
     (mean over the updates, before clipping) and ``learning_rate``.
+
+    ``minibatch_grads``: another layout's gradient (``rl.packing``); its ``batch`` arrays come
+    already split, ``[num_minibatches, ...]``.
     """
-    minibatch_grads = make_minibatch_grads(graphdef, rest, opts)
+    presplit = minibatch_grads is not None
+    minibatch_grads = minibatch_grads or make_minibatch_grads(graphdef, rest, opts)
 
     def step(state: dict, batch: dict) -> tuple[dict, dict]:
-        minis = {k: split_rows(v, opts.num_minibatches) for k, v in batch.items()}
+        minis = batch if presplit else {
+            k: split_rows(v, opts.num_minibatches) for k, v in batch.items()}
 
         def update(carry, mb):
             params, opt_state = carry

@@ -217,6 +217,32 @@ def loss_denominator(
                      norm_constant=norm_constant)[1]
 
 
+def aggregation_weights(
+    mask: jax.Array, loss_agg_mode: str = "token-mean", *, norm_constant: float | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """Per-token weights that reproduce ``aggregate`` in any layout (packed rows).
+
+    Every mode's numerator is linear in the values and its denominator adds over rows, so
+    ``aggregate(values, mask, mode) == (sum(values * w), sum(dw))`` with ``w`` the numerator's
+    gradient (1, or 1 / row length, or 1 / C) and ``dw`` each row's own denominator spread
+    over its valid tokens. Both depend only on ``mask [B, T]`` and are counted here, before
+    the rows are moved anywhere.
+
+    Returns:
+        ``(w [B, T], dw [B, T])`` float32, 0 on invalid tokens.
+    """
+    zeros = jnp.zeros(mask.shape, jnp.float32)
+    w = jax.grad(lambda v: aggregate(v, mask, loss_agg_mode, norm_constant=norm_constant)[0])(
+        zeros)
+    c = _norm_constant(mask, norm_constant)
+    fn = LOSS_AGGREGATIONS.get(loss_agg_mode)
+    row_den = jax.vmap(lambda m: fn(jnp.zeros((1, m.shape[0]), jnp.float32), m[None], c)[1])(mask)
+    valid = mask > 0
+    n_valid = jnp.maximum(jnp.sum(valid, axis=-1, keepdims=True), 1).astype(jnp.float32)
+    dw = jnp.where(valid, row_den[:, None] / n_valid, 0.0)
+    return jnp.where(valid, w, 0.0), dw
+
+
 def aggregate_loss(
     values: jax.Array,
     mask: jax.Array,
@@ -364,6 +390,7 @@ def policy_loss(
     cfg: PolicyLossConfig,
     ref_logp: jax.Array | None = None,
     global_denominator: jax.Array | float | None = None,
+    token_weights: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, dict[str, WeightedMean]]:
     """GRPO loss of one micro-batch (or shard): PPO clip loss + ``beta`` * KL, aggregated.
 
@@ -377,6 +404,9 @@ def policy_loss(
       global_denominator: ``loss_denominator(full_minibatch_mask, cfg.loss_agg_mode)``; with it
         the micro-batch losses (and gradients) sum exactly to the full mini-batch's. None uses
         this batch's own denominator.
+      token_weights: ``aggregation_weights`` of the rows' original (unpacked) mask, laid out
+        like ``mask``: the aggregation is then ``sum(w * values)`` over ``sum(dw)`` (or over
+        ``global_denominator``), exact whatever layout the tokens are in (packed updates).
 
     Returns:
       loss: scalar to differentiate.
@@ -395,15 +425,29 @@ def policy_loss(
         log_ratio_clamp=cfg.log_ratio_clamp,
     )
     mode, const = cfg.loss_agg_mode, cfg.loss_agg_constant
+
+    def agg(values: jax.Array) -> tuple[jax.Array, jax.Array]:
+        if token_weights is None:
+            return aggregate(values, mask, mode, norm_constant=const)
+        w, dw = token_weights
+        return (jnp.sum(_masked(_float(values) * w, mask)),
+                jnp.sum(_masked(dw, mask)).astype(_float(values).dtype))
+
     per_token = pg
     if cfg.beta > 0:
         if ref_logp is None:
             raise ValueError("ref_logp is required when beta > 0")
         kl = kl_penalty(logp, ref_logp, estimator=cfg.kl_estimator, clamp=cfg.kl_clamp)
         per_token = pg + cfg.beta * kl
-    loss = aggregate_loss(
-        per_token, mask, mode, global_denominator=global_denominator, norm_constant=const
-    )
+    if token_weights is None:
+        loss = aggregate_loss(
+            per_token, mask, mode, global_denominator=global_denominator, norm_constant=const
+        )
+    else:
+        num, den = agg(per_token)
+        if global_denominator is not None:
+            den = jnp.asarray(global_denominator, num.dtype)
+        loss = num / jnp.maximum(den, 1)
 
     sg = jax.lax.stop_gradient
     n_tok = jnp.sum(mask > 0).astype(pg.dtype)
@@ -412,7 +456,7 @@ def policy_loss(
         return WeightedMean(jnp.sum(_masked(sg(x), mask)), n_tok)
 
     metrics = {
-        "pg_loss": WeightedMean(*aggregate(sg(pg), mask, mode, norm_constant=const)),
+        "pg_loss": WeightedMean(*agg(sg(pg))),
         "clipfrac_high": token_mean(tok["clipped_high"]),
         "clipfrac_low": token_mean(tok["clipped_low"]),
         "dual_clipfrac": token_mean(tok["dual_clipped"]),
@@ -420,6 +464,6 @@ def policy_loss(
         "ratio": token_mean(tok["ratio"]),
     }
     if cfg.beta > 0:
-        metrics["kl_loss"] = WeightedMean(*aggregate(sg(kl), mask, mode, norm_constant=const))
+        metrics["kl_loss"] = WeightedMean(*agg(sg(kl)))
         metrics["kl"] = token_mean(kl)
     return loss, metrics

@@ -48,6 +48,7 @@ from codescaler_jax.rl.grpo import (
     make_train_step,
     per_update_schedule,
 )
+from codescaler_jax.rl.packing import make_packed_train_step, pack_on_mesh
 from codescaler_jax.rl.rewards import RewardResult, RolloutBatch, build_reward, close_reward
 from codescaler_jax.rl.sampler import (
     SAMPLERS,
@@ -250,8 +251,10 @@ class GRPOTrainer:
             # A frozen copy of the initial policy, only when the KL term needs it. Not
             # checkpointed: it is rebuilt from policy.init_from / the seed on resume.
             ref_params = jax.tree.map(jnp.copy, params) if a.beta > 0 else None
+            budget = a.ppo_max_token_len_per_device
+            make_step = make_train_step if budget is None else make_packed_train_step
             train_step = jax.jit(
-                make_train_step(graphdef, rest, tx, schedule, opts),
+                make_step(graphdef, rest, tx, schedule, opts),
                 out_shardings=(shardings, None), donate_argnums=(0,),
             )
             logprob_fn = jax.jit(make_logprob_fn(graphdef, rest, opts), static_argnums=(3,))
@@ -349,6 +352,9 @@ class GRPOTrainer:
                                                    batch["attention_mask"], n_resp)[0]
                 mask = host["response_mask"]
                 ent = float(jnp.sum(entropy * batch["response_mask"])) / max(mask.sum(), 1)
+                if budget is not None:  # the padded batch's rows, packed (rl.packing)
+                    batch, _ = pack_on_mesh(batch, mesh, num_minibatches=a.num_minibatches,
+                                            token_budget=budget, loss=opts.loss)
                 state, metrics = train_step(state, batch)
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 t3 = time.perf_counter()
