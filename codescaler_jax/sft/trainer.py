@@ -143,8 +143,8 @@ def train_sft(cfg: SFTConfig, *, overwrite: bool = False, progress: bool = True)
     pad_id = int(tokenizer.pad_token_id)
     writer = Writer(run_dir / "tb")
     history: list[dict[str, float]] = []
+    model = build_policy(cfg, tokenizer, mesh)
     with jax.set_mesh(mesh):
-        model = build_policy(cfg, tokenizer, mesh)
         graphdef, params, rest = split_model(model)
         schedule = make_schedule(cfg.optim, cfg.train.steps)
         tx = make_optimizer(cfg.optim, schedule)
