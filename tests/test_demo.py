@@ -119,22 +119,26 @@ _TINY_POLICY = ["policy.hidden_size=32", "policy.intermediate_size=64",
 def test_sft_warm_start_feeds_grpo_with_probes(tmp_path, subset_file):
     """train_sft -> train_grpo (execution reward) from its export and problems: the SFT loss
     falls, the runs repeat exactly, and GRPO logs the probes at steps 0, 1, 2."""
+    import jax
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from codescaler_jax.config import load_config
+    from codescaler_jax.models.sharding import MeshConfig, make_mesh
     from codescaler_jax.rl.config import GRPOConfig
     from codescaler_jax.rl.trainer import GRPOTrainer
     from codescaler_jax.sft.config import SFTConfig
     from codescaler_jax.sft.trainer import train_sft
+
+    mesh = make_mesh(MeshConfig(), devices=jax.devices()[:1])
 
     def sft(run):
         cfg = load_config(SFTConfig, "configs/sft_tiny.yaml", [
             *_TINY_POLICY, f"run_dir={run}", f"data.source={subset_file}",
             "data.held_out_fraction=0.25", "data.validation_fraction=0.125", "data.rewrites=1",
             "data.rewrite_candidates=2", "data.max_problems=3", "data.max_response_tokens=64",
-            "train.steps=12", "train.batch_size=4", "train.log_every=4",
+            "train.steps=6", "train.batch_size=4", "train.log_every=3",
             "optim.learning_rate=1e-2", "optim.warmup_steps=2"])
-        return train_sft(cfg, progress=False)
+        return train_sft(cfg, progress=False, mesh=mesh)
 
     a, b = sft(tmp_path / "sft_a"), sft(tmp_path / "sft_b")
     assert a["history"] == b["history"]
@@ -142,7 +146,7 @@ def test_sft_warm_start_feeds_grpo_with_probes(tmp_path, subset_file):
     cfg = load_config(GRPOConfig, "configs/grpo_tiny.yaml", [
         f"run_dir={tmp_path / 'grpo'}", f"policy.init_from={tmp_path / 'sft_a' / 'hf'}",
         f"data.source={tmp_path / 'sft_a' / 'data' / 'problems.jsonl'}",
-        "reward.name=execution", "rollout.num_prompts=2", "rollout.num_generations=2",
+        "reward.name=execution", "reward.rm_path=null", "rollout.num_prompts=2", "rollout.num_generations=2",
         "rollout.max_new_tokens=16", "rollout.min_response_bucket=16", "rollout.batch_size=4",
         "algorithm.logprob_chunk=16", "train.steps=2", "train.save_every=0",
         "train.samples_every=0", "train.export_hf=false",
@@ -150,7 +154,7 @@ def test_sft_warm_start_feeds_grpo_with_probes(tmp_path, subset_file):
         f"pass_rate_eval.held_out_source={subset_file}", "pass_rate_eval.held_out_fraction=0.25",
         "pass_rate_eval.validation_fraction=0.125", "pass_rate_eval.held_out_prompts=2",
         "pass_rate_eval.num_samples=1"])
-    summary = GRPOTrainer(cfg, progress=False).run()
+    summary = GRPOTrainer(cfg, progress=False, mesh=mesh).run()
     probes = summary["pass_rate_eval"]
     assert [p["step"] for p in probes] == [0, 1, 2]
     assert {"train/pass_rate", "held_out/pass_rate", "train/valid_code_fraction"} <= set(

@@ -32,6 +32,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.sharding import Mesh
 
 from codescaler_jax.config import save_config, to_dict
 from codescaler_jax.data.tokenizer import load_tokenizer, resolve_tokenizer_path
@@ -122,8 +123,10 @@ def epoch_order(n: int, steps: int, batch_size: int, seed: int) -> list[np.ndarr
     return [np.asarray(order[s * batch_size : (s + 1) * batch_size]) for s in range(steps)]
 
 
-def train_sft(cfg: SFTConfig, *, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Run SFT as configured; returns the summary (also written to ``summary.json``)."""
+def train_sft(cfg: SFTConfig, *, overwrite: bool = False, progress: bool = True,
+              mesh: Mesh | None = None) -> dict[str, Any]:
+    """Run SFT as configured; returns the summary (also written to ``summary.json``).
+    ``mesh``: run on this mesh instead of ``make_mesh(cfg.mesh)`` over all devices."""
     t_start = time.perf_counter()
     run_dir = Path(cfg.run_dir)
     claim_run_dir(run_dir, cfg, resume=False, overwrite=overwrite, policy=SFT_RESUME)
@@ -139,7 +142,7 @@ def train_sft(cfg: SFTConfig, *, overwrite: bool = False, progress: bool = True)
     log.info("SFT data: %s", stats)
     prompt_len = -(-stats["max_prompt_tokens"] // 64) * 64
     response_len = cfg.data.max_response_tokens
-    mesh = make_mesh(cfg.mesh)
+    mesh = mesh if mesh is not None else make_mesh(cfg.mesh)
     pad_id = int(tokenizer.pad_token_id)
     writer = Writer(run_dir / "tb")
     history: list[dict[str, float]] = []
