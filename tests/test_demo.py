@@ -146,7 +146,8 @@ def test_sft_warm_start_feeds_grpo_with_probes(tmp_path, subset_file):
     cfg = load_config(GRPOConfig, "configs/grpo_tiny.yaml", [
         f"run_dir={tmp_path / 'grpo'}", f"policy.init_from={tmp_path / 'sft_a' / 'hf'}",
         f"data.source={tmp_path / 'sft_a' / 'data' / 'problems.jsonl'}",
-        "reward.name=execution", "reward.rm_path=null", "rollout.num_prompts=2", "rollout.num_generations=2",
+        "reward.name=execution", "reward.rm_path=null", "rollout.num_prompts=2",
+        "rollout.num_generations=2",
         "rollout.max_new_tokens=16", "rollout.min_response_bucket=16", "rollout.batch_size=4",
         "algorithm.logprob_chunk=16", "train.steps=2", "train.save_every=0",
         "train.samples_every=0", "train.export_hf=false",
