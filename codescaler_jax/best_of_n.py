@@ -2,6 +2,14 @@
 
     python -m codescaler_jax.best_of_n --rm runs/rm --problems humaneval --candidates cands.jsonl
     python -m codescaler_jax.best_of_n --rm runs/rm --problems lcb.jsonl --policy runs/grpo/hf --n 8
+    python -m codescaler_jax.best_of_n --rm runs/rm_tiny --problems humaneval --held-out-candidates
+
+``--held-out-candidates`` (the step after ``train_rm`` in the README) builds the candidates
+itself, on the held-out problems of the RM's fixed hash split (``data/splits.py``; fractions
+``--held-out-fraction`` / ``--validation-fraction``, rm_tiny's by default): per problem N = 8
+fenced programs, ``--passing`` of them passing (the canonical solution and sandbox-checked
+rewrites of it) and the rest failing mutants of those, each with a known label
+(``data/candidates.py``). The summary then also gives ``rm_minus_random`` (the bar: >= 0.15).
 
 For each problem, N candidate responses (read from ``--candidates``, lines
 ``{"problem_id", "responses": [...]}``, or sampled from ``--policy`` with our sampler), the code of
@@ -245,6 +253,24 @@ def best_of_n(
     return records, summary
 
 
+def add_known_labels(summary: dict[str, Any], records: list[dict[str, Any]], cands) -> None:
+    """Attach the build-time labels of ``data.candidates.CandidateSet`` ``cands``: per record
+    its candidate kinds, in the summary ``rm_minus_random`` and ``label_mismatches`` (candidates
+    whose pass/fail in this run differs from the label they were built with: 0 unless a test
+    is flaky or timed out under load)."""
+    mismatches = 0
+    for rec, kinds, known in zip(records, cands.kinds, cands.passed, strict=True):
+        rec["kinds"] = kinds
+        rec["known_passed"] = known
+        if "passed" in rec:
+            mismatches += sum(a != b for a, b in zip(rec["passed"], known, strict=True))
+    summary["candidate_set"] = cands.stats
+    summary["label_mismatches"] = mismatches
+    pr = summary.get("pass_rate")
+    if pr:
+        summary["rm_minus_random"] = pr["rm_pick"] - pr["random_pick"]
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     lines = [
         f"{summary['problems']} problems x N={summary['n']} "
@@ -264,6 +290,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(row("run all tests", "test_pick", summary["test_seconds"]))
         lines.append(row("random pick (expected)", "random_pick", None))
         lines.append(row("oracle", "oracle", None))
+        if "rm_minus_random" in summary:
+            lines.append(f"RM pick - random pick: {100 * summary['rm_minus_random']:+.1f} points")
         lines.append(
             f"RM selection is {summary['speedup_vs_tests_warm']:.1f}x faster than running the "
             f"tests (warm; {summary['speedup_vs_tests_cold']:.1f}x cold)"
@@ -287,6 +315,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--candidates", help="JSONL {problem_id, responses: [...]} per problem")
     src.add_argument("--policy", help="HF policy directory to sample N candidates from")
+    src.add_argument("--held-out-candidates", action="store_true",
+                     help="build N labelled candidates (rewrites + mutants) per held-out problem")
+    p.add_argument("--held-out-fraction", type=float, default=0.2,
+                   help="held-out fraction of the split rule (rm_tiny: 0.2)")
+    p.add_argument("--validation-fraction", type=float, default=0.15,
+                   help="validation fraction of the split rule (rm_tiny: 0.15)")
+    p.add_argument("--passing", type=positive_int, default=2,
+                   help="passing candidates among the N (with --held-out-candidates)")
     p.add_argument("--n", type=positive_int, default=8,
                    help="candidates per problem (with --policy)")
     p.add_argument("--temperature", type=float, default=0.6)
@@ -314,7 +350,16 @@ def main(argv: list[str] | None = None) -> int:
 
     problems, _ = load_problems(args.problems, fmt=args.format, template=args.template,
                                 limit=args.limit)
-    if args.candidates:
+    labels = None
+    if args.held_out_candidates:
+        from codescaler_jax.data.candidates import best_of_n_candidates, problems_of_split
+
+        held = problems_of_split(problems, "held_out", held_out_fraction=args.held_out_fraction,
+                                 validation_fraction=args.validation_fraction)
+        cands = best_of_n_candidates(held, n=args.n, passing=args.passing, seed=args.seed,
+                                     workers=args.workers)
+        problems, responses, labels = cands.problems, cands.responses, cands
+    elif args.candidates:
         responses = read_samples(args.candidates, problems)
     else:
         from codescaler_jax.eval.sampling import SampleSettings, sample_responses
@@ -332,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
                                  time_limit_s=args.time_limit, workers=args.workers)
     for rec, rs in zip(records, responses):
         rec["picked_response"] = rs[rec["rm_pick"]]
+    if labels is not None:
+        add_known_labels(summary, records, labels)
     summary["rm"] = str(args.rm)
     summary["problems_spec"] = args.problems
     out = Path(args.out_dir)

@@ -14,6 +14,7 @@ from codescaler_jax.config import check_at_least, check_input_path
 from codescaler_jax.models.sharding import MeshConfig
 from codescaler_jax.rl.advantages import ADVANTAGE_ESTIMATORS
 from codescaler_jax.rl.losses import PolicyLossConfig
+from codescaler_jax.rl.metrics import PassRateEvalSection
 from codescaler_jax.rm.config import OptimSection, check_attention_blocks
 
 
@@ -236,6 +237,7 @@ class GRPOConfig:
     optim: GRPOOptimSection = dataclasses.field(default_factory=GRPOOptimSection)
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    pass_rate_eval: PassRateEvalSection = dataclasses.field(default_factory=PassRateEvalSection)
 
     def check_paths(self) -> None:
         """Raise ``ConfigError`` naming the key of an input path that does not exist (called

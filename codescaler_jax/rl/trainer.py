@@ -48,6 +48,7 @@ from codescaler_jax.rl.grpo import (
     make_train_step,
     per_update_schedule,
 )
+from codescaler_jax.rl.metrics import build_probe
 from codescaler_jax.rl.packing import make_packed_train_step, pack_on_mesh
 from codescaler_jax.rl.rewards import RewardResult, RolloutBatch, build_reward, close_reward
 from codescaler_jax.rl.sampler import (
@@ -199,12 +200,15 @@ class GRPOTrainer:
     def run(self) -> dict[str, Any]:
         """Train ``train.steps`` steps (from the latest checkpoint when resuming)."""
         self._reward_fn = None
+        self._probe = None
         self.prepare()
         try:
             return self._run()
         finally:
             if self._reward_fn is not None:
                 close_reward(self._reward_fn)
+            if self._probe is not None:
+                self._probe.close()
 
     def _run(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -235,6 +239,10 @@ class GRPOTrainer:
             model, scfg, mesh=mesh, batch_size=min(r.batch_size, r.num_prompts * r.num_generations),
             max_prompt_len=cfg.data.max_prompt_length, min_prompt_bucket=cfg.data.min_prompt_bucket,
         )
+        probe = self._probe = build_probe(
+            cfg.pass_rate_eval, problems, prompts, tokenizer,
+            lambda o: decode_responses(tokenizer, o, scfg.eos_token_ids),
+            max_prompt_length=cfg.data.max_prompt_length)
         r_buckets = response_buckets(r.max_new_tokens, r.min_response_bucket)
         pad_id = scfg.pad_token_id
         opts = UpdateOptions(
@@ -320,6 +328,8 @@ class GRPOTrainer:
             totals = {"rollout": 0.0, "reward": 0.0, "update": 0.0}
             steady = dict(totals)  # the same without this process's first step (compilation)
             steps_run = 0
+            if probe is not None and start_step == 0:
+                writer.scalars(0, probe(sampler, state["params"], 0), "eval/")
             for step in range(start_step, cfg.train.steps):
                 t0 = time.perf_counter()
                 idx = next(it)
@@ -366,7 +376,10 @@ class GRPOTrainer:
                     steady[k] += last[f"time/{k}_s"] if steps_run else 0.0
                 steps_run += 1
                 history.append({"step": done, "reward_mean": last["reward/mean"],
-                                "valid_code_fraction": last["valid_code_fraction"]})
+                                "valid_code_fraction": last["valid_code_fraction"],
+                                "pass_rate": last.get("pass_rate")})
+                if probe is not None and probe.due(done, cfg.train.steps):
+                    writer.scalars(done, probe(sampler, state["params"], done), "eval/")
                 if done % cfg.train.log_every == 0 or done == cfg.train.steps:
                     writer.scalars(done, last, "train/")
                 if cfg.train.samples_every and done % cfg.train.samples_every == 0:
@@ -401,6 +414,7 @@ class GRPOTrainer:
                 {k: v / (steps_run - 1) for k, v in steady.items()} if steps_run > 1 else None),
             "wall_s": time.perf_counter() - t_start,
             "usable_prompts": len(problems),
+            "pass_rate_eval": probe.history if probe is not None else None,
             "config": to_dict(cfg),
         }
         if jax.process_index() == 0:

@@ -1,0 +1,1 @@
+"""Supervised fine-tuning of the policy: the warm start GRPO begins from."""
