@@ -105,6 +105,7 @@ def build_dry_run(cfg, target):
     import jax.numpy as jnp
     from flax import nnx
 
+    from codescaler_jax.generate.sampler import JaxSampler, SamplingConfig
     from codescaler_jax.models.qwen3 import Qwen3ForCausalLM, Qwen3RewardModel
     from codescaler_jax.models.sharding import make_mesh
     from codescaler_jax.perf import train_flops_per_token
@@ -115,7 +116,6 @@ def build_dry_run(cfg, target):
         make_train_step,
         per_update_schedule,
     )
-    from codescaler_jax.rl.sampler import JaxSampler, SamplingConfig
     from codescaler_jax.rm.train_step import make_optimizer, make_schedule
     from codescaler_jax.training.abstract import (
         abstract_batch,

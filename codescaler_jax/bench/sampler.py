@@ -84,7 +84,7 @@ def _bench_mode(ours, hf, mesh, prompts: np.ndarray, mode: str, new_tokens: int,
     import jax
     import torch
 
-    from codescaler_jax.rl.sampler import JaxSampler, SamplingConfig
+    from codescaler_jax.generate.sampler import JaxSampler, SamplingConfig
 
     knobs = MODES[mode]
     batch, prompt_len = prompts.shape

@@ -73,7 +73,7 @@ class DataSection:
 class RolloutSection:
     """Sampling. ``num_prompts`` x ``num_generations`` responses per step (reference 128 x 8,
     temperature 0.6, top_p 0.95, top_k 20, 16,384 new tokens). ``engine``: a name registered in
-    ``rl.sampler.SAMPLERS`` (``jax``: the in-process decode loop). ``batch_size``: rows per
+    ``generate.sampler.SAMPLERS`` (``jax``: the in-process decode loop). ``batch_size``: rows per
     decode loop on device. ``stop_strings``: extra stops besides EOS, matched as token
     sequences. ``prefill_chunk``: prefill prompts this many tokens at a time (bounds the
     prefill's attention and activation memory for long prompts); None: in one pass."""
@@ -91,7 +91,7 @@ class RolloutSection:
     prefill_chunk: int | None = None
 
     def __post_init__(self):
-        from codescaler_jax.rl.sampler import SAMPLERS
+        from codescaler_jax.generate.sampler import SAMPLERS
 
         SAMPLERS.check(self.engine)
         if self.num_generations < 2:

@@ -37,6 +37,14 @@ from codescaler_jax.config import ConfigError, save_config, to_dict
 from codescaler_jax.data.problems import Problem, humaneval_problems, read_problems_jsonl
 from codescaler_jax.data.tokenizer import load_tokenizer, resolve_tokenizer_path
 from codescaler_jax.eval.sampling import render_prompts
+from codescaler_jax.generate.sampler import (
+    SAMPLERS,
+    SampleOutput,
+    SamplingConfig,
+    left_pad,
+    prompt_buckets,
+    stop_sequences_from_strings,
+)
 from codescaler_jax.logging_utils import Writer
 from codescaler_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
 from codescaler_jax.models.sharding import batch_sharding, create_sharded, make_mesh
@@ -49,14 +57,6 @@ from codescaler_jax.rl.grpo import (
     per_update_schedule,
 )
 from codescaler_jax.rl.rewards import RewardResult, RolloutBatch, build_reward, close_reward
-from codescaler_jax.rl.sampler import (
-    SAMPLERS,
-    SampleOutput,
-    SamplingConfig,
-    left_pad,
-    prompt_buckets,
-    stop_sequences_from_strings,
-)
 from codescaler_jax.rm.config import compute_overrides
 from codescaler_jax.rm.train_step import (
     check_resume_layout,
