@@ -44,7 +44,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from codescaler_jax.models.qwen3 import Qwen3ForCausalLM
 from codescaler_jax.models.sharding import batch_sharding, param_shardings, tree_shardings
-from codescaler_jax.rl.registry import Registry
+from codescaler_jax.registry import SAMPLERS
 
 _NEG_INF = -jnp.inf
 
@@ -504,7 +504,6 @@ class JaxSampler:
 
 
 SamplerFactory = Callable[..., Sampler]
-SAMPLERS: Registry[SamplerFactory] = Registry("rollout.engine")
 """Rollout engines by name: ``factory(model, config, *, mesh, batch_size, max_prompt_len,
 min_prompt_bucket) -> Sampler``."""
 SAMPLERS.register("jax")(JaxSampler)

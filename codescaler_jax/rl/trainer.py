@@ -17,7 +17,6 @@ samples as an uninterrupted one.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
@@ -57,39 +56,16 @@ from codescaler_jax.rl.grpo import (
     per_update_schedule,
 )
 from codescaler_jax.rl.rewards import RewardResult, RolloutBatch, build_reward, close_reward
-from codescaler_jax.rm.config import compute_overrides
-from codescaler_jax.rm.train_step import (
-    check_resume_layout,
-    init_state,
-    make_optimizer,
-    make_schedule,
-    split_model,
-    state_shardings,
-)
+from codescaler_jax.training.checkpoint import check_resume_layout
+from codescaler_jax.training.optim import make_optimizer, make_schedule
 from codescaler_jax.training.run_dir import GRPO_RESUME, claim_run_dir, resume_tensorboard
+from codescaler_jax.training.state import init_state, split_model, state_shardings
 
 log = logging.getLogger("codescaler_jax")
 
-_SIZE_FIELDS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-    "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings",
-)
-
-
 def policy_config(cfg: GRPOConfig, vocab_min: int, pad_id: int, eos_id: int) -> Qwen3Config:
-    """Qwen3Config of a from-scratch policy: the named size, explicit overrides, dtypes,
-    remat, layer scan."""
-    p = cfg.policy
-    named = getattr(Qwen3Config, p.size, None)
-    if named is None:
-        raise ValueError(f"policy.size: unknown size {p.size!r}")
-    base = named()
-    overrides = {f: getattr(p, f) for f in _SIZE_FIELDS if getattr(p, f) is not None}
-    if "vocab_size" not in overrides and base.vocab_size < vocab_min:
-        overrides["vocab_size"] = -(-vocab_min // 128) * 128
-    return dataclasses.replace(
-        base, **overrides, pad_token_id=pad_id, eos_token_id=eos_id, **compute_overrides(p),
-    )
+    """Qwen3Config of a from-scratch policy: ``policy.size`` with the section's overrides."""
+    return cfg.policy.sized_config(vocab_min=vocab_min, pad_token_id=pad_id, eos_token_id=eos_id)
 
 
 def load_problems(cfg: GRPOConfig) -> list[Problem]:
@@ -168,7 +144,7 @@ class GRPOTrainer:
             from codescaler_jax.models.hf_io import load_hf_model
 
             return load_hf_model(p.init_from, Qwen3ForCausalLM, mesh=mesh,
-                                 **compute_overrides(p))
+                                 **p.compute_overrides())
         mcfg = policy_config(self.cfg, len(tokenizer), tokenizer.pad_token_id,
                              tokenizer.eos_token_id)
         seed = self.cfg.train.seed

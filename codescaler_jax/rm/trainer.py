@@ -12,11 +12,8 @@ and the identity of the source files, so a changed ``data`` section rebuilds the
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import logging
-import random
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +28,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from codescaler_jax.config import ConfigError, save_config, to_dict
-from codescaler_jax.data.pairs import Pair, read_pairs, split_by_problem, write_pairs_jsonl
+from codescaler_jax.data.datasets import load_pair_splits
+from codescaler_jax.data.pairs import Pair
 from codescaler_jax.data.pipeline import (
     drop_identical,
     eval_batches,
@@ -41,57 +39,24 @@ from codescaler_jax.data.pipeline import (
 )
 from codescaler_jax.data.tokenizer import load_tokenizer, resolve_tokenizer_path
 from codescaler_jax.distributed import assert_shared_directory
-from codescaler_jax.errors import InputError
 from codescaler_jax.logging_utils import Writer
 from codescaler_jax.models.qwen3 import Qwen3Config, Qwen3RewardModel
 from codescaler_jax.models.sharding import batch_sharding, create_sharded, make_mesh
 from codescaler_jax.perf import measure_matmul_peak, train_flops_per_token
-from codescaler_jax.rm.config import RMTrainConfig, compute_overrides
+from codescaler_jax.rm.config import RMTrainConfig
 from codescaler_jax.rm.loss import finalize_metrics
-from codescaler_jax.rm.train_step import (
-    BATCH_KEYS,
-    StepOptions,
-    check_resume_layout,
-    checkpoint_scan_layers,
-    init_state,
-    make_eval_step,
-    make_optimizer,
-    make_schedule,
-    make_train_step,
-    split_model,
-    state_shardings,
-)
+from codescaler_jax.rm.train_step import BATCH_KEYS, StepOptions, make_eval_step, make_train_step
+from codescaler_jax.training.checkpoint import check_resume_layout
+from codescaler_jax.training.optim import make_optimizer, make_schedule
 from codescaler_jax.training.run_dir import RM_RESUME, claim_run_dir, resume_tensorboard
+from codescaler_jax.training.state import init_state, split_model, state_shardings
 
 log = logging.getLogger("codescaler_jax")
 
 
 def model_config(cfg: RMTrainConfig, vocab_min: int, pad_id: int) -> Qwen3Config:
-    """Qwen3Config for a from-scratch RM: the named size, explicit overrides, dtype, remat,
-    layer scan."""
-    m = cfg.model
-    named = getattr(Qwen3Config, m.size, None)
-    if named is None:
-        raise ValueError(f"model.size: unknown size {m.size!r}")
-    base = named()
-    overrides = {
-        f.name: getattr(m, f.name)
-        for f in dataclasses.fields(m)
-        if f.name
-        in (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "head_dim",
-        )
-        and getattr(m, f.name) is not None
-    }
-    if "vocab_size" not in overrides and base.vocab_size < vocab_min:
-        overrides["vocab_size"] = -(-vocab_min // 128) * 128
-    return dataclasses.replace(base, **overrides, pad_token_id=pad_id, **compute_overrides(m))
+    """Qwen3Config for a from-scratch RM: ``model.size`` with the section's overrides."""
+    return cfg.model.sized_config(vocab_min=vocab_min, pad_token_id=pad_id)
 
 
 def step_options(cfg: RMTrainConfig) -> StepOptions:
@@ -110,48 +75,6 @@ def jit_train_step(graphdef, rest, tx, schedule, opts: StepOptions, shardings: d
         out_shardings=(shardings, None),
         donate_argnums=(0,),
     )
-
-
-# Data keys that change only tokenization or speed, not which pairs are built.
-_NOT_PAIR_KEYS = ("tokenizer", "max_length", "min_bucket", "sandbox_workers")
-
-
-def _file_identity(value: str | None) -> dict[str, Any] | None:
-    """Path, size and modification time of a local data file (of each file in a dataset
-    directory); None for names that are not local paths (``humaneval``, hub datasets)."""
-    if not value or not Path(value).exists():
-        return None
-    p = Path(value).resolve()
-    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-    return {
-        "path": str(p),
-        "files": [[str(f.relative_to(p) if p.is_dir() else f.name), f.stat().st_size,
-                   f.stat().st_mtime_ns] for f in files],
-    }
-
-
-def pairs_cache_key(cfg: RMTrainConfig) -> dict[str, Any]:
-    """What the cached pairs of a run depend on: the data section (less its tokenization and
-    speed keys), the seed (split and shuffles) and the identity of the source files; with its
-    ``sha256``."""
-    data = {k: v for k, v in to_dict(cfg.data).items() if k not in _NOT_PAIR_KEYS}
-    key: dict[str, Any] = {
-        "data": data,
-        "seed": cfg.train.seed,
-        "sources": {
-            "source": _file_identity(cfg.data.source),
-            "eval_source": _file_identity(cfg.data.eval_source),
-        },
-    }
-    key["sha256"] = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-    return key
-
-
-def _problem_key(p: Pair) -> Pair:
-    if p.problem_id:
-        return p
-    h = hashlib.sha1(p.problem.encode("utf-8", "replace")).hexdigest()[:16]
-    return dataclasses.replace(p, problem_id=h)
 
 
 class RMTrainer:
@@ -208,129 +131,10 @@ class RMTrainer:
         return out
 
     def _load_pairs(self) -> tuple[list[Pair], list[Pair], list[Pair], dict[str, Any]]:
-        d = self.cfg.data
-        data_dir = self.run_dir / "data"
-        cached = [
-            data_dir / "train_pairs.jsonl",
-            data_dir / "validation_pairs.jsonl",
-            data_dir / "eval_pairs.jsonl",
-        ]
-        key = pairs_cache_key(self.cfg)
-        if all(p.is_file() for p in cached) and (data_dir / "stats.json").is_file():
-            stats = json.loads((data_dir / "stats.json").read_text())
-            if stats.get("cache_key") == key["sha256"]:
-                train, val, held = (
-                    read_pairs(c, max_record_bytes=1 << 40)[0] if c.stat().st_size else []
-                    for c in cached
-                )
-                log.info("reusing the pairs cached in %s", data_dir)
-                return train, val, held, stats
-            if self.resume:
-                raise InputError(
-                    f"--resume: the pairs cached in {data_dir} were built from other data "
-                    f"(a source file changed since the run started: {key['sources']}); the "
-                    "checkpoint's data position would not match. Start a new run_dir or pass "
-                    "--overwrite"
-                )
-            log.info("the pairs cached in %s were built for another data config; rebuilding",
-                     data_dir)
-        stats: dict[str, Any] = {"cache_key": key["sha256"], "cache_inputs": key}
-        val: list[Pair] = []
-        if d.source == "humaneval" and d.pairs_recipe == "augmented":
-            from codescaler_jax.data.augmented import AugmentOptions, build_split_pairs
-            from codescaler_jax.data.mutants import FINE_MUTANT_KINDS
-            from codescaler_jax.data.problems import humaneval_problems
-            from codescaler_jax.data.rewrites import TRANSFORMS
-
-            split, stats["build"] = build_split_pairs(
-                humaneval_problems()[: d.max_problems],
-                held_out_fraction=d.eval_fraction,
-                validation_fraction=d.validation_fraction,
-                options=AugmentOptions(
-                    rewrites_per_problem=d.rewrites_per_problem,
-                    rewrite_candidates=d.rewrite_candidates,
-                    rewrite_transforms=tuple(d.rewrite_transforms or TRANSFORMS),
-                    mutants_per_positive=d.mutants_per_positive,
-                    train_mutant_kinds=tuple(d.train_mutant_kinds or FINE_MUTANT_KINDS),
-                    max_pairs_per_problem=d.max_pairs_per_problem,
-                    cross_pairs_per_problem=d.cross_pairs_per_problem,
-                ),
-                seed=self.cfg.train.seed,
-                workers=d.sandbox_workers,
-                time_limit_s=d.sandbox_time_limit_s,
-                progress=self.progress,
-            )
-            pairs, val, held = split["train"], split["validation"], split["held_out"]
-        elif d.source == "humaneval":
-            from codescaler_jax.data.problems import humaneval_problems
-            from codescaler_jax.data.verified import verified_pairs
-
-            problems = humaneval_problems()
-            pairs, pstats = verified_pairs(
-                problems,
-                mutants_per_problem=d.mutants_per_problem,
-                line_mutant_fraction=d.line_mutant_fraction,
-                max_pairs_per_problem=d.max_pairs_per_problem,
-                unaligned_fraction=d.unaligned_fraction,
-                workers=d.sandbox_workers,
-                time_limit_s=d.sandbox_time_limit_s,
-                seed=self.cfg.train.seed,
-                progress=self.progress,
-            )
-            stats["build"] = pstats.to_dict()
-            log.info(
-                "verified pairs: %d problems, %d candidates, pass rate %.3f, %d pairs, skipped %s",
-                pstats.problems,
-                pstats.candidates,
-                pstats.pass_rate,
-                pstats.pairs,
-                pstats.skipped,
-            )
-        else:
-            pairs, counts = read_pairs(
-                d.source, skip_bad=d.skip_bad, max_record_bytes=d.max_record_bytes
-            )
-            stats["read"] = counts
-            log.info("read %d pairs from %s (%s)", len(pairs), d.source, counts)
-        pairs = [_problem_key(p) for p in pairs]
-        if d.source == "humaneval" and d.pairs_recipe == "augmented":
-            train = pairs
-        elif d.eval_source:
-            held, counts = read_pairs(
-                d.eval_source, skip_bad=d.skip_bad, max_record_bytes=d.max_record_bytes
-            )
-            held = [_problem_key(p) for p in held]
-            stats["read_eval"] = counts
-            train = pairs
-        else:
-            train, held = split_by_problem(
-                pairs, eval_fraction=d.eval_fraction, seed=self.cfg.train.seed
-            )
-        if d.validation_fraction > 0 and not val:
-            # carve validation problems from the training ones by the fixed hash rule
-            from codescaler_jax.data.splits import split_problem_ids
-
-            which = split_problem_ids(
-                [p.problem_id for p in train],
-                held_out_fraction=d.validation_fraction / (1.0 - d.eval_fraction),
-            )
-            val = [p for p in train if which[p.problem_id] == "held_out"]
-            train = [p for p in train if which[p.problem_id] != "held_out"]
-        if d.max_pairs is not None and len(train) > d.max_pairs:
-            random.Random(self.cfg.train.seed).shuffle(train)
-            train = train[: d.max_pairs]
-        stats["train_pairs"] = len(train)
-        stats["validation_pairs"] = len(val)
-        stats["eval_pairs"] = len(held)
-        stats["train_problems"] = len({p.problem_id for p in train})
-        stats["validation_problems"] = len({p.problem_id for p in val})
-        stats["eval_problems"] = len({p.problem_id for p in held})
-        if jax.process_index() == 0:
-            data_dir.mkdir(parents=True, exist_ok=True)
-            for part, path in zip((train, val, held), cached):
-                write_pairs_jsonl(part, path)
-            (data_dir / "stats.json").write_text(json.dumps(stats, indent=2))
-        return train, val, held, stats
+        return load_pair_splits(
+            self.cfg.data, seed=self.cfg.train.seed, data_dir=self.run_dir / "data",
+            resume=self.resume, progress=self.progress, write=jax.process_index() == 0,
+        )
 
     # ------------------------------------------------------------------ model
     def build_model(self, mesh, tokenizer) -> Qwen3RewardModel:
@@ -338,7 +142,7 @@ class RMTrainer:
         if m.init_from:
             from codescaler_jax.models.hf_io import load_hf_model
 
-            return load_hf_model(m.init_from, Qwen3RewardModel, mesh=mesh, **compute_overrides(m))
+            return load_hf_model(m.init_from, Qwen3RewardModel, mesh=mesh, **m.compute_overrides())
         mcfg = model_config(self.cfg, len(tokenizer), tokenizer.pad_token_id)
         seed = self.cfg.train.seed
         return create_sharded(lambda: Qwen3RewardModel(mcfg, rngs=nnx.Rngs(seed)), mesh)
@@ -748,46 +552,3 @@ def _by_length(pairs: list[Pair], tok) -> tuple[list[Pair], Any]:
 
 def _fmt(m: dict[str, float]) -> str:
     return ", ".join(f"{k}={v:.4f}" for k, v in m.items())
-
-
-def load_run_checkpoint(
-    run_dir: str | Path, *, mesh=None, step: int | None = None
-) -> tuple[Qwen3RewardModel, Any]:
-    """The RM of a ``train_rm`` run directory from its Orbax checkpoint (latest, or ``step``),
-    with the run's tokenizer: ``(model, tokenizer)``. For runs exported without ``hf/``."""
-    from codescaler_jax.config import load_config
-
-    run_dir = Path(run_dir)
-    cfg = load_config(RMTrainConfig, run_dir / "config.yaml")
-    mesh = mesh if mesh is not None else make_mesh(cfg.mesh)
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
-    if cfg.model.init_from:
-        mcfg = Qwen3Config.from_hf(cfg.model.init_from)
-        mcfg = dataclasses.replace(mcfg, **compute_overrides(cfg.model))
-    else:
-        mcfg = model_config(cfg, len(tokenizer), tokenizer.pad_token_id)
-    ckpt_dir = (run_dir / "checkpoints").absolute()
-    with ocp.CheckpointManager(ckpt_dir) as mngr:
-        step = mngr.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {run_dir / 'checkpoints'}")
-    # Build the model in the layout the checkpoint was written in (a run directory whose
-    # config predates model.scan_layers leaves it None, and the size's default may differ).
-    saved = checkpoint_scan_layers(ckpt_dir, step)
-    if saved is not None and saved != mcfg.scan_layers:
-        mcfg = dataclasses.replace(mcfg, scan_layers=saved)
-    abstract = nnx.eval_shape(lambda: Qwen3RewardModel(mcfg, rngs=nnx.Rngs(0)))
-    graphdef, params, rest = split_model(abstract)
-    tx = make_optimizer(cfg.optim, make_schedule(cfg.optim, 1))
-    sh = state_shardings(abstract, tx, mesh)
-    sds = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
-    target = {
-        "params": jax.tree.map(sds, params, sh["params"]),
-        "opt_state": jax.tree.map(sds, jax.eval_shape(tx.init, params), sh["opt_state"]),
-        "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=sh["step"]),
-    }
-    with ocp.CheckpointManager(ckpt_dir) as mngr:
-        restored = mngr.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
-        )
-    return nnx.merge(graphdef, restored["state"]["params"], rest), tokenizer
