@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import platform
@@ -59,3 +60,17 @@ def write_json(name: str, payload: dict[str, Any], out: str | os.PathLike | None
     data = {"benchmark": name, "environment": environment(), **payload}
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
     return path
+
+
+def require_torch(benchmark: str) -> None:
+    """Exit with one line when PyTorch is missing: ``benchmark`` measures against
+    ``transformers`` on torch, which only the ``test`` extra installs."""
+    try:
+        found = importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):  # a blocked or half-removed torch
+        found = False
+    if not found:
+        raise SystemExit(
+            f"error: {benchmark} compares against PyTorch, which is not installed; "
+            "install the test extra: pip install -e '.[test]'"
+        )

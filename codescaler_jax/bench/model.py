@@ -30,6 +30,10 @@ import sys
 import time
 from typing import Any
 
+from codescaler_jax.bench.common import require_torch
+
+require_torch("bench.model")  # before any work: the comparison needs torch
+
 # XLA reads XLA_FLAGS once, at backend start: set before jax is imported (this process only).
 # Empty on purpose: on the 2-core AMD EPYC dev machine none of --xla_cpu_use_onednn=true,
 # --xla_cpu_experimental_xnn_fusion_type=dot[,eltwise,reduce], --xla_cpu_enable_fast_math=true,

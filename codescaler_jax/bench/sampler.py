@@ -33,7 +33,9 @@ from typing import Any
 
 import numpy as np
 
-from codescaler_jax.bench.common import time_call, write_json
+from codescaler_jax.bench.common import require_torch, time_call, write_json
+
+require_torch("bench.sampler")  # before any work: the comparison needs torch
 
 # Two policy shapes with the real Qwen3 vocabulary (the LM head is a large share of the work).
 SHAPES = {

@@ -19,6 +19,10 @@ import time
 
 import numpy as np
 
+from codescaler_jax.bench.common import require_torch
+
+require_torch("bench.train_rm")  # before any work: the comparison needs torch
+
 
 def _args(argv):
     p = argparse.ArgumentParser(
