@@ -78,6 +78,7 @@ from codescaler_jax.models.config import (  # noqa: F401  (re-exported: the conf
     SUPPORTED_ARCHITECTURES,
     Qwen3Config,
 )
+from codescaler_jax.models.logprobs import token_stats
 from codescaler_jax.models.sharding import shard_activation
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -483,25 +484,9 @@ class Qwen3ForCausalLM(nnx.Module):
 
         With ``chunk_size`` the sequence is processed ``chunk_size`` positions at a time and
         each chunk's logits are recomputed in the backward pass, so at most ``[B, chunk, V]``
-        logits exist at once.
+        logits exist at once (``models.logprobs.token_stats``, which GRPO uses too).
         """
-
-        def chunk_logprobs(h: jax.Array, tgt: jax.Array) -> jax.Array:
-            logits = self.logits(h)
-            picked = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
-            return picked - jax.nn.logsumexp(logits, axis=-1)
-
-        b, t, _ = hidden.shape
-        if chunk_size is None or chunk_size >= t:
-            return chunk_logprobs(hidden, targets)
-        pad = (-t) % chunk_size
-        h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        tgt = jnp.pad(targets, ((0, 0), (0, pad)))
-        n = (t + pad) // chunk_size
-        h = h.reshape(b, n, chunk_size, -1).swapaxes(0, 1)
-        tgt = tgt.reshape(b, n, chunk_size).swapaxes(0, 1)
-        out = jax.lax.map(lambda xs: jax.checkpoint(chunk_logprobs)(*xs), (h, tgt))
-        return out.swapaxes(0, 1).reshape(b, t + pad)[:, :t]
+        return token_stats(self.logits, hidden, targets, chunk_size=chunk_size)[0]
 
     def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> KVCache:
         """An empty cache for ``batch`` rows of up to ``max_len`` tokens (default compute dtype)."""
