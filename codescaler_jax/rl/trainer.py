@@ -55,17 +55,8 @@ from codescaler_jax.rl.grpo import (
     per_update_schedule,
 )
 from codescaler_jax.rl.rewards import RewardResult, RolloutBatch, build_reward, close_reward
+from codescaler_jax.training import loop
 from codescaler_jax.training.checkpoint import RunCheckpoints
-from codescaler_jax.training.loop import (
-    due,
-    export_hf,
-    nothing_to_train,
-    open_writer,
-    progress,
-    resume,
-    start_run,
-    write_summary,
-)
 from codescaler_jax.training.optim import make_optimizer, make_schedule
 from codescaler_jax.training.run_dir import GRPO_RESUME, claim_run_dir
 from codescaler_jax.training.state import init_state, split_model, state_shardings
@@ -269,7 +260,7 @@ class GRPOTrainer:
     def _run(self) -> dict[str, Any]:
         cfg, r, t = self.cfg, self.cfg.rollout, self.cfg.train
         t_start = time.perf_counter()
-        mesh = start_run(cfg, self.run_dir, self.mesh if self.mesh is not None
+        mesh = loop.start_run(cfg, self.run_dir, self.mesh if self.mesh is not None
                          else make_mesh(cfg.mesh))
         tokenizer = load_tokenizer(cfg.policy.tokenizer)
         problems, prompts = self.usable_prompts(tokenizer)
@@ -287,9 +278,9 @@ class GRPOTrainer:
                 del model
                 it = self.prompt_iterator(len(problems))
                 key = jax.random.key(t.seed)
-                start, state, meta = resume(ckpt, prog.state, prog.shardings, enabled=self.resume,
-                                            scan_layers=prog.scan_layers,
-                                            layout_key="policy.scan_layers")
+                start, state, meta = loop.resume(
+                    ckpt, prog.state, prog.shardings, enabled=self.resume,
+                    scan_layers=prog.scan_layers, layout_key="policy.scan_layers")
                 history: list[dict[str, float]] = []
                 if meta is not None:
                     it.set_state(meta["data_state"])
@@ -297,7 +288,7 @@ class GRPOTrainer:
                     history = meta.get("history", [])
                 self.state, self.graphdef, self.rest = state, prog.graphdef, prog.rest
                 if start >= t.steps:
-                    nothing_to_train(self.run_dir, start, t.steps, "train.steps")
+                    loop.nothing_to_train(self.run_dir, start, t.steps, "train.steps")
                     return {"steps": start, "steps_run": 0, "first_step": start,
                             "nothing_to_train": True, "history": history, "last": {},
                             "wall_s": time.perf_counter() - t_start, "config": to_dict(cfg)}
@@ -305,10 +296,10 @@ class GRPOTrainer:
                                            problems, prompts)
                 state, out = self._train(ckpt, rollout_step, state, it, key, history, start)
             if t.export_hf:
-                export_hf(self.run_dir, prog.graphdef, state["params"], prog.rest,
+                loop.export_hf(self.run_dir, prog.graphdef, state["params"], prog.rest,
                           resolve_tokenizer_path(cfg.policy.tokenizer))
         self.state = state
-        return write_summary(self.run_dir, {
+        return loop.write_summary(self.run_dir, {
             **out, "history": history, "wall_s": time.perf_counter() - t_start,
             "usable_prompts": len(problems), "config": to_dict(cfg),
         })
@@ -319,7 +310,7 @@ class GRPOTrainer:
         """The loop from ``start``: rollout -> reward -> update per step, logging and
         checkpoints. ``(final state, summary entries)``."""
         t = self.cfg.train
-        writer = open_writer(self.run_dir, resumed=self.resume, start_step=start)
+        writer = loop.open_writer(self.run_dir, resumed=self.resume, start_step=start)
 
         def save(step: int) -> None:
             writer.flush()  # events up to `step` are on disk before its checkpoint exists
@@ -329,7 +320,7 @@ class GRPOTrainer:
 
         last: dict[str, float] = {}
         times = PhaseTimes()
-        with closing(writer), progress(t.steps, start, "train_grpo", self.progress) as bar:
+        with closing(writer), loop.progress(t.steps, start, "train_grpo", self.progress) as bar:
             for step in range(start, t.steps):
                 state, last, rollout, res = rollout_step(state, next(it),
                                                          jax.random.fold_in(key, step))
@@ -337,16 +328,16 @@ class GRPOTrainer:
                 times.add(last)
                 history.append({"step": done, "reward_mean": last["reward/mean"],
                                 "valid_code_fraction": last["valid_code_fraction"]})
-                if due(t.log_every, done) or done == t.steps:
+                if loop.due(t.log_every, done) or done == t.steps:
                     writer.scalars(done, last, "train/")
-                if due(t.samples_every, done):
+                if loop.due(t.samples_every, done):
                     self._log_samples(writer, done, rollout, res)
                 bar.update(1)
                 bar.set_postfix(reward=f"{last['reward/mean']:.3f}",
                                 valid=f"{last['valid_code_fraction']:.2f}",
                                 len=f"{last['response_length/mean']:.0f}",
                                 kl=f"{last['approx_kl']:.1e}")
-                if due(t.save_every, done) or done == t.steps:
+                if loop.due(t.save_every, done) or done == t.steps:
                     save(done)
             if ckpt.latest_step() is None:
                 save(start)
