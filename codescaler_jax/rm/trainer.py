@@ -477,6 +477,7 @@ class PairEvaluator:
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
         metrics = finalize_metrics(sums)
+        metrics["pairs"] = float(sums["count"])
         for prefix, labels in (
             ("by_kind", [p.kind or "unknown" for p in pairs]),
             ("by_positive", [p.chosen_kind or "unknown" for p in pairs]),
