@@ -77,7 +77,8 @@ def positive_float(text: str) -> float:
 
 
 def shaping_choices() -> list[str]:
-    """The registered reward-shaping modes, for ``--shaping`` ``choices=``."""
-    from codescaler_jax.rm.shaping import SHAPERS
+    """The registered reward-shaping modes, for ``--shaping`` ``choices=`` (names only: no
+    jax import before the command parses its arguments)."""
+    from codescaler_jax.registry import SHAPERS
 
     return sorted(SHAPERS)

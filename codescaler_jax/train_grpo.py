@@ -55,18 +55,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def _policy_model_config(cfg):
     """``(Qwen3Config, where it came from)`` of the policy: ``init_from``'s config.json or size."""
-    import dataclasses
-
-    from codescaler_jax.models.qwen3 import Qwen3Config
-    from codescaler_jax.rl.trainer import policy_config
-    from codescaler_jax.rm.config import compute_overrides
-
     p = cfg.policy
-    if p.init_from and (Path(p.init_from) / "config.json").is_file():
-        mcfg = Qwen3Config.from_hf(p.init_from)
-        mcfg = dataclasses.replace(mcfg, **compute_overrides(p))
+    mcfg = p.checkpoint_config()
+    if mcfg is not None:
         return mcfg, f"{p.init_from}/config.json"
-    return policy_config(cfg, vocab_min=0, pad_id=0, eos_id=1), f"policy.size={p.size}"
+    return p.sized_config(pad_token_id=0, eos_token_id=1), f"policy.size={p.size}"
 
 
 def _reward_model_config(cfg, policy_cfg):
@@ -105,6 +98,7 @@ def build_dry_run(cfg, target):
     import jax.numpy as jnp
     from flax import nnx
 
+    from codescaler_jax.generate.sampler import JaxSampler, SamplingConfig
     from codescaler_jax.models.qwen3 import Qwen3ForCausalLM, Qwen3RewardModel
     from codescaler_jax.models.sharding import make_mesh
     from codescaler_jax.perf import train_flops_per_token
@@ -115,8 +109,6 @@ def build_dry_run(cfg, target):
         make_train_step,
         per_update_schedule,
     )
-    from codescaler_jax.rl.sampler import JaxSampler, SamplingConfig
-    from codescaler_jax.rm.train_step import make_optimizer, make_schedule
     from codescaler_jax.training.abstract import (
         abstract_batch,
         abstract_params,
@@ -124,6 +116,7 @@ def build_dry_run(cfg, target):
     )
     from codescaler_jax.training.dry_run import ProgramSpec
     from codescaler_jax.training.fit import Candidate, Change, Knob, divisor_steps
+    from codescaler_jax.training.optim import make_optimizer, make_schedule
     from codescaler_jax.training.report import per_device_bytes
 
     p, r, a, rw = cfg.policy, cfg.rollout, cfg.algorithm, cfg.reward

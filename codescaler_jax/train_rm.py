@@ -71,18 +71,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def _dry_run_model_config(cfg):
     """``(Qwen3Config, where it came from)``: ``model.init_from``'s config.json, else the size."""
-    import dataclasses
-
-    from codescaler_jax.models.qwen3 import Qwen3Config
-    from codescaler_jax.rm.config import compute_overrides
-    from codescaler_jax.rm.trainer import model_config
-
     m = cfg.model
-    if m.init_from and (Path(m.init_from) / "config.json").is_file():
-        mcfg = Qwen3Config.from_hf(m.init_from)
-        mcfg = dataclasses.replace(mcfg, **compute_overrides(m))
+    mcfg = m.checkpoint_config()
+    if mcfg is not None:
         return mcfg, f"{m.init_from}/config.json"
-    return model_config(cfg, vocab_min=0, pad_id=0), f"model.size={m.size}"
+    return m.sized_config(pad_token_id=0), f"model.size={m.size}"
 
 
 def build_dry_run(cfg, target):
@@ -98,11 +91,12 @@ def build_dry_run(cfg, target):
     from codescaler_jax.models.qwen3 import Qwen3RewardModel
     from codescaler_jax.models.sharding import make_mesh
     from codescaler_jax.perf import train_flops_per_token
-    from codescaler_jax.rm.train_step import BATCH_KEYS, make_optimizer, make_schedule
+    from codescaler_jax.rm.train_step import BATCH_KEYS
     from codescaler_jax.rm.trainer import jit_train_step, step_options
     from codescaler_jax.training.abstract import abstract_batch, abstract_train_state
     from codescaler_jax.training.dry_run import ProgramSpec
     from codescaler_jax.training.fit import Candidate, Change, Knob, divisor_steps
+    from codescaler_jax.training.optim import make_optimizer, make_schedule
     from codescaler_jax.training.report import per_device_bytes
 
     mcfg, source = _dry_run_model_config(cfg)

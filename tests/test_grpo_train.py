@@ -16,6 +16,7 @@ from flax import nnx
 
 from codescaler_jax.code.extract import extract_batch
 from codescaler_jax.data.tokenizer import load_tokenizer
+from codescaler_jax.generate.sampler import JaxSampler, SamplingConfig
 from codescaler_jax.models.hf_io import load_hf_model, save_hf_model
 from codescaler_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM, Qwen3RewardModel
 from codescaler_jax.models.sharding import MeshConfig, batch_sharding, create_sharded, make_mesh
@@ -30,7 +31,6 @@ from codescaler_jax.rl.grpo import (
 )
 from codescaler_jax.rl.losses import PolicyLossConfig, policy_loss
 from codescaler_jax.rl.rewards import REWARDS, RewardResult, RolloutBatch, build_reward
-from codescaler_jax.rl.sampler import JaxSampler, SamplingConfig
 from codescaler_jax.rl.trainer import GRPOTrainer, build_update_batch
 from codescaler_jax.rm.train_step import (
     init_state,

@@ -15,10 +15,7 @@ import torch
 from flax import nnx
 from model_hf_reference import TINY, random_hf_model
 
-from codescaler_jax.models.hf_io import load_hf_model
-from codescaler_jax.models.qwen3 import Qwen3ForCausalLM
-from codescaler_jax.models.sharding import MeshConfig, make_mesh
-from codescaler_jax.rl.sampler import (
+from codescaler_jax.generate.sampler import (
     JaxSampler,
     SamplingConfig,
     categorical,
@@ -26,6 +23,9 @@ from codescaler_jax.rl.sampler import (
     filter_logits,
     left_pad,
 )
+from codescaler_jax.models.hf_io import load_hf_model
+from codescaler_jax.models.qwen3 import Qwen3ForCausalLM
+from codescaler_jax.models.sharding import MeshConfig, make_mesh
 
 PAD = 0
 NEW = 32

@@ -22,6 +22,7 @@ Every side-by-side benchmark of ``codescaler_jax.bench`` measures through this m
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -250,3 +251,17 @@ def write_json(name: str, payload: dict[str, Any], out: str | os.PathLike | None
     if grade["readme_grade_note"]:
         print(f"{name}: {grade['readme_grade_note']}", file=sys.stderr)
     return path
+
+
+def require_torch(benchmark: str) -> None:
+    """Exit with one line when PyTorch is missing: ``benchmark`` measures against
+    ``transformers`` on torch, which only the ``test`` extra installs."""
+    try:
+        found = importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):  # a blocked or half-removed torch
+        found = False
+    if not found:
+        raise SystemExit(
+            f"error: {benchmark} compares against PyTorch, which is not installed; "
+            "install the test extra: pip install -e '.[test]'"
+        )

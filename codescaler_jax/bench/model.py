@@ -44,9 +44,12 @@ from codescaler_jax.bench.common import (
     add_harness_args,
     compare,
     interleave,
+    require_torch,
     time_call,
     write_json,
 )
+
+require_torch("bench.model")  # before any work: the comparison needs torch
 
 # XLA reads XLA_FLAGS once, at backend start: set before jax is imported (this process only).
 # Empty on purpose: on the 2-core AMD EPYC dev machine none of --xla_cpu_use_onednn=true,

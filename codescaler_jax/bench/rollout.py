@@ -104,9 +104,9 @@ def _rollout(args: argparse.Namespace) -> dict[str, Any]:
     import jax
 
     from codescaler_jax.generate.engine import ContinuousSampler
+    from codescaler_jax.generate.sampler import JaxSampler, SamplingConfig
     from codescaler_jax.models.qwen3 import Qwen3Config
     from codescaler_jax.models.sharding import MeshConfig, make_mesh
-    from codescaler_jax.rl.sampler import JaxSampler, SamplingConfig
 
     n_new = 8 * args.median
     vocab = max(args.vocab, n_new + 2)

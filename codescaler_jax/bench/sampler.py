@@ -40,8 +40,11 @@ from codescaler_jax.bench.common import (
     add_harness_args,
     compare,
     interleave,
+    require_torch,
     write_json,
 )
+
+require_torch("bench.sampler")  # before any work: the comparison needs torch
 
 # Two policy shapes with the real Qwen3 vocabulary (the LM head is a large share of the work).
 SHAPES = {
@@ -92,7 +95,7 @@ def _bench_mode(ours, hf, mesh, prompts: np.ndarray, mode: str, new_tokens: int,
     import jax
     import torch
 
-    from codescaler_jax.rl.sampler import JaxSampler, SamplingConfig
+    from codescaler_jax.generate.sampler import JaxSampler, SamplingConfig
 
     knobs = MODES[mode]
     batch, prompt_len = prompts.shape

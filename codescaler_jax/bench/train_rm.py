@@ -26,8 +26,11 @@ from codescaler_jax.bench.common import (
     add_harness_args,
     compare,
     interleave,
+    require_torch,
     write_json,
 )
+
+require_torch("bench.train_rm")  # before any work: the comparison needs torch
 
 
 def _args(argv):

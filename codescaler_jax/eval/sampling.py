@@ -64,10 +64,10 @@ def sample_responses(
 ) -> list[list[str]]:
     """``settings.n`` responses (text) for each prompt, from the HF policy directory ``policy``."""
     from codescaler_jax.data.tokenizer import load_tokenizer
+    from codescaler_jax.generate.sampler import JaxSampler, SamplingConfig
     from codescaler_jax.models.hf_io import load_hf_model
     from codescaler_jax.models.qwen3 import Qwen3ForCausalLM
     from codescaler_jax.models.sharding import make_mesh
-    from codescaler_jax.rl.sampler import JaxSampler, SamplingConfig
 
     mesh = mesh if mesh is not None else make_mesh()
     tok = load_tokenizer(tokenizer or str(policy))

@@ -48,9 +48,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from codescaler_jax.models.qwen3 import KVCache, Qwen3ForCausalLM
-from codescaler_jax.models.sharding import batch_sharding, tree_shardings
-from codescaler_jax.rl.sampler import (
+from codescaler_jax.generate.sampler import (
     SAMPLERS,
     JaxSampler,
     SampleOutput,
@@ -59,6 +57,8 @@ from codescaler_jax.rl.sampler import (
     _host,
     choose_tokens,
 )
+from codescaler_jax.models.qwen3 import KVCache, Qwen3ForCausalLM
+from codescaler_jax.models.sharding import batch_sharding, tree_shardings
 
 
 def _draw(logits: jax.Array, keys: jax.Array, cfg: SamplingConfig):

@@ -46,7 +46,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-IMPLEMENTATIONS = ("auto", "xla", "chunked", "splash", "cudnn")
+from codescaler_jax.models.config import ATTENTION_IMPLEMENTATIONS
+
+IMPLEMENTATIONS = ATTENTION_IMPLEMENTATIONS  # named in models.config, which needs no jax
 _NEG_INF = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: exp(_NEG_INF - x) is exactly 0
 # Default blocks of the chunked path (queries x keys per step).
 CHUNKED_BLOCK_Q = 256

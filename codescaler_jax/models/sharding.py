@@ -22,7 +22,6 @@ Typical use::
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -31,6 +30,8 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from codescaler_jax.models.config import MeshConfig  # noqa: F401  (re-exported)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -55,48 +56,6 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
 }
 
 Rules = Mapping[str, str | tuple[str, ...] | None]
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshConfig:
-    """Mesh shape. Each entry is a device count; exactly one may be -1 ("all the rest").
-
-    Attributes:
-        data: data-parallel replicas (parameters replicated).
-        fsdp: fully-sharded data parallelism (parameters split on ``embed``, batch split).
-        tensor: tensor parallelism (heads / MLP units / vocab split).
-    """
-
-    data: int = 1
-    fsdp: int = -1
-    tensor: int = 1
-
-    def __post_init__(self) -> None:
-        sizes = dataclasses.asdict(self)
-        for name, size in sizes.items():
-            if size == 0 or size < -1:
-                raise ValueError(
-                    f"MeshConfig.{name} must be a positive device count or -1, got {size}"
-                )
-        if sum(1 for s in sizes.values() if s == -1) > 1:
-            raise ValueError(f"MeshConfig: at most one axis may be -1, got {sizes}")
-
-    def resolve(self, num_devices: int) -> tuple[int, int, int]:
-        """Axis sizes ``(data, fsdp, tensor)`` for ``num_devices`` devices; -1 takes the rest."""
-        sizes = dataclasses.asdict(self)
-        fixed = math.prod(s for s in sizes.values() if s != -1)
-        if -1 in sizes.values():
-            if num_devices % fixed:
-                raise ValueError(
-                    f"MeshConfig {sizes}: {num_devices} devices are not divisible by the fixed "
-                    f"axes' product {fixed}"
-                )
-            sizes = {k: (num_devices // fixed if v == -1 else v) for k, v in sizes.items()}
-        elif fixed != num_devices:
-            raise ValueError(
-                f"MeshConfig {sizes}: product {fixed} != number of devices {num_devices}"
-            )
-        return sizes["data"], sizes["fsdp"], sizes["tensor"]
 
 
 def make_mesh(cfg: MeshConfig | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -21,11 +21,10 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from codescaler_jax.rl.registry import Registry
+from codescaler_jax.registry import ADVANTAGE_ESTIMATORS
 
 Baseline = Callable[[jax.Array], jax.Array]
 
-ADVANTAGE_ESTIMATORS: Registry[Baseline] = Registry("estimator")
 SCALE_REWARDS = ("group", "batch", "none")
 
 

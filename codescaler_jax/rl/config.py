@@ -8,47 +8,31 @@ section 5.4); knob names are the ones TRL / verl users know.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from codescaler_jax.config import check_at_least, check_input_path
-from codescaler_jax.models.sharding import MeshConfig
-from codescaler_jax.rl.advantages import ADVANTAGE_ESTIMATORS
-from codescaler_jax.rl.losses import PolicyLossConfig
-from codescaler_jax.rl.metrics import PassRateEvalSection
-from codescaler_jax.rm.config import OptimSection, check_attention_blocks
+from codescaler_jax.config import check_at_least, check_fraction, check_input_path
+from codescaler_jax.models.config import MeshConfig, ModelSection
+from codescaler_jax.registry import (
+    ADVANTAGE_ESTIMATORS,
+    KL_ESTIMATORS,
+    LOSS_AGGREGATIONS,
+    REWARDS,
+    SAMPLERS,
+    SHAPERS,
+)
+from codescaler_jax.training.config import OptimSection
 
 
 @dataclasses.dataclass
-class PolicySection:
-    """The policy. ``init_from``: a Hugging Face ``Qwen3ForCausalLM`` directory (e.g.
-    Qwen3-8B-Base) or ``None`` for random init of ``size`` (a ``Qwen3Config`` named size:
-    ``tiny``, ``qwen3_0_6b`` ...), with the explicit fields below overriding that size.
-    ``attention`` / ``attention_block_q`` / ``attention_block_kv``: as ``rm.config.ModelSection``
-    (training, log-prob passes and the sampler's prefill and decode all use it).
-    ``scan_layers``: as ``model.scan_layers`` of the RM config (``None``: the model's
-    default, on for the named sizes and HF checkpoints, off for ``tiny``)."""
+class PolicySection(ModelSection):
+    """The policy: a ``models.config.ModelSection`` (``init_from`` a Hugging Face
+    ``Qwen3ForCausalLM`` directory such as Qwen3-8B-Base, or ``None`` for random init of
+    ``size``; the attention and ``scan_layers`` knobs are used by training, the log-prob passes
+    and the sampler's prefill and decode alike), plus its tokenizer."""
 
-    init_from: str | None = None
+    key: ClassVar[str] = "policy"
+
     tokenizer: str = "qwen3"
-    size: str = "tiny"
-    vocab_size: int | None = None
-    hidden_size: int | None = None
-    intermediate_size: int | None = None
-    num_hidden_layers: int | None = None
-    num_attention_heads: int | None = None
-    num_key_value_heads: int | None = None
-    head_dim: int | None = None
-    tie_word_embeddings: bool | None = None
-    param_dtype: Literal["float32", "bfloat16"] = "float32"
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    remat: bool = False
-    attention: Literal["auto", "xla", "chunked", "splash", "cudnn"] = "auto"
-    attention_block_q: int | None = None
-    attention_block_kv: int | None = None
-    scan_layers: bool | None = None
-
-    def __post_init__(self):
-        check_attention_blocks(self, "policy")
 
 
 @dataclasses.dataclass
@@ -74,7 +58,7 @@ class DataSection:
 class RolloutSection:
     """Sampling. ``num_prompts`` x ``num_generations`` responses per step (reference 128 x 8,
     temperature 0.6, top_p 0.95, top_k 20, 16,384 new tokens). ``engine``: a name registered in
-    ``rl.sampler.SAMPLERS`` (``jax``: the in-process decode loop). ``batch_size``: rows per
+    ``generate.sampler.SAMPLERS`` (``jax``: the in-process decode loop). ``batch_size``: rows per
     decode loop on device. ``stop_strings``: extra stops besides EOS, matched as token
     sequences. ``prefill_chunk``: prefill prompts this many tokens at a time (bounds the
     prefill's attention and activation memory for long prompts); None: in one pass."""
@@ -92,9 +76,6 @@ class RolloutSection:
     prefill_chunk: int | None = None
 
     def __post_init__(self):
-        import codescaler_jax.generate.engine  # noqa: F401  (registers "continuous")
-        from codescaler_jax.rl.sampler import SAMPLERS
-
         SAMPLERS.check(self.engine)
         if self.num_generations < 2:
             raise ValueError(f"rollout.num_generations must be >= 2, got {self.num_generations}")
@@ -133,9 +114,6 @@ class RewardSection:
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
-        from codescaler_jax.rl.rewards import REWARDS
-        from codescaler_jax.rm.shaping import SHAPERS
-
         REWARDS.check(self.name)
         if self.shaping not in SHAPERS:
             raise ValueError(f"shaping: unknown mode {self.shaping!r}; allowed {sorted(SHAPERS)}")
@@ -144,6 +122,65 @@ class RewardSection:
             raise ValueError(
                 f"reward.sandbox_time_limit_s must be > 0, got {self.sandbox_time_limit_s}"
             )
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyLossConfig:
+    """Knobs of the GRPO policy loss; defaults are the CodeScaler recipe (section 5.1)."""
+
+    epsilon: float = 0.2
+    """Lower clip range: the ratio is clipped below at ``1 - epsilon`` (verl clip_ratio_low)."""
+
+    epsilon_high: float | None = 0.28
+    """Upper clip range: clipped above at ``1 + epsilon_high`` (DAPO clip-higher); None means
+    the same as ``epsilon`` (symmetric PPO)."""
+
+    dual_clip: float | None = 3.0
+    """verl dual-clip constant c > 1: for A < 0 the per-token loss is capped at ``-c * A`` so a
+    huge ratio on a bad token cannot dominate; None disables the cap."""
+
+    loss_agg_mode: str = "token-mean"
+    """How per-token losses become one scalar: one of ``LOSS_AGGREGATIONS`` ("token-mean",
+    "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")."""
+
+    loss_agg_constant: float | None = None
+    """The constant C of "seq-mean-token-sum-norm" (Dr.GRPO: the max response length); None
+    uses the padded response length T of the mask."""
+
+    beta: float = 0.0
+    """Weight of the per-token KL-to-reference term; 0 means no reference model is needed."""
+
+    kl_estimator: str = "k3"
+    """KL estimator for the ``beta`` term: one of ``KL_ESTIMATORS`` ("k1", "k2", "k3")."""
+
+    kl_clamp: float | None = 10.0
+    """The KL estimate per token is clamped to [-kl_clamp, kl_clamp] (verl); None disables."""
+
+    log_ratio_clamp: float = 20.0
+    """``logp - old_logp`` is clamped to +-this before ``exp`` so the ratio cannot overflow."""
+
+    def __post_init__(self):
+        LOSS_AGGREGATIONS.check(self.loss_agg_mode)
+        KL_ESTIMATORS.check(self.kl_estimator)
+        if not 0.0 < self.epsilon < 1.0:
+            raise ValueError(f"epsilon must be in (0, 1), got {self.epsilon}")
+        if self.epsilon_high is not None and self.epsilon_high <= 0.0:
+            raise ValueError(f"epsilon_high must be > 0 or None, got {self.epsilon_high}")
+        if self.dual_clip is not None and self.dual_clip <= 1.0:
+            raise ValueError(f"dual_clip must be > 1 or None, got {self.dual_clip}")
+        if self.loss_agg_constant is not None and self.loss_agg_constant <= 0.0:
+            raise ValueError(f"loss_agg_constant must be > 0 or None, got {self.loss_agg_constant}")
+        if self.beta < 0.0:
+            raise ValueError(f"beta must be >= 0, got {self.beta}")
+        if self.kl_clamp is not None and self.kl_clamp <= 0.0:
+            raise ValueError(f"kl_clamp must be > 0 or None, got {self.kl_clamp}")
+        if self.log_ratio_clamp <= 0.0:
+            raise ValueError(f"log_ratio_clamp must be > 0, got {self.log_ratio_clamp}")
+
+    @property
+    def clip_high(self) -> float:
+        """The effective upper clip range (``epsilon_high``, or ``epsilon`` when None)."""
+        return self.epsilon if self.epsilon_high is None else self.epsilon_high
 
 
 @dataclasses.dataclass
@@ -222,6 +259,30 @@ class TrainSection:
             "train", self, log_every=1, samples_every=0, num_text_samples=0, save_every=0,
             keep_checkpoints=1,
         )
+
+
+@dataclasses.dataclass
+class PassRateEvalSection:
+    """``pass_rate_eval`` of a GRPO config. ``every``: probe cadence in steps (0: off).
+    ``held_out_source``: ``humaneval``, a problems JSONL file, or ``None`` (no held-out probe);
+    its held-out split is taken with ``held_out_fraction`` / ``validation_fraction`` (the
+    rule of ``configs/rm_tiny.yaml`` by default). ``seed``: the probe's fixed sampling key."""
+
+    every: int = 0
+    train_prompts: int = 16
+    held_out_source: str | None = "humaneval"
+    held_out_fraction: float = 0.2
+    validation_fraction: float = 0.15
+    held_out_prompts: int = 16
+    num_samples: int = 2
+    seed: int = 1234
+    time_limit_s: float = 2.0
+    sandbox_workers: int = 2
+
+    def __post_init__(self):
+        check_at_least("pass_rate_eval", self, every=0, train_prompts=0, held_out_prompts=0,
+                       num_samples=1, sandbox_workers=1)
+        check_fraction("pass_rate_eval", self, "held_out_fraction", "validation_fraction")
 
 
 @dataclasses.dataclass

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from codescaler_jax.models.logprobs import token_stats
 from codescaler_jax.models.qwen3 import Qwen3ForCausalLM
 from codescaler_jax.rl.losses import (
     PolicyLossConfig,
@@ -112,34 +113,14 @@ def response_token_stats(
         ``(logp [B, N] float32, entropy [B, N] float32 or None)``; position ``j`` is the
         distribution that predicts response token ``j``.
     """
-    b, t = input_ids.shape
+    t = input_ids.shape[1]
     p = t - response_len
     if p < 1:
         raise ValueError(f"need at least one prompt position before the {response_len} responses")
     hidden = model.hidden_states(input_ids, attention_mask)[:, p - 1 : t - 1]
     targets = input_ids[:, p:]
-
-    def stats(h: jax.Array, tgt: jax.Array):
-        logits = model.logits(h) / temperature
-        logz = jax.nn.logsumexp(logits, axis=-1)
-        picked = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
-        if not with_entropy:
-            return picked - logz, None
-        probs = jnp.exp(logits - logz[..., None])
-        return picked - logz, logz - jnp.sum(probs * logits, axis=-1)
-
-    n = response_len
-    if chunk is None or chunk >= n:
-        return stats(hidden, targets)
-    pad = (-n) % chunk
-    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-    tgt = jnp.pad(targets, ((0, 0), (0, pad)))
-    k = (n + pad) // chunk
-    h = h.reshape(b, k, chunk, -1).swapaxes(0, 1)
-    tgt = tgt.reshape(b, k, chunk).swapaxes(0, 1)
-    out = jax.lax.map(lambda xs: jax.checkpoint(stats)(*xs), (h, tgt))
-    unchunk = lambda x: None if x is None else x.swapaxes(0, 1).reshape(b, n + pad)[:, :n]
-    return unchunk(out[0]), unchunk(out[1])
+    return token_stats(model.logits, hidden, targets, temperature=temperature,
+                       chunk_size=chunk, with_entropy=with_entropy)
 
 
 def make_logprob_fn(

@@ -24,14 +24,14 @@ verl ``mse``, k3 = verl ``low_var_kl``).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from codescaler_jax.rl.registry import Registry
+from codescaler_jax.registry import KL_ESTIMATORS, LOSS_AGGREGATIONS
+from codescaler_jax.rl.config import PolicyLossConfig  # noqa: F401  (re-exported)
 
 # verl clamps the log-ratio inside the k3 estimator to this before exponentiating.
 _K3_LOG_RATIO_CLAMP = 20.0
@@ -39,8 +39,6 @@ _K3_LOG_RATIO_CLAMP = 20.0
 Aggregation = Callable[[jax.Array, jax.Array, float], tuple[jax.Array, jax.Array]]
 KLEstimator = Callable[[jax.Array, jax.Array], jax.Array]
 
-LOSS_AGGREGATIONS: Registry[Aggregation] = Registry("loss_agg_mode")
-KL_ESTIMATORS: Registry[KLEstimator] = Registry("kl_estimator")
 
 
 def _float(x: jax.Array) -> jax.Array:
@@ -48,67 +46,7 @@ def _float(x: jax.Array) -> jax.Array:
     return x.astype(jnp.float64 if x.dtype == jnp.float64 else jnp.float32)
 
 
-# --------------------------------------------------------------------------------------------
-# Config
-
-
-@dataclasses.dataclass(frozen=True)
-class PolicyLossConfig:
-    """Knobs of the GRPO policy loss; defaults are the CodeScaler recipe (section 5.1)."""
-
-    epsilon: float = 0.2
-    """Lower clip range: the ratio is clipped below at ``1 - epsilon`` (verl clip_ratio_low)."""
-
-    epsilon_high: float | None = 0.28
-    """Upper clip range: clipped above at ``1 + epsilon_high`` (DAPO clip-higher); None means
-    the same as ``epsilon`` (symmetric PPO)."""
-
-    dual_clip: float | None = 3.0
-    """verl dual-clip constant c > 1: for A < 0 the per-token loss is capped at ``-c * A`` so a
-    huge ratio on a bad token cannot dominate; None disables the cap."""
-
-    loss_agg_mode: str = "token-mean"
-    """How per-token losses become one scalar: one of ``LOSS_AGGREGATIONS`` ("token-mean",
-    "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")."""
-
-    loss_agg_constant: float | None = None
-    """The constant C of "seq-mean-token-sum-norm" (Dr.GRPO: the max response length); None
-    uses the padded response length T of the mask."""
-
-    beta: float = 0.0
-    """Weight of the per-token KL-to-reference term; 0 means no reference model is needed."""
-
-    kl_estimator: str = "k3"
-    """KL estimator for the ``beta`` term: one of ``KL_ESTIMATORS`` ("k1", "k2", "k3")."""
-
-    kl_clamp: float | None = 10.0
-    """The KL estimate per token is clamped to [-kl_clamp, kl_clamp] (verl); None disables."""
-
-    log_ratio_clamp: float = 20.0
-    """``logp - old_logp`` is clamped to +-this before ``exp`` so the ratio cannot overflow."""
-
-    def __post_init__(self):
-        LOSS_AGGREGATIONS.check(self.loss_agg_mode)
-        KL_ESTIMATORS.check(self.kl_estimator)
-        if not 0.0 < self.epsilon < 1.0:
-            raise ValueError(f"epsilon must be in (0, 1), got {self.epsilon}")
-        if self.epsilon_high is not None and self.epsilon_high <= 0.0:
-            raise ValueError(f"epsilon_high must be > 0 or None, got {self.epsilon_high}")
-        if self.dual_clip is not None and self.dual_clip <= 1.0:
-            raise ValueError(f"dual_clip must be > 1 or None, got {self.dual_clip}")
-        if self.loss_agg_constant is not None and self.loss_agg_constant <= 0.0:
-            raise ValueError(f"loss_agg_constant must be > 0 or None, got {self.loss_agg_constant}")
-        if self.beta < 0.0:
-            raise ValueError(f"beta must be >= 0, got {self.beta}")
-        if self.kl_clamp is not None and self.kl_clamp <= 0.0:
-            raise ValueError(f"kl_clamp must be > 0 or None, got {self.kl_clamp}")
-        if self.log_ratio_clamp <= 0.0:
-            raise ValueError(f"log_ratio_clamp must be > 0, got {self.log_ratio_clamp}")
-
-    @property
-    def clip_high(self) -> float:
-        """The effective upper clip range (``epsilon_high``, or ``epsilon`` when None)."""
-        return self.epsilon if self.epsilon_high is None else self.epsilon_high
+# The loss knobs, ``PolicyLossConfig``, live in ``rl.config`` (validated without jax).
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,7 +17,6 @@ like. The probe's sandbox is its own; the reward's is untouched.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -25,32 +24,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from codescaler_jax.config import check_at_least, check_fraction
 from codescaler_jax.data.problems import Problem
-
-
-@dataclasses.dataclass
-class PassRateEvalSection:
-    """``pass_rate_eval`` of a GRPO config. ``every``: probe cadence in steps (0: off).
-    ``held_out_source``: ``humaneval``, a problems JSONL file, or ``None`` (no held-out probe);
-    its held-out split is taken with ``held_out_fraction`` / ``validation_fraction`` (the
-    rule of ``configs/rm_tiny.yaml`` by default). ``seed``: the probe's fixed sampling key."""
-
-    every: int = 0
-    train_prompts: int = 16
-    held_out_source: str | None = "humaneval"
-    held_out_fraction: float = 0.2
-    validation_fraction: float = 0.15
-    held_out_prompts: int = 16
-    num_samples: int = 2
-    seed: int = 1234
-    time_limit_s: float = 2.0
-    sandbox_workers: int = 2
-
-    def __post_init__(self):
-        check_at_least("pass_rate_eval", self, every=0, train_prompts=0, held_out_prompts=0,
-                       num_samples=1, sandbox_workers=1)
-        check_fraction("pass_rate_eval", self, "held_out_fraction", "validation_fraction")
+from codescaler_jax.rl.config import PassRateEvalSection
 
 
 def held_out_problems(section: PassRateEvalSection) -> list[Problem]:

@@ -27,7 +27,6 @@ import dataclasses
 import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -35,7 +34,7 @@ import numpy as np
 from codescaler_jax.code.extract import Extraction, extract_batch
 from codescaler_jax.config import ConfigError
 from codescaler_jax.data.problems import Problem
-from codescaler_jax.rl.registry import Registry
+from codescaler_jax.registry import REWARDS, SHAPERS
 
 if TYPE_CHECKING:
     from jax.sharding import Mesh
@@ -98,7 +97,6 @@ class RewardResult:
 
 RewardFn = Callable[[RolloutBatch], RewardResult]
 RewardFactory = Callable[..., RewardFn]
-REWARDS: Registry[RewardFactory] = Registry("reward.name")
 
 
 def build_reward(section: RewardSection, mesh: Mesh) -> RewardFn:
@@ -181,8 +179,6 @@ class CodeScalerReward:
         time_limit_s: float = 2.0,
         workers: int = 2,
     ):
-        from codescaler_jax.rm.shaping import SHAPERS
-
         if shaping not in SHAPERS:
             raise ValueError(f"reward.shaping: unknown mode {shaping!r}; allowed {sorted(SHAPERS)}")
         self.scorer = scorer
@@ -226,20 +222,19 @@ class CodeScalerReward:
 
 def load_scorer(section: RewardSection, mesh: Mesh) -> RewardScorer:
     """The RM named by ``reward.rm_path`` on ``mesh``, with a clear error when it is missing."""
-    from codescaler_jax.rm.scorer import RewardScorer
+    from codescaler_jax.rm.scorer import RewardScorer, resolve_rm_path
 
     if not section.rm_path:
         raise ConfigError("reward.rm_path is not set: the codescaler reward needs a reward model")
-    path = Path(section.rm_path)
-    loadable = ((path / "config.json").is_file() or (path / "hf" / "config.json").is_file()
-                or ((path / "config.yaml").is_file() and (path / "checkpoints").is_dir()))
-    if not loadable:
+    try:
+        path, _ = resolve_rm_path(section.rm_path)
+    except FileNotFoundError:
         raise FileNotFoundError(
             f"reward.rm_path={section.rm_path!r}: no reward model there (no config.json, no "
             "train_rm hf/ export or checkpoints). Train one first: python -m "
             "codescaler_jax.train_rm --config configs/rm_tiny.yaml (writes runs/rm_tiny), or "
             "point reward.rm_path at a Hugging Face RM directory such as a CodeScaler checkpoint."
-        )
+        ) from None
     return RewardScorer.from_pretrained(
         path, tokenizer=section.rm_tokenizer, mesh=mesh, dtype=section.rm_dtype,
         max_length=section.rm_max_length, batch_size=section.rm_batch_size,

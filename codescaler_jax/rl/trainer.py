@@ -18,9 +18,9 @@ samples as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +28,21 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
-from tqdm.auto import tqdm
 
-from codescaler_jax.config import ConfigError, save_config, to_dict
+from codescaler_jax.config import ConfigError, to_dict
 from codescaler_jax.data.problems import Problem, humaneval_problems, read_problems_jsonl
 from codescaler_jax.data.tokenizer import load_tokenizer, resolve_tokenizer_path
 from codescaler_jax.eval.sampling import render_prompts
+from codescaler_jax.generate.sampler import (
+    SAMPLERS,
+    SampleOutput,
+    SamplingConfig,
+    left_pad,
+    prompt_buckets,
+    stop_sequences_from_strings,
+)
 from codescaler_jax.logging_utils import Writer
 from codescaler_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
 from codescaler_jax.models.sharding import batch_sharding, create_sharded, make_mesh
@@ -48,50 +54,20 @@ from codescaler_jax.rl.grpo import (
     make_train_step,
     per_update_schedule,
 )
-from codescaler_jax.rl.metrics import build_probe
+from codescaler_jax.rl.metrics import PassRateProbe, build_probe
 from codescaler_jax.rl.packing import make_packed_train_step, pack_on_mesh
 from codescaler_jax.rl.rewards import RewardResult, RolloutBatch, build_reward, close_reward
-from codescaler_jax.rl.sampler import (
-    SAMPLERS,
-    SampleOutput,
-    SamplingConfig,
-    left_pad,
-    prompt_buckets,
-    stop_sequences_from_strings,
-)
-from codescaler_jax.rm.config import compute_overrides
-from codescaler_jax.rm.train_step import (
-    check_resume_layout,
-    init_state,
-    make_optimizer,
-    make_schedule,
-    split_model,
-    state_shardings,
-)
-from codescaler_jax.training.run_dir import GRPO_RESUME, claim_run_dir, resume_tensorboard
+from codescaler_jax.training import loop
+from codescaler_jax.training.checkpoint import RunCheckpoints
+from codescaler_jax.training.optim import make_optimizer, make_schedule
+from codescaler_jax.training.run_dir import GRPO_RESUME, claim_run_dir
+from codescaler_jax.training.state import init_state, split_model, state_shardings
 
 log = logging.getLogger("codescaler_jax")
 
-_SIZE_FIELDS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-    "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings",
-)
-
-
 def policy_config(cfg: GRPOConfig, vocab_min: int, pad_id: int, eos_id: int) -> Qwen3Config:
-    """Qwen3Config of a from-scratch policy: the named size, explicit overrides, dtypes,
-    remat, layer scan."""
-    p = cfg.policy
-    named = getattr(Qwen3Config, p.size, None)
-    if named is None:
-        raise ValueError(f"policy.size: unknown size {p.size!r}")
-    base = named()
-    overrides = {f: getattr(p, f) for f in _SIZE_FIELDS if getattr(p, f) is not None}
-    if "vocab_size" not in overrides and base.vocab_size < vocab_min:
-        overrides["vocab_size"] = -(-vocab_min // 128) * 128
-    return dataclasses.replace(
-        base, **overrides, pad_token_id=pad_id, eos_token_id=eos_id, **compute_overrides(p),
-    )
+    """Qwen3Config of a from-scratch policy: ``policy.size`` with the section's overrides."""
+    return cfg.policy.sized_config(vocab_min=vocab_min, pad_token_id=pad_id, eos_token_id=eos_id)
 
 
 def load_problems(cfg: GRPOConfig) -> list[Problem]:
@@ -137,6 +113,39 @@ def decode_responses(tokenizer, out: SampleOutput, eos_ids: tuple[int, ...]) -> 
     return texts
 
 
+def step_metrics(res: RewardResult, out: SampleOutput, mask: np.ndarray,
+                 update: dict[str, float], entropy: float, adv: np.ndarray,
+                 times: tuple[float, float, float, float]) -> dict[str, float]:
+    """The metrics of one GRPO step: reward, validity, response lengths, advantages, the
+    update's clip / KL / entropy, time per phase and throughput."""
+    t0, t1, t2, t3 = times
+    gen_tokens = float(out.lengths.sum())
+    trained_tokens = float(mask.sum())
+    m = {
+        "reward/mean": float(res.rewards.mean()),
+        "reward/std": float(res.rewards.std()),
+        "reward/max": float(res.rewards.max()),
+        "valid_code_fraction": float(res.valid.mean()),
+        "response_length/mean": float(out.lengths.mean()),
+        "response_length/max": float(out.lengths.max()),
+        "response_length/truncated_fraction": float(1.0 - out.stopped.mean()),
+        "advantage/zero_fraction": float(np.mean(adv == 0)),
+        "entropy": entropy,
+        "clip_fraction": update["clipfrac_high"] + update["clipfrac_low"],
+        "time/rollout_s": t1 - t0,
+        "time/reward_s": t2 - t1,
+        "time/update_s": t3 - t2,
+        "time/step_s": t3 - t0,
+        "rollout/tokens_per_s": gen_tokens / max(t1 - t0, 1e-9),
+        "update/tokens_per_s": trained_tokens / max(t3 - t2, 1e-9),
+        **update,
+        **res.metrics,
+    }
+    if res.passed is not None:
+        m["pass_rate"] = float(res.passed.mean())
+    return m
+
+
 class GRPOTrainer:
     """Builds every piece of a GRPO run from its config and runs it."""
 
@@ -170,7 +179,7 @@ class GRPOTrainer:
             from codescaler_jax.models.hf_io import load_hf_model
 
             return load_hf_model(p.init_from, Qwen3ForCausalLM, mesh=mesh,
-                                 **compute_overrides(p))
+                                 **p.compute_overrides())
         mcfg = policy_config(self.cfg, len(tokenizer), tokenizer.pad_token_id,
                              tokenizer.eos_token_id)
         seed = self.cfg.train.seed
@@ -196,11 +205,57 @@ class GRPOTrainer:
         ds = ds.batch(r.num_prompts, drop_remainder=True, batch_fn=np.asarray)
         return iter(ds.to_iter_dataset())
 
+    def usable_prompts(self, tokenizer) -> tuple[list[Problem], list[list[int]]]:
+        """The problems whose rendered prompt fits ``data.max_prompt_length``, and those
+        prompts' token ids (``ConfigError`` when fewer than ``rollout.num_prompts`` remain)."""
+        cfg = self.cfg
+        problems = load_problems(cfg)
+        rendered = render_prompts(tokenizer, [p.prompt for p in problems])
+        keep = [i for i, ids in enumerate(rendered) if len(ids) <= cfg.data.max_prompt_length]
+        if len(keep) < len(rendered):
+            log.info("dropped %d of %d prompts longer than data.max_prompt_length=%d",
+                     len(rendered) - len(keep), len(rendered), cfg.data.max_prompt_length)
+        if len(keep) < cfg.rollout.num_prompts:
+            raise ConfigError(f"only {len(keep)} usable prompts, fewer than "
+                              f"rollout.num_prompts={cfg.rollout.num_prompts}")
+        return [problems[i] for i in keep], [rendered[i] for i in keep]
+
+    def build_programs(self, model: Qwen3ForCausalLM, mesh: Mesh,
+                       scfg: SamplingConfig) -> GRPOPrograms:
+        """Train state, optimizer and the jitted update, log-prob and advantage programs
+        (inside ``set_mesh``)."""
+        cfg, a = self.cfg, self.cfg.algorithm
+        opts = UpdateOptions(
+            loss=a.loss_config(), num_minibatches=a.num_minibatches, micro_batches=a.micro_batches,
+            temperature=scfg.logprob_temperature, logprob_chunk=a.logprob_chunk,
+        )
+        graphdef, params, rest = split_model(model)
+        schedule = make_schedule(cfg.optim, cfg.train.steps)
+        tx = make_optimizer(cfg.optim, per_update_schedule(schedule, a.num_minibatches))
+        shardings = state_shardings(model, tx, mesh)
+        # ppo_max_token_len_per_device: the update runs on packed micro-batches (rl.packing)
+        packed = a.ppo_max_token_len_per_device is not None
+        make_step = make_packed_train_step if packed else make_train_step
+        return GRPOPrograms(
+            graphdef=graphdef, rest=rest, state=init_state(params, tx, shardings),
+            shardings=shardings,
+            # A frozen copy of the initial policy, only when the KL term needs it. Not
+            # checkpointed: it is rebuilt from policy.init_from / the seed on resume.
+            ref_params=jax.tree.map(jnp.copy, params) if a.beta > 0 else None,
+            train_step=jax.jit(make_step(graphdef, rest, tx, schedule, opts),
+                               out_shardings=(shardings, None), donate_argnums=(0,)),
+            logprob_fn=jax.jit(make_logprob_fn(graphdef, rest, opts), static_argnums=(3,)),
+            advantages_fn=jax.jit(compute_advantages, static_argnames=(
+                "num_generations", "estimator", "scale_rewards", "eps")),
+            data_sharding=batch_sharding(mesh),
+            scan_layers=model.cfg.scan_layers,
+        )
+
     # ------------------------------------------------------------------ run
     def run(self) -> dict[str, Any]:
         """Train ``train.steps`` steps (from the latest checkpoint when resuming)."""
         self._reward_fn = None
-        self._probe = None
+        self._probe: PassRateProbe | None = None
         self.prepare()
         try:
             return self._run()
@@ -211,248 +266,106 @@ class GRPOTrainer:
                 self._probe.close()
 
     def _run(self) -> dict[str, Any]:
-        cfg = self.cfg
-        r, a = cfg.rollout, cfg.algorithm
+        cfg, r, t = self.cfg, self.cfg.rollout, self.cfg.train
         t_start = time.perf_counter()
-        if jax.process_index() == 0:
-            save_config(cfg, self.run_dir / "config.yaml")
-        mesh = self.mesh if self.mesh is not None else make_mesh(cfg.mesh)
-        log.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.default_backend())
+        mesh = loop.start_run(cfg, self.run_dir, self.mesh if self.mesh is not None
+                         else make_mesh(cfg.mesh))
         tokenizer = load_tokenizer(cfg.policy.tokenizer)
-        problems_all = load_problems(cfg)
-        rendered = render_prompts(tokenizer, [p.prompt for p in problems_all])
-        keep = [i for i, ids in enumerate(rendered) if len(ids) <= cfg.data.max_prompt_length]
-        if len(keep) < len(rendered):
-            log.info("dropped %d of %d prompts longer than data.max_prompt_length=%d",
-                     len(rendered) - len(keep), len(rendered), cfg.data.max_prompt_length)
-        problems = [problems_all[i] for i in keep]
-        prompts = [rendered[i] for i in keep]
-        if len(problems) < r.num_prompts:
-            raise ConfigError(f"only {len(problems)} usable prompts, fewer than "
-                             f"rollout.num_prompts={r.num_prompts}")
+        problems, prompts = self.usable_prompts(tokenizer)
         reward_fn = self._reward_fn = build_reward(cfg.reward, mesh)
-
         model = self.build_policy(mesh, tokenizer)
-        mcfg = model.cfg
-        scfg = self.sampling_config(tokenizer, mcfg)
+        scfg = self.sampling_config(tokenizer, model.cfg)
         sampler = SAMPLERS.get(r.engine)(
             model, scfg, mesh=mesh, batch_size=min(r.batch_size, r.num_prompts * r.num_generations),
             max_prompt_len=cfg.data.max_prompt_length, min_prompt_bucket=cfg.data.min_prompt_bucket,
         )
-        probe = self._probe = build_probe(
+        # pass-rate probes in the sandbox: a metric of the run, never its reward (rl.metrics)
+        self._probe = build_probe(
             cfg.pass_rate_eval, problems, prompts, tokenizer,
             lambda o: decode_responses(tokenizer, o, scfg.eos_token_ids),
             max_prompt_length=cfg.data.max_prompt_length)
-        r_buckets = response_buckets(r.max_new_tokens, r.min_response_bucket)
-        pad_id = scfg.pad_token_id
-        opts = UpdateOptions(
-            loss=a.loss_config(), num_minibatches=a.num_minibatches, micro_batches=a.micro_batches,
-            temperature=scfg.logprob_temperature, logprob_chunk=a.logprob_chunk,
-        )
         with jax.set_mesh(mesh):
-            graphdef, params, rest = split_model(model)
-            schedule = make_schedule(cfg.optim, cfg.train.steps)
-            tx = make_optimizer(cfg.optim, per_update_schedule(schedule, a.num_minibatches))
-            shardings = state_shardings(model, tx, mesh)
-            del model
-            state = init_state(params, tx, shardings)
-            # A frozen copy of the initial policy, only when the KL term needs it. Not
-            # checkpointed: it is rebuilt from policy.init_from / the seed on resume.
-            ref_params = jax.tree.map(jnp.copy, params) if a.beta > 0 else None
-            budget = a.ppo_max_token_len_per_device
-            make_step = make_train_step if budget is None else make_packed_train_step
-            train_step = jax.jit(
-                make_step(graphdef, rest, tx, schedule, opts),
-                out_shardings=(shardings, None), donate_argnums=(0,),
-            )
-            logprob_fn = jax.jit(make_logprob_fn(graphdef, rest, opts), static_argnums=(3,))
-            advantages_fn = jax.jit(
-                compute_advantages, static_argnames=("num_generations", "estimator",
-                                                     "scale_rewards", "eps"),
-            )
-            data_sharding = batch_sharding(mesh)
+            # Checkpoints in flight are finished and the manager closed on every way out.
+            with RunCheckpoints(self.run_dir, keep=t.keep_checkpoints) as ckpt:
+                prog = self.build_programs(model, mesh, scfg)
+                del model
+                it = self.prompt_iterator(len(problems))
+                key = jax.random.key(t.seed)
+                start, state, meta = loop.resume(
+                    ckpt, prog.state, prog.shardings, enabled=self.resume,
+                    scan_layers=prog.scan_layers, layout_key="policy.scan_layers")
+                history: list[dict[str, float]] = []
+                if meta is not None:
+                    it.set_state(meta["data_state"])
+                    key = jax.random.wrap_key_data(jnp.asarray(meta["rng_key"], jnp.uint32))
+                    history = meta.get("history", [])
+                self.state, self.graphdef, self.rest = state, prog.graphdef, prog.rest
+                if start >= t.steps:
+                    loop.nothing_to_train(self.run_dir, start, t.steps, "train.steps")
+                    return {"steps": start, "steps_run": 0, "first_step": start,
+                            "nothing_to_train": True, "history": history, "last": {},
+                            "wall_s": time.perf_counter() - t_start, "config": to_dict(cfg)}
+                rollout_step = RolloutStep(cfg, prog, sampler, reward_fn, tokenizer, scfg,
+                                           problems, prompts)
+                state, out = self._train(ckpt, rollout_step, state, it, key, history, start)
+            if t.export_hf:
+                loop.export_hf(self.run_dir, prog.graphdef, state["params"], prog.rest,
+                          resolve_tokenizer_path(cfg.policy.tokenizer))
+        self.state = state
+        return loop.write_summary(self.run_dir, {
+            **out, "history": history, "wall_s": time.perf_counter() - t_start,
+            "usable_prompts": len(problems),
+            "pass_rate_eval": self._probe.history if self._probe is not None else None,
+            "config": to_dict(cfg),
+        })
 
-            def to_global(x: np.ndarray) -> jax.Array:
-                # Every process holds the whole batch (the host work is replicated).
-                return jax.make_array_from_callback(x.shape, data_sharding, lambda i: x[i])
+    def _train(self, ckpt: RunCheckpoints, rollout_step: RolloutStep, state: dict, it: Any,
+               key: jax.Array, history: list[dict[str, float]], start: int
+               ) -> tuple[dict, dict[str, Any]]:
+        """The loop from ``start``: rollout -> reward -> update per step, logging and
+        checkpoints. ``(final state, summary entries)``."""
+        t = self.cfg.train
+        writer = loop.open_writer(self.run_dir, resumed=self.resume, start_step=start)
 
-            ckpt = ocp.CheckpointManager(
-                (self.run_dir / "checkpoints").absolute(),
-                options=ocp.CheckpointManagerOptions(max_to_keep=cfg.train.keep_checkpoints,
-                                                     create=True),
-            )
-            it = self.prompt_iterator(len(problems))
-            key = jax.random.key(cfg.train.seed)
-            start_step = 0
-            history: list[dict[str, float]] = []
-            if self.resume and ckpt.latest_step() is not None:
-                step0 = ckpt.latest_step()
-                check_resume_layout(ckpt.directory, step0, mcfg.scan_layers, "policy.scan_layers")
-                sds = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
-                abstract = jax.tree.map(sds, state, shardings)
-                restored = ckpt.restore(step0, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-                state = restored["state"]
-                meta = restored["meta"]
-                it.set_state(meta["data_state"])
-                key = jax.random.wrap_key_data(jnp.asarray(meta["rng_key"], jnp.uint32))
-                history = meta.get("history", [])
-                start_step = int(step0)
-                log.info("resumed from step %d", start_step)
-            elif self.resume:
-                log.info("--resume: no checkpoint in %s, starting from scratch", self.run_dir)
-            if start_step >= cfg.train.steps:
-                log.warning(
-                    "nothing to train: the checkpoint in %s is at step %d and train.steps is "
-                    "%d; raise train.steps to continue. hf/, summary.json and tb/ are left as "
-                    "they were", self.run_dir / "checkpoints", start_step, cfg.train.steps)
-                ckpt.close()
-                self.state, self.graphdef, self.rest = state, graphdef, rest
-                return {"steps": start_step, "steps_run": 0, "first_step": start_step,
-                        "nothing_to_train": True, "history": history, "last": {},
-                        "wall_s": time.perf_counter() - t_start, "config": to_dict(cfg)}
+        def save(step: int) -> None:
+            writer.flush()  # events up to `step` are on disk before its checkpoint exists
+            ckpt.save(step, state, {"data_state": it.get_state(), "step": step,
+                                    "history": history,
+                                    "rng_key": np.asarray(jax.random.key_data(key)).tolist()})
 
-            def save(step: int) -> None:
-                writer.flush()  # events up to `step` are on disk before its checkpoint exists
-                meta = {"data_state": it.get_state(), "step": step, "history": history,
-                        "rng_key": np.asarray(jax.random.key_data(key)).tolist()}
-                ckpt.save(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
-
-            if self.resume:
-                resume_tensorboard(self.run_dir / "tb", start_step)
-            writer = Writer(self.run_dir / "tb")
-            bar = tqdm(total=cfg.train.steps, initial=start_step, desc="train_grpo", unit="step",
-                       disable=not self.progress or jax.process_index() != 0)
-            last: dict[str, float] = {}
-            totals = {"rollout": 0.0, "reward": 0.0, "update": 0.0}
-            steady = dict(totals)  # the same without this process's first step (compilation)
-            steps_run = 0
-            if probe is not None and start_step == 0:
+        last: dict[str, float] = {}
+        times = PhaseTimes()
+        probe, sampler = self._probe, rollout_step.sampler
+        with closing(writer), loop.progress(t.steps, start, "train_grpo", self.progress) as bar:
+            if probe is not None and start == 0:  # the step-0 figure every later one is against
                 writer.scalars(0, probe(sampler, state["params"], 0), "eval/")
-            for step in range(start_step, cfg.train.steps):
-                t0 = time.perf_counter()
-                idx = next(it)
-                batch_problems = [problems[i] for i in idx for _ in range(r.num_generations)]
-                batch_prompts = [prompts[i] for i in idx for _ in range(r.num_generations)]
-                step_key = jax.random.fold_in(key, step)
-                sampler.load_params(state["params"])
-                out = sampler.generate(batch_prompts, step_key)
-                t1 = time.perf_counter()
-                texts = decode_responses(tokenizer, out, scfg.eos_token_ids)
-                rollout = RolloutBatch(
-                    batch_problems, texts,
-                    [list(t[: int(n)]) for t, n in zip(out.tokens, out.lengths, strict=True)],
-                )
-                res = reward_fn(rollout)
-                t2 = time.perf_counter()
-                adv = advantages_fn(jnp.asarray(res.rewards), num_generations=r.num_generations,
-                                    estimator=a.estimator, scale_rewards=a.scale_rewards,
-                                    eps=a.eps)
-                host = build_update_batch(batch_prompts, out, pad_id, r_buckets)
-                n_resp = host["response_mask"].shape[1]
-                batch = {k: to_global(v) for k, v in host.items()}
-                batch["advantages"] = to_global(np.asarray(adv))
-                old_logp, entropy = logprob_fn(state["params"], batch["input_ids"],
-                                               batch["attention_mask"], n_resp)
-                batch["old_logp"] = old_logp
-                if ref_params is not None:
-                    # The same compiled program as the old log-probs (its entropy is unused).
-                    batch["ref_logp"] = logprob_fn(ref_params, batch["input_ids"],
-                                                   batch["attention_mask"], n_resp)[0]
-                mask = host["response_mask"]
-                ent = float(jnp.sum(entropy * batch["response_mask"])) / max(mask.sum(), 1)
-                if budget is not None:  # the padded batch's rows, packed (rl.packing)
-                    batch, _ = pack_on_mesh(batch, mesh, num_minibatches=a.num_minibatches,
-                                            token_budget=budget, loss=opts.loss)
-                state, metrics = train_step(state, batch)
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                t3 = time.perf_counter()
+            for step in range(start, t.steps):
+                state, last, rollout, res = rollout_step(state, next(it),
+                                                         jax.random.fold_in(key, step))
                 done = step + 1
-                last = self._step_metrics(res, out, mask, metrics, ent, np.asarray(adv),
-                                          (t0, t1, t2, t3))
-                for k in totals:
-                    totals[k] += last[f"time/{k}_s"]
-                    steady[k] += last[f"time/{k}_s"] if steps_run else 0.0
-                steps_run += 1
+                times.add(last)
                 history.append({"step": done, "reward_mean": last["reward/mean"],
                                 "valid_code_fraction": last["valid_code_fraction"],
                                 "pass_rate": last.get("pass_rate")})
-                if probe is not None and probe.due(done, cfg.train.steps):
+                if probe is not None and probe.due(done, t.steps):
                     writer.scalars(done, probe(sampler, state["params"], done), "eval/")
-                if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+                if loop.due(t.log_every, done) or done == t.steps:
                     writer.scalars(done, last, "train/")
-                if cfg.train.samples_every and done % cfg.train.samples_every == 0:
+                if loop.due(t.samples_every, done):
                     self._log_samples(writer, done, rollout, res)
                 bar.update(1)
                 bar.set_postfix(reward=f"{last['reward/mean']:.3f}",
                                 valid=f"{last['valid_code_fraction']:.2f}",
                                 len=f"{last['response_length/mean']:.0f}",
                                 kl=f"{last['approx_kl']:.1e}")
-                if (cfg.train.save_every and done % cfg.train.save_every == 0
-                        or done == cfg.train.steps):
+                if loop.due(t.save_every, done) or done == t.steps:
                     save(done)
-            bar.close()
             if ckpt.latest_step() is None:
-                save(start_step)
-            ckpt.wait_until_finished()
-            writer.close()
-            if cfg.train.export_hf:
-                from codescaler_jax.models.hf_io import save_hf_model
-
-                save_hf_model(nnx.merge(graphdef, state["params"], rest), self.run_dir / "hf",
-                              tokenizer_dir=resolve_tokenizer_path(cfg.policy.tokenizer))
-            self.state, self.graphdef, self.rest = state, graphdef, rest
-        summary = {
-            "steps": cfg.train.steps,
-            "steps_run": steps_run,
-            "first_step": start_step,
-            "history": history,
-            "last": last,
-            "time_per_phase_s": {k: v / max(steps_run, 1) for k, v in totals.items()},
-            "time_per_phase_s_after_first_step": (
-                {k: v / (steps_run - 1) for k, v in steady.items()} if steps_run > 1 else None),
-            "wall_s": time.perf_counter() - t_start,
-            "usable_prompts": len(problems),
-            "pass_rate_eval": probe.history if probe is not None else None,
-            "config": to_dict(cfg),
-        }
-        if jax.process_index() == 0:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        return summary
+                save(start)
+        return state, {"steps": t.steps, "steps_run": times.steps, "first_step": start,
+                       "last": last, **times.summary()}
 
     # ------------------------------------------------------------------ logging
-    @staticmethod
-    def _step_metrics(res: RewardResult, out: SampleOutput, mask: np.ndarray,
-                      update: dict[str, float], entropy: float, adv: np.ndarray,
-                      times: tuple[float, float, float, float]) -> dict[str, float]:
-        t0, t1, t2, t3 = times
-        gen_tokens = float(out.lengths.sum())
-        trained_tokens = float(mask.sum())
-        m = {
-            "reward/mean": float(res.rewards.mean()),
-            "reward/std": float(res.rewards.std()),
-            "reward/max": float(res.rewards.max()),
-            "valid_code_fraction": float(res.valid.mean()),
-            "response_length/mean": float(out.lengths.mean()),
-            "response_length/max": float(out.lengths.max()),
-            "response_length/truncated_fraction": float(1.0 - out.stopped.mean()),
-            "advantage/zero_fraction": float(np.mean(adv == 0)),
-            "entropy": entropy,
-            "clip_fraction": update["clipfrac_high"] + update["clipfrac_low"],
-            "time/rollout_s": t1 - t0,
-            "time/reward_s": t2 - t1,
-            "time/update_s": t3 - t2,
-            "time/step_s": t3 - t0,
-            "rollout/tokens_per_s": gen_tokens / max(t1 - t0, 1e-9),
-            "update/tokens_per_s": trained_tokens / max(t3 - t2, 1e-9),
-            **update,
-            **res.metrics,
-        }
-        if res.passed is not None:
-            m["pass_rate"] = float(res.passed.mean())
-        return m
-
     def _log_samples(self, writer: Writer, step: int, rollout: RolloutBatch,
                      res: RewardResult) -> None:
         for k in range(min(self.cfg.train.num_text_samples, len(rollout))):
@@ -462,3 +375,109 @@ class GRPOTrainer:
                     f"**response**\n\n```\n{rollout.responses[k][:4000]}\n```")
             writer.text(step, f"rollouts/sample_{k}", text)
 
+
+# ---------------------------------------------------------------------- the loop's parts
+
+
+@dataclasses.dataclass
+class GRPOPrograms:
+    """What the loop runs: the fresh train state and its shardings, the reference parameters
+    (``beta > 0``), and the jitted update, log-prob and advantage programs."""
+
+    graphdef: Any
+    rest: Any
+    state: dict
+    shardings: dict
+    ref_params: Any
+    train_step: Any
+    logprob_fn: Any
+    advantages_fn: Any
+    data_sharding: Any
+    scan_layers: bool
+
+    def to_global(self, x: np.ndarray) -> jax.Array:
+        """A host array every process holds whole (the host work is replicated) -> global."""
+        return jax.make_array_from_callback(x.shape, self.data_sharding, lambda i: x[i])
+
+
+class RolloutStep:
+    """One GRPO step: sample ``num_generations`` responses per prompt with the current
+    policy, score them, turn rewards into group advantages, recompute the old (and reference)
+    log-probs and run the update. ``step(state, prompt indices, key) -> (state, metrics,
+    rollout, reward result)``."""
+
+    def __init__(self, cfg: GRPOConfig, prog: GRPOPrograms, sampler: Any, reward_fn: Any,
+                 tokenizer: Any, scfg: SamplingConfig, problems: list[Problem],
+                 prompts: list[list[int]]):
+        self.cfg, self.prog, self.sampler, self.reward_fn = cfg, prog, sampler, reward_fn
+        self.tokenizer, self.scfg, self.problems, self.prompts = tokenizer, scfg, problems, prompts
+        self.buckets = response_buckets(cfg.rollout.max_new_tokens,
+                                        cfg.rollout.min_response_bucket)
+
+    def __call__(self, state: dict, idx: np.ndarray, step_key: jax.Array
+                 ) -> tuple[dict, dict[str, float], RolloutBatch, RewardResult]:
+        r, a, prog = self.cfg.rollout, self.cfg.algorithm, self.prog
+        t0 = time.perf_counter()
+        batch_problems = [self.problems[i] for i in idx for _ in range(r.num_generations)]
+        batch_prompts = [self.prompts[i] for i in idx for _ in range(r.num_generations)]
+        self.sampler.load_params(state["params"])
+        out = self.sampler.generate(batch_prompts, step_key)
+        t1 = time.perf_counter()
+        texts = decode_responses(self.tokenizer, out, self.scfg.eos_token_ids)
+        rollout = RolloutBatch(
+            batch_problems, texts,
+            [list(t[: int(n)]) for t, n in zip(out.tokens, out.lengths, strict=True)],
+        )
+        res = self.reward_fn(rollout)
+        t2 = time.perf_counter()
+        adv = prog.advantages_fn(jnp.asarray(res.rewards), num_generations=r.num_generations,
+                                 estimator=a.estimator, scale_rewards=a.scale_rewards, eps=a.eps)
+        host = build_update_batch(batch_prompts, out, self.scfg.pad_token_id, self.buckets)
+        n_resp = host["response_mask"].shape[1]
+        batch = {k: prog.to_global(v) for k, v in host.items()}
+        batch["advantages"] = prog.to_global(np.asarray(adv))
+        old_logp, entropy = prog.logprob_fn(state["params"], batch["input_ids"],
+                                            batch["attention_mask"], n_resp)
+        batch["old_logp"] = old_logp
+        if prog.ref_params is not None:
+            # The same compiled program as the old log-probs (its entropy is unused).
+            batch["ref_logp"] = prog.logprob_fn(prog.ref_params, batch["input_ids"],
+                                                batch["attention_mask"], n_resp)[0]
+        mask = host["response_mask"]
+        ent = float(jnp.sum(entropy * batch["response_mask"])) / max(mask.sum(), 1)
+        if a.ppo_max_token_len_per_device is not None:  # the padded rows, packed (rl.packing)
+            batch, _ = pack_on_mesh(batch, prog.data_sharding.mesh,
+                                    num_minibatches=a.num_minibatches,
+                                    token_budget=a.ppo_max_token_len_per_device,
+                                    loss=a.loss_config())
+        state, metrics = prog.train_step(state, batch)
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        t3 = time.perf_counter()
+        last = step_metrics(res, out, mask, metrics, ent, np.asarray(adv), (t0, t1, t2, t3))
+        return state, last, rollout, res
+
+
+class PhaseTimes:
+    """Seconds per phase (rollout, reward, update) summed over steps, and the same without
+    this process's first step (compilation)."""
+
+    PHASES = ("rollout", "reward", "update")
+
+    def __init__(self) -> None:
+        self.totals = dict.fromkeys(self.PHASES, 0.0)
+        self.steady = dict.fromkeys(self.PHASES, 0.0)
+        self.steps = 0
+
+    def add(self, metrics: dict[str, float]) -> None:
+        for k in self.PHASES:
+            self.totals[k] += metrics[f"time/{k}_s"]
+            self.steady[k] += metrics[f"time/{k}_s"] if self.steps else 0.0
+        self.steps += 1
+
+    def summary(self) -> dict[str, Any]:
+        n = self.steps
+        return {
+            "time_per_phase_s": {k: v / max(n, 1) for k, v in self.totals.items()},
+            "time_per_phase_s_after_first_step": (
+                {k: v / (n - 1) for k, v in self.steady.items()} if n > 1 else None),
+        }

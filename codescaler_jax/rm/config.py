@@ -6,66 +6,18 @@ Loaded by ``python -m codescaler_jax.train_rm --config FILE [--set key.sub=value
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Literal
 
 from codescaler_jax.config import check_at_least, check_fraction, check_input_path
 from codescaler_jax.distributed import DistributedConfig
-from codescaler_jax.models.sharding import MeshConfig
-
-
-@dataclasses.dataclass
-class ModelSection:
-    """Which RM to train. ``init_from``: a Hugging Face RM directory (CodeScaler /
-    Skywork-Reward-V2 or one we exported) or ``None`` for random init of ``size`` (with the
-    explicit fields below overriding that size's values). ``attention``: the attention
-    implementation (``models.attention``: ``auto`` picks splash on TPU, cudnn on GPU, and
-    chunked or xla by length on CPU); ``attention_block_q`` / ``attention_block_kv``: its block
-    sizes (None: the implementation's default). ``scan_layers``: stack the decoder layers and
-    run them with a scan (compile time independent of depth); ``None`` keeps the model's
-    default (on for the named Qwen3 sizes and HF checkpoints, off for ``tiny``). Orbax
-    checkpoints are in the layout they were trained with."""
-
-    init_from: str | None = None
-    size: str = "tiny"
-    vocab_size: int | None = None
-    hidden_size: int | None = None
-    intermediate_size: int | None = None
-    num_hidden_layers: int | None = None
-    num_attention_heads: int | None = None
-    num_key_value_heads: int | None = None
-    head_dim: int | None = None
-    param_dtype: Literal["float32", "bfloat16"] = "float32"
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    remat: bool = False
-    attention: Literal["auto", "xla", "chunked", "splash", "cudnn"] = "auto"
-    attention_block_q: int | None = None
-    attention_block_kv: int | None = None
-    scan_layers: bool | None = None
-
-    def __post_init__(self):
-        check_attention_blocks(self, "model")
-
-
-COMPUTE_KEYS = ("param_dtype", "dtype", "remat", "attention", "attention_block_q",
-                "attention_block_kv")
-
-
-def compute_overrides(section: Any) -> dict[str, Any]:
-    """The ``Qwen3Config`` compute knobs of a model section (``model`` / ``policy``), applied
-    both to a named size and to a checkpoint's own config.json; ``scan_layers`` only when set
-    (``None`` keeps the size's or checkpoint's default)."""
-    out = {name: getattr(section, name) for name in COMPUTE_KEYS}
-    if section.scan_layers is not None:
-        out["scan_layers"] = section.scan_layers
-    return out
-
-
-def check_attention_blocks(section, prefix: str) -> None:
-    """Block sizes are positive ints or None (the attention implementation's default)."""
-    for name in ("attention_block_q", "attention_block_kv"):
-        val = getattr(section, name)
-        if val is not None and val < 1:
-            raise ValueError(f"{prefix}.{name} must be >= 1 or null, got {val}")
+from codescaler_jax.models.config import (  # noqa: F401  (re-exported: their old home)
+    COMPUTE_KEYS,
+    MeshConfig,
+    ModelSection,
+    check_attention_blocks,
+    compute_overrides,
+)
+from codescaler_jax.training.config import OptimSection  # noqa: F401  (re-exported)
 
 
 @dataclasses.dataclass
@@ -143,31 +95,6 @@ class DataSection:
             bad = [k for k in given or () if k not in known]
             if bad:
                 raise ValueError(f"data.{key}: unknown {bad}; known: {list(known)}")
-
-
-@dataclasses.dataclass
-class OptimSection:
-    """AdamW with linear warmup then ``schedule`` (constant, cosine or linear decay)."""
-
-    learning_rate: float = 1e-4
-    warmup_steps: int = 10
-    schedule: Literal["constant", "cosine", "linear"] = "cosine"
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.01
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    max_grad_norm: float = 1.0
-    freeze: list[str] = dataclasses.field(default_factory=list)  # param path prefixes to freeze
-
-    def __post_init__(self):
-        check_at_least(
-            "optim", self, learning_rate=0.0, warmup_steps=0, weight_decay=0.0,
-            max_grad_norm=0.0,
-        )
-        check_fraction("optim", self, "min_lr_ratio", "b1", "b2")
-        if self.eps <= 0:
-            raise ValueError(f"optim.eps must be > 0, got {self.eps}")
 
 
 @dataclasses.dataclass

@@ -1,14 +1,18 @@
-"""Score (problem, code) pairs with a reward model: batched, bucketed, on a mesh.
+"""Load a reward model and score (problem, code) pairs with it: batched, bucketed, on a mesh.
 
-``RewardScorer`` is the one place that turns text into RM scores; ``score``, the GRPO
-``codescaler`` reward, best-of-N and the HTTP server all use it. Inputs are rendered with the
-RM tokenizer's chat template (user = problem, assistant = code), right-truncated at
-``max_length``, sorted by length, cut into batches of ``batch_size`` rows, each padded to a
-length bucket and to a full batch, so only a few shapes are ever compiled.
+``load_rm`` is the one reward-model loader (a Hugging Face RM directory, or a ``train_rm`` run
+directory: its ``hf/`` export, else its Orbax checkpoint via ``load_run_checkpoint``), and
+``RewardScorer`` the one place that turns text into RM scores; ``score``, the GRPO
+``codescaler`` reward, best-of-N, the RM benchmark and the HTTP server all use them, and none
+imports a trainer. Inputs are rendered with the RM tokenizer's chat template (user = problem,
+assistant = code), right-truncated at ``max_length``, sorted by length, cut into batches of
+``batch_size`` rows (the scorer's default, or given per call), each padded to a length bucket
+and to a full batch, so only a few shapes are ever compiled.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -80,12 +84,56 @@ def load_rm(
     path, kind = resolve_rm_path(path)
     mesh = mesh if mesh is not None else make_mesh()
     if kind == "run":
-        from codescaler_jax.rm.trainer import load_run_checkpoint
-
         model, tok = load_run_checkpoint(path, mesh=mesh)
         return model, (load_tokenizer(tokenizer) if tokenizer else tok), mesh
     model = load_hf_model(path, Qwen3RewardModel, mesh=mesh, param_dtype=dtype, dtype=dtype)
     return model, load_tokenizer(tokenizer or str(path)), mesh
+
+
+def load_run_checkpoint(
+    run_dir: str | Path, *, mesh=None, step: int | None = None
+) -> tuple[Qwen3RewardModel, Any]:
+    """The RM of a ``train_rm`` run directory from its Orbax checkpoint (latest, or ``step``),
+    with the run's tokenizer: ``(model, tokenizer)``. For runs exported without ``hf/``."""
+    import jax.numpy as jnp
+
+    from codescaler_jax.config import load_config
+    from codescaler_jax.rm.config import RMTrainConfig
+    from codescaler_jax.training.checkpoint import (
+        checkpoint_scan_layers,
+        latest_step,
+        restore_state,
+    )
+    from codescaler_jax.training.optim import make_optimizer, make_schedule
+    from codescaler_jax.training.state import split_model, state_shardings
+
+    run_dir = Path(run_dir)
+    cfg = load_config(RMTrainConfig, run_dir / "config.yaml")
+    mesh = mesh if mesh is not None else make_mesh(cfg.mesh)
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    mcfg = cfg.model.checkpoint_config() or cfg.model.sized_config(
+        vocab_min=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    step = latest_step(run_dir) if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {run_dir / 'checkpoints'}")
+    # Build the model in the layout the checkpoint was written in (a run directory whose
+    # config predates model.scan_layers leaves it None, and the size's default may differ).
+    saved = checkpoint_scan_layers((run_dir / "checkpoints").absolute(), step)
+    if saved is not None and saved != mcfg.scan_layers:
+        mcfg = dataclasses.replace(mcfg, scan_layers=saved)
+    abstract = nnx.eval_shape(lambda: Qwen3RewardModel(mcfg, rngs=nnx.Rngs(0)))
+    graphdef, params, rest = split_model(abstract)
+    # The checkpoint holds the whole train state; Orbax restores a tree of the same structure.
+    tx = make_optimizer(cfg.optim, make_schedule(cfg.optim, 1))
+    sh = state_shardings(abstract, tx, mesh)
+    sds = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
+    target = {
+        "params": jax.tree.map(sds, params, sh["params"]),
+        "opt_state": jax.tree.map(sds, jax.eval_shape(tx.init, params), sh["opt_state"]),
+        "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=sh["step"]),
+    }
+    state = restore_state(run_dir, step, target)
+    return nnx.merge(graphdef, state["params"], rest), tokenizer
 
 
 class RewardScorer:
@@ -96,7 +144,8 @@ class RewardScorer:
         tokenizer: the RM's tokenizer (its chat template renders the input).
         mesh: the mesh the model lives on (default: all devices, fsdp).
         max_length: right-truncation length of RM inputs (the reference uses 4096).
-        batch_size: rows per forward pass; must be divisible by the mesh's batch axes.
+        batch_size: rows per forward pass unless a call names another; every batch size must
+            be divisible by the mesh's batch axes.
         min_bucket: smallest padded length; buckets double up to ``max_length``.
     """
 
@@ -111,14 +160,9 @@ class RewardScorer:
         min_bucket: int = 64,
     ):
         self.mesh = mesh if mesh is not None else make_mesh()
-        data_ways = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        if batch_size < 1 or batch_size % data_ways:
-            raise InputError(
-                f"batch_size={batch_size} must be divisible by the mesh's data x fsdp = {data_ways}"
-            )
         self.tokenizer = tokenizer
         self.max_length = max_length
-        self.batch_size = batch_size
+        self.batch_size = self._rows(batch_size)
         self.buckets = make_buckets(max_length, min(min_bucket, max_length))
         self.pad_id = tokenizer.pad_token_id
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -129,25 +173,36 @@ class RewardScorer:
             return nnx.merge(graphdef, params, rest)(ids, mask)
 
         self._forward = jax.jit(forward)
-        self._compiled: dict[int, Any] = {}
+        self._compiled: dict[tuple[int, int], Any] = {}
 
-    def compiled(self, length: int):
+    def _rows(self, batch_size: int | None) -> int:
+        """``batch_size`` (default: the scorer's), checked against the mesh's batch axes."""
+        if batch_size is None:
+            return self.batch_size
+        data_ways = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        if batch_size < 1 or batch_size % data_ways:
+            raise InputError(
+                f"batch_size={batch_size} must be divisible by the mesh's data x fsdp = {data_ways}"
+            )
+        return batch_size
+
+    def compiled(self, length: int, batch_size: int | None = None):
         """The forward pass of ``[batch_size, length]`` inputs, compiled ahead of time and kept
-        (the executable `score_ids` runs for that length)."""
-        exe = self._compiled.get(length)
+        (the executable `score_ids` runs for that shape)."""
+        rows = self._rows(batch_size)
+        exe = self._compiled.get((rows, length))
         if exe is None:
-            sds = jax.ShapeDtypeStruct((self.batch_size, length), np.int32,
-                                       sharding=self._sharding)
+            sds = jax.ShapeDtypeStruct((rows, length), np.int32, sharding=self._sharding)
             with jax.set_mesh(self.mesh):
                 exe = self._forward.lower(self.params, sds, sds).compile()
-            self._compiled[length] = exe
+            self._compiled[(rows, length)] = exe
         return exe
 
-    def pass_bytes(self, length: int) -> int:
+    def pass_bytes(self, length: int, batch_size: int | None = None) -> int:
         """Memory one forward pass of ``[batch_size, length]`` needs on top of the resident
         parameters, per device: XLA's temporaries and outputs, read from the compiled program
         (nothing is run)."""
-        mem = self.compiled(length).memory_analysis()
+        mem = self.compiled(length, batch_size).memory_analysis()
         return int((getattr(mem, "temp_size_in_bytes", 0) or 0)
                    + (getattr(mem, "output_size_in_bytes", 0) or 0))
 
@@ -170,28 +225,35 @@ class RewardScorer:
     def encode(self, problems: Sequence[str], codes: Sequence[str]) -> list[list[int]]:
         return encode_rm_inputs(self.tokenizer, problems, codes, self.max_length)
 
-    def score_ids(self, seqs: Sequence[Sequence[int]]) -> np.ndarray:
-        """Scores ``[N]`` float32 of already tokenized RM inputs."""
+    def score_ids(
+        self, seqs: Sequence[Sequence[int]], batch_size: int | None = None
+    ) -> np.ndarray:
+        """Scores ``[N]`` float32 of already tokenized RM inputs, ``batch_size`` rows per
+        forward pass (default: the scorer's)."""
+        rows_per_pass = self._rows(batch_size)
         n = len(seqs)
         out = np.zeros(n, np.float32)
         if n == 0:
             return out
         order = np.argsort([len(s) for s in seqs], kind="stable")
         with jax.set_mesh(self.mesh):
-            for start in range(0, n, self.batch_size):
-                idx = order[start : start + self.batch_size]
+            for start in range(0, n, rows_per_pass):
+                idx = order[start : start + rows_per_pass]
                 rows = [seqs[i] for i in idx]
                 length = bucket_length(max(max(len(r) for r in rows), 1), self.buckets)
-                rows += [rows[-1]] * (self.batch_size - len(rows))
+                rows += [rows[-1]] * (rows_per_pass - len(rows))
                 ids, mask = pad_right(rows, length, self.pad_id)
                 ids = jax.device_put(ids, self._sharding)
                 mask = jax.device_put(mask, self._sharding)
                 # device_get blocks on each batch (independent calls must not pile up on
                 # fake CPU devices, see tests/conftest.py)
-                scores = jax.device_get(self.compiled(length)(self.params, ids, mask))
+                exe = self.compiled(length, rows_per_pass)
+                scores = jax.device_get(exe(self.params, ids, mask))
                 out[idx] = scores[: len(idx)]
         return out
 
-    def score(self, problems: Sequence[str], codes: Sequence[str]) -> np.ndarray:
-        """RM scores ``[N]`` float32 of (problem, code) pairs."""
-        return self.score_ids(self.encode(problems, codes))
+    def score(
+        self, problems: Sequence[str], codes: Sequence[str], batch_size: int | None = None
+    ) -> np.ndarray:
+        """RM scores ``[N]`` float32 of (problem, code) pairs (``batch_size``: as `score_ids`)."""
+        return self.score_ids(self.encode(problems, codes), batch_size)

@@ -25,22 +25,17 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from codescaler_jax.registry import SHAPERS
+
 Shaper = Callable[[jax.Array, jax.Array, float], jax.Array]
 
 _F32 = jnp.finfo(jnp.float32)
-SHAPERS: dict[str, Shaper] = {}
 
 
 def register_shaper(name: str) -> Callable[[Shaper], Shaper]:
-    """Decorator: make ``fn(scores [B] f32, valid [B] bool, floor) -> [B] f32`` a named mode."""
-
-    def wrap(fn: Shaper) -> Shaper:
-        if name in SHAPERS:
-            raise ValueError(f"shaping mode {name!r} is already registered")
-        SHAPERS[name] = fn
-        return fn
-
-    return wrap
+    """Decorator: make ``fn(scores [B] f32, valid [B] bool, floor) -> [B] f32`` a named mode
+    (in ``codescaler_jax.registry.SHAPERS``)."""
+    return SHAPERS.register(name)
 
 
 def _sanitize(scores: jax.Array) -> jax.Array:
@@ -90,12 +85,11 @@ def shape_rewards(
     ``floor`` is the "no code" reward of ``raw``. Under `jax.jit`, pass ``mode`` (and ``floor``)
     as static arguments, e.g. ``jax.jit(shape_rewards, static_argnames=("mode", "floor"))``.
     """
-    try:
-        shaper = SHAPERS[mode]
-    except KeyError:
+    if mode not in SHAPERS:
         raise ValueError(
             f"unknown shaping mode {mode!r}; registered: {', '.join(sorted(SHAPERS))}"
-        ) from None
+        )
+    shaper = SHAPERS.get(mode)
     s = _sanitize(scores)
     v = jnp.asarray(valid).astype(jnp.bool_)
     if s.shape != v.shape:

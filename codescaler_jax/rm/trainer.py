@@ -13,25 +13,22 @@ and the identity of the source files, so a changed ``data`` section rebuilds the
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
-import random
 import time
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
-from tqdm.auto import tqdm
 
-from codescaler_jax.config import ConfigError, save_config, to_dict
-from codescaler_jax.data.pairs import Pair, read_pairs, split_by_problem, write_pairs_jsonl
+from codescaler_jax.config import ConfigError, to_dict
+from codescaler_jax.data.datasets import load_pair_splits
+from codescaler_jax.data.pairs import Pair
 from codescaler_jax.data.pipeline import (
     drop_identical,
     eval_batches,
@@ -41,57 +38,34 @@ from codescaler_jax.data.pipeline import (
 )
 from codescaler_jax.data.tokenizer import load_tokenizer, resolve_tokenizer_path
 from codescaler_jax.distributed import assert_shared_directory
-from codescaler_jax.errors import InputError
 from codescaler_jax.logging_utils import Writer
 from codescaler_jax.models.qwen3 import Qwen3Config, Qwen3RewardModel
 from codescaler_jax.models.sharding import batch_sharding, create_sharded, make_mesh
 from codescaler_jax.perf import measure_matmul_peak, train_flops_per_token
-from codescaler_jax.rm.config import RMTrainConfig, compute_overrides
+from codescaler_jax.rm.config import RMTrainConfig
 from codescaler_jax.rm.loss import finalize_metrics
-from codescaler_jax.rm.train_step import (
-    BATCH_KEYS,
-    StepOptions,
-    check_resume_layout,
-    checkpoint_scan_layers,
-    init_state,
-    make_eval_step,
-    make_optimizer,
-    make_schedule,
-    make_train_step,
-    split_model,
-    state_shardings,
+from codescaler_jax.rm.train_step import BATCH_KEYS, StepOptions, make_eval_step, make_train_step
+from codescaler_jax.training.checkpoint import RunCheckpoints
+from codescaler_jax.training.loop import (
+    due,
+    export_hf,
+    nothing_to_train,
+    open_writer,
+    progress,
+    resume,
+    start_run,
+    write_summary,
 )
-from codescaler_jax.training.run_dir import RM_RESUME, claim_run_dir, resume_tensorboard
+from codescaler_jax.training.optim import make_optimizer, make_schedule
+from codescaler_jax.training.run_dir import RM_RESUME, claim_run_dir
+from codescaler_jax.training.state import init_state, split_model, state_shardings
 
 log = logging.getLogger("codescaler_jax")
 
 
 def model_config(cfg: RMTrainConfig, vocab_min: int, pad_id: int) -> Qwen3Config:
-    """Qwen3Config for a from-scratch RM: the named size, explicit overrides, dtype, remat,
-    layer scan."""
-    m = cfg.model
-    named = getattr(Qwen3Config, m.size, None)
-    if named is None:
-        raise ValueError(f"model.size: unknown size {m.size!r}")
-    base = named()
-    overrides = {
-        f.name: getattr(m, f.name)
-        for f in dataclasses.fields(m)
-        if f.name
-        in (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "head_dim",
-        )
-        and getattr(m, f.name) is not None
-    }
-    if "vocab_size" not in overrides and base.vocab_size < vocab_min:
-        overrides["vocab_size"] = -(-vocab_min // 128) * 128
-    return dataclasses.replace(base, **overrides, pad_token_id=pad_id, **compute_overrides(m))
+    """Qwen3Config for a from-scratch RM: ``model.size`` with the section's overrides."""
+    return cfg.model.sized_config(vocab_min=vocab_min, pad_token_id=pad_id)
 
 
 def step_options(cfg: RMTrainConfig) -> StepOptions:
@@ -110,48 +84,6 @@ def jit_train_step(graphdef, rest, tx, schedule, opts: StepOptions, shardings: d
         out_shardings=(shardings, None),
         donate_argnums=(0,),
     )
-
-
-# Data keys that change only tokenization or speed, not which pairs are built.
-_NOT_PAIR_KEYS = ("tokenizer", "max_length", "min_bucket", "sandbox_workers")
-
-
-def _file_identity(value: str | None) -> dict[str, Any] | None:
-    """Path, size and modification time of a local data file (of each file in a dataset
-    directory); None for names that are not local paths (``humaneval``, hub datasets)."""
-    if not value or not Path(value).exists():
-        return None
-    p = Path(value).resolve()
-    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-    return {
-        "path": str(p),
-        "files": [[str(f.relative_to(p) if p.is_dir() else f.name), f.stat().st_size,
-                   f.stat().st_mtime_ns] for f in files],
-    }
-
-
-def pairs_cache_key(cfg: RMTrainConfig) -> dict[str, Any]:
-    """What the cached pairs of a run depend on: the data section (less its tokenization and
-    speed keys), the seed (split and shuffles) and the identity of the source files; with its
-    ``sha256``."""
-    data = {k: v for k, v in to_dict(cfg.data).items() if k not in _NOT_PAIR_KEYS}
-    key: dict[str, Any] = {
-        "data": data,
-        "seed": cfg.train.seed,
-        "sources": {
-            "source": _file_identity(cfg.data.source),
-            "eval_source": _file_identity(cfg.data.eval_source),
-        },
-    }
-    key["sha256"] = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-    return key
-
-
-def _problem_key(p: Pair) -> Pair:
-    if p.problem_id:
-        return p
-    h = hashlib.sha1(p.problem.encode("utf-8", "replace")).hexdigest()[:16]
-    return dataclasses.replace(p, problem_id=h)
 
 
 class RMTrainer:
@@ -208,129 +140,10 @@ class RMTrainer:
         return out
 
     def _load_pairs(self) -> tuple[list[Pair], list[Pair], list[Pair], dict[str, Any]]:
-        d = self.cfg.data
-        data_dir = self.run_dir / "data"
-        cached = [
-            data_dir / "train_pairs.jsonl",
-            data_dir / "validation_pairs.jsonl",
-            data_dir / "eval_pairs.jsonl",
-        ]
-        key = pairs_cache_key(self.cfg)
-        if all(p.is_file() for p in cached) and (data_dir / "stats.json").is_file():
-            stats = json.loads((data_dir / "stats.json").read_text())
-            if stats.get("cache_key") == key["sha256"]:
-                train, val, held = (
-                    read_pairs(c, max_record_bytes=1 << 40)[0] if c.stat().st_size else []
-                    for c in cached
-                )
-                log.info("reusing the pairs cached in %s", data_dir)
-                return train, val, held, stats
-            if self.resume:
-                raise InputError(
-                    f"--resume: the pairs cached in {data_dir} were built from other data "
-                    f"(a source file changed since the run started: {key['sources']}); the "
-                    "checkpoint's data position would not match. Start a new run_dir or pass "
-                    "--overwrite"
-                )
-            log.info("the pairs cached in %s were built for another data config; rebuilding",
-                     data_dir)
-        stats: dict[str, Any] = {"cache_key": key["sha256"], "cache_inputs": key}
-        val: list[Pair] = []
-        if d.source == "humaneval" and d.pairs_recipe == "augmented":
-            from codescaler_jax.data.augmented import AugmentOptions, build_split_pairs
-            from codescaler_jax.data.mutants import FINE_MUTANT_KINDS
-            from codescaler_jax.data.problems import humaneval_problems
-            from codescaler_jax.data.rewrites import TRANSFORMS
-
-            split, stats["build"] = build_split_pairs(
-                humaneval_problems()[: d.max_problems],
-                held_out_fraction=d.eval_fraction,
-                validation_fraction=d.validation_fraction,
-                options=AugmentOptions(
-                    rewrites_per_problem=d.rewrites_per_problem,
-                    rewrite_candidates=d.rewrite_candidates,
-                    rewrite_transforms=tuple(d.rewrite_transforms or TRANSFORMS),
-                    mutants_per_positive=d.mutants_per_positive,
-                    train_mutant_kinds=tuple(d.train_mutant_kinds or FINE_MUTANT_KINDS),
-                    max_pairs_per_problem=d.max_pairs_per_problem,
-                    cross_pairs_per_problem=d.cross_pairs_per_problem,
-                ),
-                seed=self.cfg.train.seed,
-                workers=d.sandbox_workers,
-                time_limit_s=d.sandbox_time_limit_s,
-                progress=self.progress,
-            )
-            pairs, val, held = split["train"], split["validation"], split["held_out"]
-        elif d.source == "humaneval":
-            from codescaler_jax.data.problems import humaneval_problems
-            from codescaler_jax.data.verified import verified_pairs
-
-            problems = humaneval_problems()
-            pairs, pstats = verified_pairs(
-                problems,
-                mutants_per_problem=d.mutants_per_problem,
-                line_mutant_fraction=d.line_mutant_fraction,
-                max_pairs_per_problem=d.max_pairs_per_problem,
-                unaligned_fraction=d.unaligned_fraction,
-                workers=d.sandbox_workers,
-                time_limit_s=d.sandbox_time_limit_s,
-                seed=self.cfg.train.seed,
-                progress=self.progress,
-            )
-            stats["build"] = pstats.to_dict()
-            log.info(
-                "verified pairs: %d problems, %d candidates, pass rate %.3f, %d pairs, skipped %s",
-                pstats.problems,
-                pstats.candidates,
-                pstats.pass_rate,
-                pstats.pairs,
-                pstats.skipped,
-            )
-        else:
-            pairs, counts = read_pairs(
-                d.source, skip_bad=d.skip_bad, max_record_bytes=d.max_record_bytes
-            )
-            stats["read"] = counts
-            log.info("read %d pairs from %s (%s)", len(pairs), d.source, counts)
-        pairs = [_problem_key(p) for p in pairs]
-        if d.source == "humaneval" and d.pairs_recipe == "augmented":
-            train = pairs
-        elif d.eval_source:
-            held, counts = read_pairs(
-                d.eval_source, skip_bad=d.skip_bad, max_record_bytes=d.max_record_bytes
-            )
-            held = [_problem_key(p) for p in held]
-            stats["read_eval"] = counts
-            train = pairs
-        else:
-            train, held = split_by_problem(
-                pairs, eval_fraction=d.eval_fraction, seed=self.cfg.train.seed
-            )
-        if d.validation_fraction > 0 and not val:
-            # carve validation problems from the training ones by the fixed hash rule
-            from codescaler_jax.data.splits import split_problem_ids
-
-            which = split_problem_ids(
-                [p.problem_id for p in train],
-                held_out_fraction=d.validation_fraction / (1.0 - d.eval_fraction),
-            )
-            val = [p for p in train if which[p.problem_id] == "held_out"]
-            train = [p for p in train if which[p.problem_id] != "held_out"]
-        if d.max_pairs is not None and len(train) > d.max_pairs:
-            random.Random(self.cfg.train.seed).shuffle(train)
-            train = train[: d.max_pairs]
-        stats["train_pairs"] = len(train)
-        stats["validation_pairs"] = len(val)
-        stats["eval_pairs"] = len(held)
-        stats["train_problems"] = len({p.problem_id for p in train})
-        stats["validation_problems"] = len({p.problem_id for p in val})
-        stats["eval_problems"] = len({p.problem_id for p in held})
-        if jax.process_index() == 0:
-            data_dir.mkdir(parents=True, exist_ok=True)
-            for part, path in zip((train, val, held), cached):
-                write_pairs_jsonl(part, path)
-            (data_dir / "stats.json").write_text(json.dumps(stats, indent=2))
-        return train, val, held, stats
+        return load_pair_splits(
+            self.cfg.data, seed=self.cfg.train.seed, data_dir=self.run_dir / "data",
+            resume=self.resume, progress=self.progress, write=jax.process_index() == 0,
+        )
 
     # ------------------------------------------------------------------ model
     def build_model(self, mesh, tokenizer) -> Qwen3RewardModel:
@@ -338,40 +151,32 @@ class RMTrainer:
         if m.init_from:
             from codescaler_jax.models.hf_io import load_hf_model
 
-            return load_hf_model(m.init_from, Qwen3RewardModel, mesh=mesh, **compute_overrides(m))
+            return load_hf_model(m.init_from, Qwen3RewardModel, mesh=mesh, **m.compute_overrides())
         mcfg = model_config(self.cfg, len(tokenizer), tokenizer.pad_token_id)
         seed = self.cfg.train.seed
         return create_sharded(lambda: Qwen3RewardModel(mcfg, rngs=nnx.Rngs(seed)), mesh)
 
-    # ------------------------------------------------------------------ run
-    def run(self) -> dict[str, Any]:
+    def prepare_data(self, tokenizer) -> PairData:
+        """The run's pairs, tokenized: identical-after-truncation pairs dropped (counted),
+        evaluation splits in length order, the training batches built."""
         cfg = self.cfg
-        t_start = time.perf_counter()
-        self.prepare()
-        assert_shared_directory(self.run_dir)
-        if jax.process_index() == 0:
-            save_config(cfg, self.run_dir / "config.yaml")
-        mesh = make_mesh(cfg.mesh)
-        log.info("mesh %s over %d devices (%s)", dict(mesh.shape), mesh.size, jax.default_backend())
-        tokenizer = load_tokenizer(cfg.data.tokenizer)
-        train_pairs, val_pairs, held_pairs, data_stats = self.load_pairs()
+        train_pairs, val_pairs, held_pairs, stats = self.load_pairs()
         max_len = cfg.data.max_length
         buckets = make_buckets(
             max_len, min(cfg.data.min_bucket, max_len), cfg.data.buckets_per_octave
         )
-        train_tok = tokenize_pairs(train_pairs, tokenizer, max_len, progress=self.progress)
-        val_tok = tokenize_pairs(val_pairs, tokenizer, max_len, progress=self.progress)
-        held_tok = tokenize_pairs(held_pairs, tokenizer, max_len, progress=self.progress)
+        tok = [tokenize_pairs(p, tokenizer, max_len, progress=self.progress)
+               for p in (train_pairs, val_pairs, held_pairs)]
         # Pairs whose two inputs are identical after truncation carry no preference: dropped
         # from training and evaluation, and counted.
-        identical = {"max_length": max_len}
-        train_pairs, train_tok, identical["train"] = drop_identical(train_pairs, train_tok)
-        val_pairs, val_tok, identical["validation"] = drop_identical(val_pairs, val_tok)
-        held_pairs, held_tok, identical["eval"] = drop_identical(held_pairs, held_tok)
+        identical: dict[str, Any] = {"max_length": max_len}
+        train_pairs, train_tok, identical["train"] = drop_identical(train_pairs, tok[0])
+        val_pairs, val_tok, identical["validation"] = drop_identical(val_pairs, tok[1])
+        held_pairs, held_tok, identical["eval"] = drop_identical(held_pairs, tok[2])
         if not val_pairs and not identical["validation"]:
             del identical["validation"]
-        data_stats = {
-            **data_stats,
+        stats = {
+            **stats,
             "identical_after_truncation": identical,
             "train_pairs_used": len(train_pairs),
             "validation_pairs_used": len(val_pairs),
@@ -382,326 +187,195 @@ class RMTrainer:
                 f"only {len(train_pairs)} training pairs, fewer than "
                 f"train.global_batch_size={cfg.train.global_batch_size}"
             )
-        # evaluation in length order: less padding, the same metrics
-        val_pairs, val_tok = _by_length(val_pairs, val_tok)
-        held_pairs, held_tok = _by_length(held_pairs, held_tok)
         if identical["train"] or identical["eval"] or identical.get("validation"):
             log.info(
                 "dropped pairs identical after truncation at %d tokens: %s", max_len, identical
             )
-        pad_id = tokenizer.pad_token_id
         train_ds = pair_batches(
             train_tok,
             global_batch_size=cfg.train.global_batch_size,
             buckets=buckets,
-            pad_id=pad_id,
+            pad_id=tokenizer.pad_token_id,
             seed=cfg.train.seed,
             num_epochs=cfg.train.num_epochs,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
             group_by_length=cfg.data.group_by_length,
         )
-        total_steps = len(train_ds)
+        total = len(train_ds)
         if cfg.train.max_steps is not None:
-            total_steps = min(total_steps, cfg.train.max_steps)
+            total = min(total, cfg.train.max_steps)
+        # evaluation in length order: less padding, the same metrics
+        return PairData(
+            validation=_by_length(val_pairs, val_tok), held_out=_by_length(held_pairs, held_tok),
+            buckets=buckets, pad_id=tokenizer.pad_token_id, stats=stats,
+            batches=iter(train_ds.to_iter_dataset()), total_steps=total,
+        )
 
+    def build_programs(self, model: Qwen3RewardModel, mesh, data: PairData) -> RMPrograms:
+        """Train state, optimizer and the jitted train / eval steps (inside ``set_mesh``)."""
+        cfg = self.cfg
+        mc = model.cfg
+        graphdef, params, rest = split_model(model)
+        schedule = make_schedule(cfg.optim, data.total_steps)
+        tx = make_optimizer(cfg.optim, schedule)
+        shardings = state_shardings(model, tx, mesh)
+        opts = step_options(cfg)
+        # Replicated eval outputs: every process can read them (multi-host too).
+        eval_step = jax.jit(make_eval_step(graphdef, rest, opts),
+                            out_shardings=NamedSharding(mesh, PartitionSpec()))
+        dims = dict(hidden=mc.hidden_size, intermediate=mc.intermediate_size,
+                    layers=mc.num_hidden_layers, heads=mc.num_attention_heads,
+                    kv_heads=mc.num_key_value_heads, head_dim=mc.head_dim)
+        return RMPrograms(
+            graphdef=graphdef, rest=rest, state=init_state(params, tx, shardings),
+            shardings=shardings,
+            train_step=jit_train_step(graphdef, rest, tx, schedule, opts, shardings),
+            evaluator=PairEvaluator(eval_step, batch_sharding(mesh), data,
+                                    cfg.train.eval_batch_size),
+            scan_layers=mc.scan_layers,
+            flops_per_token=lambda length: train_flops_per_token(seq_len=length, **dims),
+        )
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> dict[str, Any]:
+        """Train, evaluate, checkpoint and export; returns (and writes) the run summary."""
+        cfg, t = self.cfg, self.cfg.train
+        t_start = time.perf_counter()
+        self.prepare()
+        assert_shared_directory(self.run_dir)
+        mesh = start_run(cfg, self.run_dir, make_mesh(cfg.mesh))
+        tokenizer = load_tokenizer(cfg.data.tokenizer)
+        data = self.prepare_data(tokenizer)
         # Built outside `set_mesh`: parameters carry logical axis names, which the active-mesh
         # path of nnx would try to read as mesh axes.
         model = self.build_model(mesh, tokenizer)
         with jax.set_mesh(mesh):
-            mc = model.cfg
-            model_cfg = dict(
-                hidden=mc.hidden_size,
-                intermediate=mc.intermediate_size,
-                layers=mc.num_hidden_layers,
-                heads=mc.num_attention_heads,
-                kv_heads=mc.num_key_value_heads,
-                head_dim=mc.head_dim,
-            )
-            graphdef, params, rest = split_model(model)
-            schedule = make_schedule(cfg.optim, total_steps)
-            tx = make_optimizer(cfg.optim, schedule)
-            shardings = state_shardings(model, tx, mesh)
-            del model
-            state = init_state(params, tx, shardings)
-            opts = step_options(cfg)
-            train_step = jit_train_step(graphdef, rest, tx, schedule, opts, shardings)
-            # Replicated outputs: every process can read them (multi-host too).
-            eval_step = jax.jit(
-                make_eval_step(graphdef, rest, opts),
-                out_shardings=NamedSharding(mesh, PartitionSpec()),
-            )
-            data_sharding = batch_sharding(mesh)
-
-            def to_global(
-                batch: dict[str, np.ndarray], keys, whole: bool = False
-            ) -> dict[str, jax.Array]:
-                # whole=True: every process holds the whole global batch (eval) and keeps
-                # only its devices' rows; else each holds its own rows (pair_batches).
-                return {
-                    k: jax.make_array_from_process_local_data(
-                        data_sharding, batch[k], batch[k].shape if whole else None
-                    )
-                    for k in keys
-                }
-
-            def evaluate(params, data=None, pairs=None) -> dict[str, float]:
-                """Pairwise metrics on ``data`` (default: held-out), with
-                ``by_kind/<kind>/accuracy`` (how the rejected code was made) and
-                ``by_positive/<kind>/accuracy`` (canonical or rewrite) where pairs know it."""
-                data = held_tok if data is None else data
-                pairs = held_pairs if pairs is None else pairs
-                if not len(data):
-                    return {}
-                sums: dict[str, float] = {}
-                correct: list[float] = []
-                for b in eval_batches(
-                    data, batch_size=cfg.train.eval_batch_size, buckets=buckets, pad_id=pad_id
-                ):
-                    out = jax.device_get(
-                        eval_step(params, to_global(b, (*BATCH_KEYS, "weight"), whole=True))
-                    )
-                    correct.extend(np.asarray(out.pop("pair_correct"))[b["weight"] > 0].tolist())
-                    for k, v in out.items():
-                        sums[k] = sums.get(k, 0.0) + float(v)
-                metrics = finalize_metrics(sums)
-                metrics["pairs"] = float(sums["count"])
-                for prefix, labels in (
-                    ("by_kind", [p.kind or "unknown" for p in pairs]),
-                    ("by_positive", [p.chosen_kind or "unknown" for p in pairs]),
-                ):
-                    kinds = sorted(set(labels))
-                    if len(kinds) > 1:
-                        for kind in kinds:
-                            sel = [c for c, k in zip(correct, labels) if k == kind]
-                            metrics[f"{prefix}/{kind}/accuracy"] = float(np.mean(sel))
-                            metrics[f"{prefix}/{kind}/pairs"] = float(len(sel))
-                return metrics
-
-            ckpt = ocp.CheckpointManager(
-                (self.run_dir / "checkpoints").absolute(),
-                options=ocp.CheckpointManagerOptions(
-                    max_to_keep=cfg.train.keep_checkpoints, create=True
-                ),
-            )
-            it = iter(train_ds.to_iter_dataset())
-            start_step = 0
-            history: dict[str, Any] = {"eval": []}
-            if self.resume and ckpt.latest_step() is not None:
-                step0 = ckpt.latest_step()
-                check_resume_layout(ckpt.directory, step0, mc.scan_layers, "model.scan_layers")
-                abstract = jax.tree.map(
-                    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                    state,
-                    shardings,
-                )
-                restored = ckpt.restore(
-                    step0,
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
-                    ),
-                )
-                state = restored["state"]
-                meta = restored["meta"]
-                it.set_state(meta["data_state"])
-                history = meta.get("history", history)
-                start_step = int(step0)
-                log.info("resumed from step %d", start_step)
-            elif self.resume:
-                log.info("--resume: no checkpoint in %s, starting from scratch", self.run_dir)
-            if start_step >= total_steps:
-                ckpt.close()
-                self.state, self.graphdef, self.rest = state, graphdef, rest
-                return self._nothing_to_train(
-                    start_step, total_steps, history, data_stats, t_start
-                )
-
-            if self.resume:
-                resume_tensorboard(self.run_dir / "tb", start_step)
-            writer = self.writer = Writer(self.run_dir / "tb")  # on_step hooks may log or flush
-            peak = measure_matmul_peak(
-                jnp.bfloat16 if cfg.model.dtype == "bfloat16" else jnp.float32, n=1024, repeat=3
-            )
-            if start_step == 0:
-                m0 = evaluate(state["params"])
-                if m0:
-                    history["eval"].append({"step": 0, **m0})
-                    writer.scalars(0, m0, "eval/")
-                    log.info("step 0 (untrained) held-out: %s", _fmt(m0))
-
-            def save(step: int) -> None:
-                # Every event up to `step` is on disk before its checkpoint exists: a run killed
-                # later resumes from here with no step missing in TensorBoard.
-                writer.flush()
-                meta = {"data_state": it.get_state(), "step": step, "history": history}
-                ckpt.save(
-                    step,
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-                    ),
-                )
-
             # Whatever happens (a crash, Ctrl-C), checkpoints in flight are finished and the
-            # TensorBoard file is flushed, so nothing already written is lost.
-            try:
-                bar = tqdm(
-                    total=total_steps,
-                    initial=start_step,
-                    desc="train_rm",
-                    unit="step",
-                    disable=not self.progress or jax.process_index() != 0,
-                )
-                last: dict[str, float] = {}
-                history.setdefault("validation", [])
-                # best validation so far; after a resume it restarts (its parameters are not
-                # checkpointed)
-                best: dict[str, Any] = {"step": None, "accuracy": -1.0, "since": 0}
-                stopped_early = False
-                end_step = start_step
-                for step in range(start_step, total_steps):
-                    t0 = time.perf_counter()
-                    batch = next(it)
-                    t1 = time.perf_counter()
-                    state, metrics = train_step(state, to_global(batch, BATCH_KEYS))
-                    metrics = jax.device_get(metrics)
-                    t2 = time.perf_counter()
-                    length = batch["chosen_ids"].shape[1]
-                    n_pairs = cfg.train.global_batch_size
-                    tokens = 2 * n_pairs * length
-                    real = float(batch["chosen_mask"].sum() + batch["rejected_mask"].sum())
-                    real *= jax.process_count()
-                    flops = tokens * train_flops_per_token(seq_len=length, **model_cfg)
-                    stats = finalize_metrics(metrics)
-                    last = {
-                        **stats,
-                        "grad_norm": float(metrics["grad_norm"]),
-                        "learning_rate": float(metrics["learning_rate"]),
-                        "tokens_per_s": tokens / (t2 - t1),
-                        "real_tokens_per_s": real / (t2 - t1),
-                        "mfu": flops / (t2 - t1) / peak,
-                        "time/step_s": t2 - t1,
-                        "time/data_s": t1 - t0,
-                        "seq_len": length,
-                    }
-                    done = step + 1
-                    if done % cfg.train.log_every == 0 or done == total_steps:
-                        writer.scalars(done, last, "train/")
-                    bar.update(1)
-                    bar.set_postfix(
-                        loss=f"{stats['loss']:.4f}",
-                        acc=f"{stats['accuracy']:.2f}",
-                        lr=f"{last['learning_rate']:.2e}",
-                        tok_s=f"{last['tokens_per_s']:.0f}",
-                    )
-                    if (
-                        cfg.train.eval_every
-                        and done % cfg.train.eval_every == 0
-                        and done < total_steps
-                    ):
-                        t3 = time.perf_counter()
-                        if len(val_tok):
-                            # model selection and early stopping look at validation only
-                            m = evaluate(state["params"], val_tok, val_pairs)
-                            writer.scalars(
-                                done, {**m, "time_s": time.perf_counter() - t3}, "validation/"
-                            )
-                            history["validation"].append({"step": done, **m})
-                            log.info("step %d validation: %s", done, _fmt(m))
-                            if m["accuracy"] > best["accuracy"]:
-                                best.update(step=done, accuracy=m["accuracy"], since=0)
-                                if cfg.train.select_best:
-                                    best["params"] = jax.tree.map(jnp.copy, state["params"])
-                            else:
-                                best["since"] += 1
-                            patience = cfg.train.early_stopping_patience
-                            if patience is not None and best["since"] >= patience:
-                                log.info(
-                                    "early stop at step %d: no better validation accuracy in "
-                                    "%d evaluations (best %.4f at step %d)",
-                                    done,
-                                    patience,
-                                    best["accuracy"],
-                                    best["step"],
-                                )
-                                stopped_early = True
-                        else:
-                            m = evaluate(state["params"])
-                            writer.scalars(done, {**m, "time_s": time.perf_counter() - t3}, "eval/")
-                            history["eval"].append({"step": done, **m})
-                            log.info("step %d held-out: %s", done, _fmt(m))
-                    if (
-                        cfg.train.save_every
-                        and done % cfg.train.save_every == 0
-                        and done < total_steps
-                    ):
-                        t3 = time.perf_counter()
-                        save(done)
-                        writer.scalars(
-                            done, {"time/checkpoint_s": time.perf_counter() - t3}, "train/"
-                        )
-                    if self.on_step is not None:
-                        self.on_step(done, last)
-                    end_step = done
-                    if stopped_early:
-                        break
-                if len(val_tok):
-                    m = evaluate(state["params"], val_tok, val_pairs)
-                    history["validation"].append({"step": end_step, **m})
-                    writer.scalars(end_step, m, "validation/")
-                    log.info("step %d validation: %s", end_step, _fmt(m))
-                    if m["accuracy"] > best["accuracy"]:
-                        best.update(step=end_step, accuracy=m["accuracy"], params=None)
-                    if cfg.train.select_best and best.get("params") is not None:
-                        log.info(
-                            "keeping the best-validation parameters (step %d, accuracy %.4f)",
-                            best["step"],
-                            best["accuracy"],
-                        )
-                        state = {**state, "params": best["params"]}
-                final = evaluate(state["params"])
-                if final:
-                    writer.scalars(end_step, final, "eval/")
-                    if not history["eval"] or history["eval"][-1]["step"] != end_step:
-                        history["eval"].append({"step": end_step, **final})
-                    log.info("final held-out: %s", _fmt(final))
-                if start_step < end_step or ckpt.latest_step() is None:
-                    save(end_step)
-            finally:
-                bar.close()
-                ckpt.wait_until_finished()
-                ckpt.close()
-                writer.close()
-            if cfg.train.export_hf:
-                from codescaler_jax.models.hf_io import save_hf_model
-
-                final_model = nnx.merge(graphdef, state["params"], rest)
-                save_hf_model(
-                    final_model,
-                    self.run_dir / "hf",
-                    tokenizer_dir=resolve_tokenizer_path(cfg.data.tokenizer),
-                )
-            self.state, self.graphdef, self.rest = state, graphdef, rest
-        summary = {
-            "steps": end_step,
-            "planned_steps": total_steps,
-            "stopped_early": stopped_early,
-            "first_step": start_step,
-            "steps_run": end_step - start_step,
-            "data": data_stats,
+            # manager closed on the way out.
+            with RunCheckpoints(self.run_dir, keep=t.keep_checkpoints) as ckpt:
+                prog = self.build_programs(model, mesh, data)
+                del model
+                start, state, meta = resume(ckpt, prog.state, prog.shardings, enabled=self.resume,
+                                            scan_layers=prog.scan_layers,
+                                            layout_key="model.scan_layers")
+                history: dict[str, Any] = {"eval": []}
+                if meta is not None:
+                    data.batches.set_state(meta["data_state"])
+                    history = meta.get("history", history)
+                self.state, self.graphdef, self.rest = state, prog.graphdef, prog.rest
+                if start >= data.total_steps:
+                    return self._nothing_to_train(start, data.total_steps, history, data.stats,
+                                                  t_start)
+                state, out = self._train(ckpt, prog, data, state, history, start)
+            if t.export_hf:
+                export_hf(self.run_dir, prog.graphdef, state["params"], prog.rest,
+                          resolve_tokenizer_path(cfg.data.tokenizer))
+        self.state = state
+        return write_summary(self.run_dir, {
+            **out,
+            "data": data.stats,
             "untrained_eval": next((e for e in history["eval"] if e["step"] == 0), None),
             "validation": history.get("validation", []),
-            "best_validation": {"step": best["step"], "accuracy": best["accuracy"]}
-            if best["step"] is not None
-            else None,
-            "final_eval": final or None,
-            "last_train": last,
             "wall_s": time.perf_counter() - t_start,
-            "matmul_peak_flops": peak,
             "config": to_dict(cfg),
+        })
+
+    def _train(self, ckpt: RunCheckpoints, prog: RMPrograms, data: PairData, state: dict,
+               history: dict[str, Any], start: int) -> tuple[dict, dict[str, Any]]:
+        """The loop from ``start``: steps, evaluations, checkpoints; then the final
+        evaluation and checkpoint. ``(final state, summary entries)``."""
+        t, total = self.cfg.train, data.total_steps
+        writer = self.writer = open_writer(self.run_dir, resumed=self.resume, start_step=start)
+        peak = measure_matmul_peak(
+            jnp.bfloat16 if self.cfg.model.dtype == "bfloat16" else jnp.float32, n=1024, repeat=3
+        )
+
+        def save(step: int) -> None:
+            # Every event up to `step` is on disk before its checkpoint exists: a run killed
+            # later resumes from here with no step missing in TensorBoard.
+            writer.flush()
+            meta = {"data_state": data.batches.get_state(), "step": step, "history": history}
+            ckpt.save(step, state, meta)
+
+        with closing(writer), progress(total, start, "train_rm", self.progress) as bar:
+            if start == 0:
+                _record(writer, history["eval"], 0, prog.evaluator(state["params"]), "eval/",
+                        "step 0 (untrained) held-out")
+            history.setdefault("validation", [])
+            # best validation so far; after a resume it restarts (its parameters are not
+            # checkpointed)
+            best = BestValidation(t.select_best, t.early_stopping_patience)
+            last: dict[str, float] = {}
+            end = start
+            for step in range(start, total):
+                state, last = train_one_step(prog, state, data.batches, t.global_batch_size, peak)
+                end = step + 1
+                if due(t.log_every, end) or end == total:
+                    writer.scalars(end, last, "train/")
+                bar.update(1)
+                bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['accuracy']:.2f}",
+                                lr=f"{last['learning_rate']:.2e}",
+                                tok_s=f"{last['tokens_per_s']:.0f}")
+                if due(t.eval_every, end, total):
+                    self._evaluate(prog, state, writer, history, best, end)
+                if due(t.save_every, end, total):
+                    t0 = time.perf_counter()
+                    save(end)
+                    writer.scalars(end, {"time/checkpoint_s": time.perf_counter() - t0}, "train/")
+                if self.on_step is not None:
+                    self.on_step(end, last)
+                if best.stop:
+                    break
+            state, final = self._finish(prog, state, writer, history, best, end)
+            if start < end or ckpt.latest_step() is None:
+                save(end)
+        return state, {
+            "steps": end, "planned_steps": total, "stopped_early": best.stop,
+            "first_step": start, "steps_run": end - start,
+            "best_validation": best.summary(), "final_eval": final or None,
+            "last_train": last, "matmul_peak_flops": peak,
         }
-        if jax.process_index() == 0:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        return summary
+
+    def _evaluate(self, prog: RMPrograms, state: dict, writer: Writer, history: dict[str, Any],
+                  best: BestValidation, step: int) -> None:
+        """The periodic evaluation: validation (model selection and early stopping look at it
+        only) when there is a validation split, else held-out."""
+        t0 = time.perf_counter()
+        if prog.evaluator.has_validation:
+            m = prog.evaluator(state["params"], validation=True)
+            writer.scalars(step, {**m, "time_s": time.perf_counter() - t0}, "validation/")
+            history["validation"].append({"step": step, **m})
+            log.info("step %d validation: %s", step, _fmt(m))
+            best.update(step, m["accuracy"], state["params"])
+        else:
+            m = prog.evaluator(state["params"])
+            writer.scalars(step, {**m, "time_s": time.perf_counter() - t0}, "eval/")
+            history["eval"].append({"step": step, **m})
+            log.info("step %d held-out: %s", step, _fmt(m))
+
+    def _finish(self, prog: RMPrograms, state: dict, writer: Writer, history: dict[str, Any],
+                best: BestValidation, step: int) -> tuple[dict, dict[str, float]]:
+        """The last validation, the best-validation parameters kept (``select_best``), the
+        final held-out evaluation: ``(state, final held-out metrics)``."""
+        if prog.evaluator.has_validation:
+            m = prog.evaluator(state["params"], validation=True)
+            history["validation"].append({"step": step, **m})
+            writer.scalars(step, m, "validation/")
+            log.info("step %d validation: %s", step, _fmt(m))
+            if m["accuracy"] > best.accuracy:
+                best.step, best.accuracy, best.params = step, m["accuracy"], None
+            if self.cfg.train.select_best and best.params is not None:
+                log.info("keeping the best-validation parameters (step %d, accuracy %.4f)",
+                         best.step, best.accuracy)
+                state = {**state, "params": best.params}
+        final = prog.evaluator(state["params"])
+        if final:
+            writer.scalars(step, final, "eval/")
+            if not history["eval"] or history["eval"][-1]["step"] != step:
+                history["eval"].append({"step": step, **final})
+            log.info("final held-out: %s", _fmt(final))
+        return state, final
 
     def _nothing_to_train(
         self, step: int, total: int, history: dict[str, Any], data_stats: dict[str, Any],
@@ -709,20 +383,10 @@ class RMTrainer:
     ) -> dict[str, Any]:
         """A resume whose checkpoint already reached the step budget: train nothing, keep
         ``hf/``, ``summary.json`` and TensorBoard as they are, and say so."""
-        log.warning(
-            "nothing to train: the checkpoint in %s is at step %d and the step budget is %d "
-            "(train.max_steps, or the data's epochs); raise train.max_steps to continue. "
-            "hf/, summary.json and tb/ are left as they were",
-            self.run_dir / "checkpoints", step, total,
-        )
-        hf = self.run_dir / "hf"
-        if self.cfg.train.export_hf and not (hf / "config.json").is_file():
-            from codescaler_jax.models.hf_io import save_hf_model
-
-            save_hf_model(
-                nnx.merge(self.graphdef, self.state["params"], self.rest), hf,
-                tokenizer_dir=resolve_tokenizer_path(self.cfg.data.tokenizer),
-            )
+        nothing_to_train(self.run_dir, step, total, "train.max_steps, or the data's epochs")
+        if self.cfg.train.export_hf and not (self.run_dir / "hf" / "config.json").is_file():
+            export_hf(self.run_dir, self.graphdef, self.state["params"], self.rest,
+                      resolve_tokenizer_path(self.cfg.data.tokenizer))
             log.info("hf/ was missing: exported the step-%d weights of the checkpoint", step)
         evals = [e for e in history.get("eval", []) if e["step"] == step]
         return {
@@ -740,6 +404,158 @@ class RMTrainer:
         }
 
 
+# ---------------------------------------------------------------------- the loop's parts
+
+
+@dataclasses.dataclass
+class PairData:
+    """The tokenized pairs of a run. ``validation`` / ``held_out``: ``(pairs, tokenized)`` in
+    length order; ``batches``: the checkpointable iterator of training batches (this
+    process's rows); ``total_steps``: the step budget."""
+
+    validation: tuple[list[Pair], Any]
+    held_out: tuple[list[Pair], Any]
+    buckets: tuple[int, ...]
+    pad_id: int
+    stats: dict[str, Any]
+    batches: Any
+    total_steps: int
+
+
+@dataclasses.dataclass
+class RMPrograms:
+    """What the loop runs: the fresh train state and its shardings, the jitted train step, the
+    evaluator, and the model FLOPs per trained token at a sequence length (for the MFU)."""
+
+    graphdef: Any
+    rest: Any
+    state: dict
+    shardings: dict
+    train_step: Callable[[dict, dict], tuple[dict, dict]]
+    evaluator: PairEvaluator
+    scan_layers: bool
+    flops_per_token: Callable[[int], float]
+
+
+def to_global(sharding, batch: dict[str, np.ndarray], keys, whole: bool = False
+              ) -> dict[str, jax.Array]:
+    """Host batch -> global arrays on ``sharding``. ``whole=True``: every process holds the
+    whole global batch (eval) and keeps only its devices' rows; else each holds its own rows
+    (``pair_batches``)."""
+    return {
+        k: jax.make_array_from_process_local_data(
+            sharding, batch[k], batch[k].shape if whole else None
+        )
+        for k in keys
+    }
+
+
+class PairEvaluator:
+    """Pairwise metrics of parameters on the validation or held-out pairs, with
+    ``by_kind/<kind>/accuracy`` (how the rejected code was made) and
+    ``by_positive/<kind>/accuracy`` (canonical or rewrite) where pairs know it."""
+
+    def __init__(self, eval_step: Callable, sharding: Any, data: PairData, batch_size: int):
+        self.eval_step, self.sharding, self.data, self.batch_size = (
+            eval_step, sharding, data, batch_size)
+
+    @property
+    def has_validation(self) -> bool:
+        return bool(len(self.data.validation[1]))
+
+    def __call__(self, params: Any, validation: bool = False) -> dict[str, float]:
+        pairs, tok = self.data.validation if validation else self.data.held_out
+        if not len(tok):
+            return {}
+        sums: dict[str, float] = {}
+        correct: list[float] = []
+        for b in eval_batches(tok, batch_size=self.batch_size, buckets=self.data.buckets,
+                              pad_id=self.data.pad_id):
+            batch = to_global(self.sharding, b, (*BATCH_KEYS, "weight"), whole=True)
+            out = jax.device_get(self.eval_step(params, batch))
+            correct.extend(np.asarray(out.pop("pair_correct"))[b["weight"] > 0].tolist())
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        metrics = finalize_metrics(sums)
+        metrics["pairs"] = float(sums["count"])
+        for prefix, labels in (
+            ("by_kind", [p.kind or "unknown" for p in pairs]),
+            ("by_positive", [p.chosen_kind or "unknown" for p in pairs]),
+        ):
+            kinds = sorted(set(labels))
+            if len(kinds) > 1:
+                for kind in kinds:
+                    sel = [c for c, k in zip(correct, labels) if k == kind]
+                    metrics[f"{prefix}/{kind}/accuracy"] = float(np.mean(sel))
+                    metrics[f"{prefix}/{kind}/pairs"] = float(len(sel))
+        return metrics
+
+
+@dataclasses.dataclass
+class BestValidation:
+    """The best validation accuracy so far (and, with ``select_best``, a copy of its
+    parameters); ``stop`` once ``patience`` evaluations in a row brought no better one."""
+
+    select_best: bool
+    patience: int | None
+    step: int | None = None
+    accuracy: float = -1.0
+    since: int = 0
+    params: Any = None
+    stop: bool = False
+
+    def update(self, step: int, accuracy: float, params: Any) -> None:
+        if accuracy > self.accuracy:
+            self.step, self.accuracy, self.since = step, accuracy, 0
+            if self.select_best:
+                self.params = jax.tree.map(jnp.copy, params)
+        else:
+            self.since += 1
+        if self.patience is not None and self.since >= self.patience:
+            log.info("early stop at step %d: no better validation accuracy in %d evaluations "
+                     "(best %.4f at step %d)", step, self.patience, self.accuracy, self.step)
+            self.stop = True
+
+    def summary(self) -> dict[str, Any] | None:
+        return None if self.step is None else {"step": self.step, "accuracy": self.accuracy}
+
+
+def train_one_step(prog: RMPrograms, state: dict, batches: Any, global_batch_size: int,
+                   peak: float) -> tuple[dict, dict[str, float]]:
+    """One optimizer step on the next batch: ``(state, train metrics)`` with throughput, MFU
+    against the measured matmul ``peak`` and the data / step times."""
+    t0 = time.perf_counter()
+    batch = next(batches)
+    t1 = time.perf_counter()
+    state, metrics = prog.train_step(
+        state, to_global(prog.evaluator.sharding, batch, BATCH_KEYS))
+    metrics = jax.device_get(metrics)
+    t2 = time.perf_counter()
+    length = batch["chosen_ids"].shape[1]
+    tokens = 2 * global_batch_size * length
+    real = float(batch["chosen_mask"].sum() + batch["rejected_mask"].sum())
+    real *= jax.process_count()
+    return state, {
+        **finalize_metrics(metrics),
+        "grad_norm": float(metrics["grad_norm"]),
+        "learning_rate": float(metrics["learning_rate"]),
+        "tokens_per_s": tokens / (t2 - t1),
+        "real_tokens_per_s": real / (t2 - t1),
+        "mfu": tokens * prog.flops_per_token(length) / (t2 - t1) / peak,
+        "time/step_s": t2 - t1,
+        "time/data_s": t1 - t0,
+        "seq_len": length,
+    }
+
+
+def _record(writer: Writer, entries: list, step: int, metrics: dict[str, float], prefix: str,
+            what: str) -> None:
+    if metrics:
+        entries.append({"step": step, **metrics})
+        writer.scalars(step, metrics, prefix)
+        log.info("%s: %s", what, _fmt(metrics))
+
+
 def _by_length(pairs: list[Pair], tok) -> tuple[list[Pair], Any]:
     order = np.argsort(tok.lengths(), kind="stable") if len(tok) else []
     return [pairs[i] for i in order], type(tok)(
@@ -749,46 +565,3 @@ def _by_length(pairs: list[Pair], tok) -> tuple[list[Pair], Any]:
 
 def _fmt(m: dict[str, float]) -> str:
     return ", ".join(f"{k}={v:.4f}" for k, v in m.items())
-
-
-def load_run_checkpoint(
-    run_dir: str | Path, *, mesh=None, step: int | None = None
-) -> tuple[Qwen3RewardModel, Any]:
-    """The RM of a ``train_rm`` run directory from its Orbax checkpoint (latest, or ``step``),
-    with the run's tokenizer: ``(model, tokenizer)``. For runs exported without ``hf/``."""
-    from codescaler_jax.config import load_config
-
-    run_dir = Path(run_dir)
-    cfg = load_config(RMTrainConfig, run_dir / "config.yaml")
-    mesh = mesh if mesh is not None else make_mesh(cfg.mesh)
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
-    if cfg.model.init_from:
-        mcfg = Qwen3Config.from_hf(cfg.model.init_from)
-        mcfg = dataclasses.replace(mcfg, **compute_overrides(cfg.model))
-    else:
-        mcfg = model_config(cfg, len(tokenizer), tokenizer.pad_token_id)
-    ckpt_dir = (run_dir / "checkpoints").absolute()
-    with ocp.CheckpointManager(ckpt_dir) as mngr:
-        step = mngr.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {run_dir / 'checkpoints'}")
-    # Build the model in the layout the checkpoint was written in (a run directory whose
-    # config predates model.scan_layers leaves it None, and the size's default may differ).
-    saved = checkpoint_scan_layers(ckpt_dir, step)
-    if saved is not None and saved != mcfg.scan_layers:
-        mcfg = dataclasses.replace(mcfg, scan_layers=saved)
-    abstract = nnx.eval_shape(lambda: Qwen3RewardModel(mcfg, rngs=nnx.Rngs(0)))
-    graphdef, params, rest = split_model(abstract)
-    tx = make_optimizer(cfg.optim, make_schedule(cfg.optim, 1))
-    sh = state_shardings(abstract, tx, mesh)
-    sds = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
-    target = {
-        "params": jax.tree.map(sds, params, sh["params"]),
-        "opt_state": jax.tree.map(sds, jax.eval_shape(tx.init, params), sh["opt_state"]),
-        "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=sh["step"]),
-    }
-    with ocp.CheckpointManager(ckpt_dir) as mngr:
-        restored = mngr.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
-        )
-    return nnx.merge(graphdef, restored["state"]["params"], rest), tokenizer

@@ -36,22 +36,17 @@ from jax.sharding import Mesh
 
 from codescaler_jax.config import save_config, to_dict
 from codescaler_jax.data.tokenizer import load_tokenizer, resolve_tokenizer_path
+from codescaler_jax.generate.sampler import left_pad
 from codescaler_jax.logging_utils import Writer
+from codescaler_jax.models.config import compute_overrides
 from codescaler_jax.models.qwen3 import Qwen3ForCausalLM
 from codescaler_jax.models.sharding import batch_sharding, create_sharded, make_mesh
 from codescaler_jax.rl.grpo import response_token_stats
-from codescaler_jax.rl.sampler import left_pad
-from codescaler_jax.rm.config import compute_overrides
-from codescaler_jax.rm.train_step import (
-    init_state,
-    make_optimizer,
-    make_schedule,
-    split_model,
-    state_shardings,
-)
 from codescaler_jax.sft.config import SFTConfig
 from codescaler_jax.sft.data import SFTExample, build_examples, write_examples, write_problems
+from codescaler_jax.training.optim import make_optimizer, make_schedule
 from codescaler_jax.training.run_dir import _COMMON, ResumePolicy, claim_run_dir
+from codescaler_jax.training.state import init_state, split_model, state_shardings
 
 log = logging.getLogger("codescaler_jax")
 

@@ -27,8 +27,8 @@ def abstract_train_state(
     abstract_model: nnx.Module, tx: optax.GradientTransformation, mesh: Mesh
 ) -> tuple[nnx.GraphDef, nnx.State, dict, dict]:
     """``(graphdef, rest, state, shardings)`` of a train state ``{"params", "opt_state",
-    "step"}`` as sharded shape structs (the layout ``rm.train_step.state_shardings`` gives)."""
-    from codescaler_jax.rm.train_step import split_model, state_shardings
+    "step"}`` as sharded shape structs (the layout ``training.state.state_shardings`` gives)."""
+    from codescaler_jax.training.state import split_model, state_shardings
 
     graphdef, params, rest = split_model(abstract_model)
     sh = state_shardings(abstract_model, tx, mesh)
