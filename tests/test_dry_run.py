@@ -33,6 +33,7 @@ def test_dry_run_small_shape_of_the_8b_recipe():
             "model.size=qwen3_0_6b",
             "model.num_hidden_layers=2",  # compile time: 2 of the 28 layers
             "model.scan_layers=false",  # unrolled, so that XLA counts every layer's FLOPs
+            "model.attention=xla",  # no block loop either (CPU auto runs chunked at 256)
             "data.max_length=256",
             "train.global_batch_size=16",
         ],

@@ -387,8 +387,8 @@ def test_concurrent_clients_get_offline_scores(server, rm_dir, record_property):
     p50, p99 = np.percentile(latencies, [50, 99])
     print(f"\n{len(latencies)} requests from {n_clients} clients in {wall:.1f} s: "
           f"p50 {1e3 * p50:.1f} ms, p99 {1e3 * p99:.1f} ms")
-    record_property("latency_p50_ms", round(1e3 * p50, 2))
-    record_property("latency_p99_ms", round(1e3 * p99, 2))
+    record_property("latency_p50_ms", round(1e3 * float(p50), 2))
+    record_property("latency_p99_ms", round(1e3 * float(p99), 2))
 
     conn = http.client.HTTPConnection(server["host"], server["port"], timeout=30)
     conn.request("GET", "/health")

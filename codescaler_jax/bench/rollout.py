@@ -158,7 +158,8 @@ def _rollout(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m codescaler_jax.bench.rollout",
+                                description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", default="rollout,update", help="rollout, update or both")
     p.add_argument("--slots", type=int, default=8)
