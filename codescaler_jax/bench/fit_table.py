@@ -13,6 +13,17 @@ smallest change that does is searched and compiled (``--no-suggest`` skips that)
 a markdown table on stdout and, with ``--out DIR``, ``fit_table.md`` and ``fit_table.json``
 (with the machine's load, the wall time and the versions).
 
+``--rollout-search`` (GRPO only) then bisects ``rollout.batch_size`` for the largest rollout
+batch whose ``rollout_decode_loop`` fits on each slice, compiling each probe: the values are
+the multiples of the mesh's data x fsdp ways that divide the step's responses (no filler
+rows), and ``--rollout-search-fine`` refines between the largest that fits and the next one
+over every multiple of the ways.
+
+XLA's FLOPs and estimated seconds are in the table with a ``*`` where they are not the whole
+program's (a while loop: scanned layers, the decode loop, micro-batches; or a Pallas kernel
+such as splash attention, whose FLOPs XLA cannot see); no MFU is derived from those. The
+analytic model FLOPs per step are always given.
+
 ``--layers N`` cuts the models to N decoder layers (a quick look; the table's figures are the
 full models). ``--rm-set`` / ``--grpo-set KEY=VALUE`` override a key of one recipe, and
 ``--rm-config`` / ``--grpo-config`` compile another config in its place.
@@ -49,6 +60,10 @@ def _args(argv):
     p.add_argument("--no-suggest", action="store_true", help="no search for a change that fits")
     p.add_argument("--max-compiles", type=int, default=4,
                    help="compiles per misfit program in the search (default 4)")
+    p.add_argument("--rollout-search", action="store_true",
+                   help="GRPO: bisect rollout.batch_size for the largest rollout that fits")
+    p.add_argument("--rollout-search-fine", action="store_true",
+                   help="with --rollout-search: refine over every multiple of the mesh ways")
     p.add_argument("--out", default=None, help="write fit_table.md and fit_table.json here")
     return p.parse_args(argv)
 
@@ -69,6 +84,8 @@ def _load(recipe: str, path: str, overrides: list[str], layers: int | None):
 
 def _row_cells(recipe: str, slice_name: str, p: dict) -> list[str]:
     f = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+    star = "" if p.get("xla_cost_meaningful", True) else "*"
+    sci = lambda x: "-" if x is None else f"{x:.2e}{star}"  # noqa: E731
     if p["fits"] is True:
         verdict = f"fits ({p['headroom_pct']:.0f}% free)"
     elif p["fits"] is False:
@@ -76,13 +93,17 @@ def _row_cells(recipe: str, slice_name: str, p: dict) -> list[str]:
     else:
         verdict = "-"
     return [recipe, slice_name, p["name"], f(p["arguments_gib"]), f(p["temporaries_gib"]),
-            f(p["total_gib"]), f(p["hbm_gib"]), verdict, f"{p['compile_s']:.0f}"]
+            f(p["total_gib"]), f(p["hbm_gib"]), verdict, sci(p.get("xla_flops_per_device")),
+            "-" if p.get("xla_seconds") is None else f"{p['xla_seconds']:.3g}{star}",
+            "-" if p.get("model_flops") is None else f"{p['model_flops']:.2e}",
+            "-" if p.get("mfu") is None else f"{100 * p['mfu']:.1f}%",
+            f"{p['compile_s']:.0f}"]
 
 
 def markdown(rows: list[dict]) -> str:
     """The table (one line per program) and, below it, the verdicts and suggestions."""
     head = ["recipe", "slice", "program", "args GiB", "temps GiB", "total GiB", "HBM GiB",
-            "verdict", "compile s"]
+            "verdict", "XLA FLOPs/chip", "XLA est. s", "model FLOPs", "MFU", "compile s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     notes = []
     for r in rows:
@@ -103,7 +124,51 @@ def markdown(rows: list[dict]) -> str:
             else:
                 notes.append(f"  - {s['program']}: smallest change that fits: "
                              f"`{s['change']['command_line']}` -> {s['report']['verdict']}")
+        search = r.get("rollout_search")
+        if search:
+            tried = ", ".join(f"{t['value']}: {'fits' if t['fits'] else 'no'}"
+                              for t in search["tried"])
+            best = search["value"]
+            notes.append(f"  - largest rollout batch that fits: "
+                         f"{'none tried' if best is None else best}"
+                         + ("" if best is None else f" ({search['report']['verdict']})")
+                         + f"; compiled {tried}")
+    notes.append("")
+    notes.append("`*`: XLA's figure is not the whole program's (a while loop's body is counted "
+                 "once; a Pallas kernel's FLOPs are invisible to it); MFU is derived only "
+                 "where it is")
     return "\n".join(lines + [""] + notes)
+
+
+def rollout_values(rows: int, ways: int, lo: int | None = None, hi: int | None = None
+                   ) -> list[int]:
+    """Rollout batches to bisect: multiples of ``ways`` that divide ``rows`` (no filler rows),
+    or, with bounds ``lo < b < hi``, every multiple of ``ways`` between them."""
+    if lo is None:
+        return [b for b in range(ways, rows + 1, ways) if rows % b == 0]
+    return [b for b in range(lo + ways, hi, ways) if b % ways == 0]
+
+
+def _rollout_search(cfg, build, target, info: dict, fine: bool) -> dict:
+    from codescaler_jax.training.dry_run import largest_fitting_value
+
+    ways = info["mesh"]["data"] * info["mesh"]["fsdp"]
+    rows = info["responses_per_step"]
+    key, prog = "rollout.batch_size", "rollout_decode_loop"
+    coarse = largest_fitting_value(cfg, build, target, prog, key, rollout_values(rows, ways))
+    out = coarse.to_dict()
+    if fine:
+        vals = rollout_values(rows, ways)
+        lo = coarse.value or 0
+        nxt = [v for v in vals if v > lo]
+        if nxt:
+            fine_res = largest_fitting_value(cfg, build, target, prog, key,
+                                             rollout_values(rows, ways, lo, nxt[0]))
+            out["tried"] += fine_res.to_dict()["tried"]
+            if fine_res.value is not None:
+                out["value"], out["report"] = fine_res.value, fine_res.report.to_dict()
+    print(f"  largest rollout batch that fits: {out['value']}", file=sys.stderr, flush=True)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
                              suggest_changes=not args.no_suggest,
                              max_compiles=args.max_compiles)
                 row["report"] = to_dict(result)
+                if recipe == "grpo" and args.rollout_search:
+                    row["rollout_search"] = _rollout_search(
+                        cfg, build, resolve_target(slice_name), result.info,
+                        args.rollout_search_fine)
             except (UnknownSliceError, LibtpuMissingError) as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 2
