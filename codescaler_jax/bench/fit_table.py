@@ -68,6 +68,13 @@ def _args(argv):
     return p.parse_args(argv)
 
 
+def _cpu_s() -> float:
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
 def _load(recipe: str, path: str, overrides: list[str], layers: int | None):
     from codescaler_jax.config import load_config
 
@@ -116,7 +123,7 @@ def markdown(rows: list[dict]) -> str:
                                                       {**p, "name": name})) + " |")
         step = {True: "fits", False: "does not fit", None: "no verdict"}[r["report"]["fits"]]
         notes.append(f"- {r['recipe']} on {r['slice']}: the step {step} (compiled in "
-                     f"{r['wall_s']:.0f} s wall)")
+                     f"{r['wall_s']:.0f} s wall, {r['cpu_s']:.0f} CPU s)")
         for s in r["report"]["suggestions"]:
             if s["change"] is None:
                 tried = "; ".join(f"{t['change']}: {t['verdict']}" for t in s["tried"])
@@ -185,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             path, ov, cfg, build, to_dict = _load(
                 recipe, getattr(args, f"{recipe}_config"), getattr(args, f"{recipe}_set"),
                 args.layers)
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), _cpu_s()
             row = {"recipe": recipe, "config": path, "overrides": ov, "slice": slice_name}
             try:
                 result = run(cfg, build, resolve_target(slice_name),
@@ -202,9 +209,13 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError as e:  # a mesh or batch this slice cannot split
                 row["error"] = str(e)
             row["wall_s"] = round(time.perf_counter() - t0, 1)
+            # CPU seconds of this process (all compiler threads): on a shared machine the
+            # wall time says more about the other jobs than about the compile.
+            row["cpu_s"] = round(_cpu_s() - cpu0, 1)
             row["load_avg_after"] = os.getloadavg()
             rows.append(row)
-            print(f"{recipe} on {slice_name}: {row['wall_s']:.0f} s", file=sys.stderr, flush=True)
+            print(f"{recipe} on {slice_name}: {row['wall_s']:.0f} s wall, {row['cpu_s']:.0f} CPU s",
+                  file=sys.stderr, flush=True)
     table = markdown(rows)
     print(table)
     if args.out:
