@@ -315,6 +315,7 @@ def test_bisection_finds_the_largest_value_that_fits_in_few_compiles():
     assert none.value is None and none.to_dict()["tried"][0]["fits"] is False
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_fit_table_rollout_search_compiles_tiny_grpo_for_v5p_8(tmp_path):
     """The rollout-batch bisection of ``bench.fit_table`` on a tiny GRPO config for v5p-8
