@@ -178,6 +178,25 @@ def _rollout_search(cfg, build, target, info: dict, fine: bool) -> dict:
     return out
 
 
+def _write(args, rows: list[dict], wall_s: float, load_before) -> None:
+    """``fit_table.md`` and ``fit_table.json`` (rows so far, machine load, versions)."""
+    from codescaler_jax.bench.common import environment
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "fit_table.md").write_text(markdown(rows) + "\n")
+    payload = {"benchmark": "fit_table", "environment": environment(),
+               "layers": args.layers, "wall_s": round(wall_s, 1),
+               "load_avg_before": load_before, "rows": rows}
+    try:
+        from importlib.metadata import version
+
+        payload["environment"]["libtpu"] = version("libtpu")
+    except Exception:  # noqa: BLE001 - a version string must never break the table
+        pass
+    (out / "fit_table.json").write_text(json.dumps(payload, indent=2) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the TPU compiler needs no TPU backend
@@ -216,24 +235,12 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(f"{recipe} on {slice_name}: {row['wall_s']:.0f} s wall, {row['cpu_s']:.0f} CPU s",
                   file=sys.stderr, flush=True)
+            if args.out:  # after every row: a long run stopped early keeps what it compiled
+                _write(args, rows, time.perf_counter() - t_all, load_before)
     table = markdown(rows)
     print(table)
     if args.out:
-        from codescaler_jax.bench.common import environment
-
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "fit_table.md").write_text(table + "\n")
-        payload = {"benchmark": "fit_table", "environment": environment(),
-                   "layers": args.layers, "wall_s": round(time.perf_counter() - t_all, 1),
-                   "load_avg_before": load_before, "rows": rows}
-        try:
-            from importlib.metadata import version
-
-            payload["environment"]["libtpu"] = version("libtpu")
-        except Exception:  # noqa: BLE001 - a version string must never break the table
-            pass
-        (out / "fit_table.json").write_text(json.dumps(payload, indent=2) + "\n")
+        _write(args, rows, time.perf_counter() - t_all, load_before)
     return 0
 
 
