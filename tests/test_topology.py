@@ -16,7 +16,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from codescaler_jax.config import load_config
 from codescaler_jax.training import topology
-from codescaler_jax.training.fit import Candidate, Change, Knob, suggest
+from codescaler_jax.training.fit import Candidate, Change, Knob, largest_that_fits, suggest
 from codescaler_jax.training.report import (
     GIB,
     ProgramReport,
@@ -293,6 +293,54 @@ def test_search_skips_what_cannot_fit_and_takes_the_first_that_does():
     assert compiled == ["--set accum=4", "--set accum=5", "--set accum=6"]
     assert s.change == Change(("accum=6",)) and s.report.fits
     assert any("invalid" in x for x in s.skipped)
+
+
+def test_bisection_finds_the_largest_value_that_fits_in_few_compiles():
+    """Memory 1 GiB + 0.1 GiB per row against 10 GiB: 90 rows fit, 96 do not. Of 64 values the
+    bisection compiles at most 7, every one of them recorded, and an invalid value counts as
+    not fitting."""
+    values = list(range(8, 520, 8))
+    compiled = []
+
+    def compile_value(v: int):
+        compiled.append(v)
+        return "invalid: odd" if v == 256 else _rep(1 + 0.1 * v)
+
+    res = largest_that_fits("rollout.batch_size", values, compile_value)
+    assert res.value == 88 and res.report.fits and len(compiled) <= 7
+    assert [v for v, _ in res.tried] == compiled
+    assert all(r.fits for v, r in res.tried if v <= 88 and not isinstance(r, str))
+    assert "largest that fits: 88" in res.describe()
+    none = largest_that_fits("k", [200, 300], lambda v: _rep(1 + 0.1 * v))
+    assert none.value is None and none.to_dict()["tried"][0]["fits"] is False
+
+
+@pytest.mark.slow
+@needs_libtpu
+def test_fit_table_rollout_search_compiles_tiny_grpo_for_v5p_8(tmp_path):
+    """The rollout-batch bisection of ``bench.fit_table`` on a tiny GRPO config for v5p-8
+    (4 chips): the probes are multiples of 4 that divide the step's 16 responses, each a real
+    compile of the decode loop; all fit at this size, so the largest is the whole step."""
+    from codescaler_jax.bench.fit_table import main, rollout_values
+
+    assert rollout_values(1024, 8) == [8, 16, 32, 64, 128, 256, 512, 1024]
+    assert rollout_values(1024, 8, 128, 256) == list(range(136, 256, 8))
+    rc = main(["--recipes", "grpo", "--grpo-config", "configs/grpo_tiny.yaml", "--slices",
+               "v5p-8", "--out", str(tmp_path), "--rollout-search", "--no-suggest",
+               "--grpo-set", "policy.num_hidden_layers=1", "--grpo-set",
+               "rollout.max_new_tokens=16", "--grpo-set", "data.max_prompt_length=32",
+               "--grpo-set", "data.min_prompt_bucket=32", "--grpo-set",
+               "reward.rm_max_length=64", "--grpo-set", "rollout.num_prompts=4",
+               "--grpo-set", "rollout.num_generations=4", "--grpo-set", "rollout.batch_size=4",
+               "--grpo-set", "algorithm.micro_batches=1", "--grpo-set",
+               "algorithm.num_minibatches=1", "--grpo-set", "reward.rm_batch_size=4"])
+    assert rc == 0
+    (row,) = json.loads((tmp_path / "fit_table.json").read_text())["rows"]
+    search = row["rollout_search"]
+    assert search["key"] == "rollout.batch_size" and search["value"] == 16
+    assert [t["value"] for t in search["tried"]] == [8, 16]  # of [4, 8, 16]
+    assert search["report"]["fits"] is True
+    assert "largest rollout batch that fits: 16" in (tmp_path / "fit_table.md").read_text()
 
 
 # ---------------------------------------------------------------- command line

@@ -29,7 +29,15 @@ from typing import Any
 
 import jax
 
-from codescaler_jax.training.fit import Candidate, Change, Knob, Suggestion, suggest
+from codescaler_jax.training.fit import (
+    Candidate,
+    Change,
+    Knob,
+    Largest,
+    Suggestion,
+    largest_that_fits,
+    suggest,
+)
 from codescaler_jax.training.report import (
     ProgramReport,
     Target,
@@ -166,6 +174,19 @@ def _recompile(cfg: Any, build: Builder, target: Target, name: str,
     spec = next(s for s in specs if s.name == name)
     return compile_program(name, spec.lower, target2, model_flops=spec.model_flops,
                            resident_bytes=spec.resident_bytes)
+
+
+def largest_fitting_value(cfg: Any, build: Builder, target: Target, program: str, key: str,
+                          values: list[int]) -> Largest:
+    """The largest of ``values`` (ascending) for config ``key`` at which ``program`` fits on
+    ``target``, by bisection; each probe rebuilds and compiles that one program.
+
+    E.g. the largest rollout batch of a GRPO step: ``program="rollout_decode_loop"``,
+    ``key="rollout.batch_size"``.
+    """
+    return largest_that_fits(
+        key, values,
+        lambda v: _recompile(cfg, build, target, program, Change((f"{key}={v}",))))
 
 
 # ---------------------------------------------------------------------------- CLI

@@ -159,3 +159,56 @@ def divisor_steps(current: int, rows: int, ways: int, limit: int = 1 << 20) -> l
     micro-batches whose row count still divides over ``ways`` devices, smallest first."""
     return [k for k in range(current + 1, min(rows, limit) + 1)
             if rows % k == 0 and (rows // k) % ways == 0]
+
+
+@dataclasses.dataclass
+class Largest:
+    """The result of ``largest_that_fits``: the largest value that fits (or None) and its report,
+    with every value compiled on the way."""
+
+    key: str
+    value: int | None
+    report: ProgramReport | None
+    tried: list[tuple[int, ProgramReport | str]] = dataclasses.field(default_factory=list)
+
+    def describe(self) -> str:
+        head = (f"{self.key}: no value tried fits" if self.value is None else
+                f"{self.key}: largest that fits: {self.value} -> {self.report.verdict()}")
+        lines = [head]
+        for v, rep in self.tried:
+            if v != self.value:
+                lines.append(f"  tried {self.key}={v}: "
+                             f"{rep if isinstance(rep, str) else rep.verdict()}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {
+            "key": self.key, "value": self.value,
+            "report": None if self.report is None else self.report.to_dict(),
+            "tried": [{"value": v, "verdict": r if isinstance(r, str) else r.verdict(),
+                       "fits": None if isinstance(r, str) else r.fits}
+                      for v, r in self.tried],
+        }
+
+
+def largest_that_fits(key: str, values: Sequence[int],
+                      compile_value: Callable[[int], ProgramReport | str]) -> Largest:
+    """Bisect ``values`` (ascending; memory grows with the value) for the largest that fits.
+
+    Every probe is a real compile (``compile_value(v)``: the program's report with ``key=v``,
+    or why the value is invalid, which counts as not fitting). Memory is assumed monotone in the
+    value, as it is for rows per batch; ``log2(len(values)) + 1`` compiles at most.
+    """
+    out = Largest(key, None, None)
+    lo, hi = 0, len(values) - 1  # the answer's index lies in [lo - 1, hi]
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        v = values[mid]
+        rep = compile_value(v)
+        out.tried.append((v, rep))
+        if not isinstance(rep, str) and rep.fits:
+            out.value, out.report = v, rep
+            lo = mid + 1
+        else:
+            hi = mid - 1
+    return out
