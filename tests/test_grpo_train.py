@@ -86,7 +86,7 @@ def _reference_loss(model, batch, cfg, temperature):
 
 @pytest.mark.parametrize(
     "mode,beta",
-    [("token-mean", 0.0), ("seq-mean-token-mean", 0.1)],
+    [("token-mean", 0.0), pytest.param("seq-mean-token-mean", 0.1, marks=pytest.mark.slow)],
 )
 def test_micro_batches_give_the_full_batch_gradient(mode, beta):
     mesh = _mesh()
@@ -319,6 +319,7 @@ def test_config_validation_names_the_key():
         load_config(GRPOConfig, "configs/grpo_tiny.yaml", ["rollout.nope=1"])
 
 
+@pytest.mark.slow  # CI time: the faster tests of this file cover the same path
 def test_dry_run_compiles_rollout_logprob_and_update():
     from codescaler_jax.train_grpo import dry_run
 

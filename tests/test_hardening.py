@@ -367,6 +367,7 @@ def test_b1_overwrite_starts_clean(used_run, pairs_file, tmp_path):
     assert len(list(run.glob("log.p*.txt"))) == 1
 
 
+@pytest.mark.slow  # CI time: the faster tests of this file cover the same path
 def test_b1_resume_with_a_larger_budget_continues(used_run, pairs_file, tmp_path):
     import shutil
 

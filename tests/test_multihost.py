@@ -233,6 +233,7 @@ def test_pair_batches_split_an_epoch_disjointly_and_completely():
     assert len(seen) == len(set(seen)) == (n // 8) * 8  # disjoint; all but the dropped remainder
 
 
+@pytest.mark.slow  # CI time: the faster tests of this file cover the same path
 def test_two_process_checkpoint_resumes_on_another_mesh(runs, pairs_file):
     """Checkpoint of step 2 written by two processes (fsdp=4, tensor=2 on 8 devices), restored
     by one process on 2 devices (data=2): step 3 gives the same loss and parameters."""

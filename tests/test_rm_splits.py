@@ -185,6 +185,7 @@ def test_grouped_batches_cover_each_epoch_once_with_less_padding():
     assert padded < 0.8 * 2 * sum(lengths[b].max() for b in rand)
 
 
+@pytest.mark.slow  # CI time: the faster tests of this file cover the same path
 def test_augmented_run_validates_selects_and_repeats_exactly(tmp_path):
     """A tiny augmented run: validation every step, early stopping, held-out metrics by kind
     and by positive kind in summary.json; the same seed on the same pairs gives the same

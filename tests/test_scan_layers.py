@@ -206,6 +206,7 @@ def _one_train_step(scan: bool, freeze: list[str]):
     return before, after, float(metrics["grad_norm"]), n_state
 
 
+@pytest.mark.slow  # CI time: the faster tests of this file cover the same path
 def test_train_step_freeze_and_weight_decay_agree_across_layouts():
     freeze = ["model.embed_tokens", "model.layers.1"]
     before, after0, norm0, _ = _one_train_step(False, freeze)

@@ -72,6 +72,7 @@ def _batch(b=8, L=24, seed=0):
     return out
 
 
+@pytest.mark.slow  # CI time: the faster tests of this file cover the same path
 def test_grad_accumulation_equals_one_big_batch():
     mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
     batch = _batch()
