@@ -41,7 +41,7 @@ from starlette.routing import Route
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from codescaler_jax.serving.batcher import Overloaded
-from codescaler_jax.serving.protocol import Limits, RequestError
+from codescaler_jax.serving.protocol import Limits, RequestCounts, RequestError
 
 log = logging.getLogger("codescaler_jax.serve")
 
@@ -69,10 +69,8 @@ class _Guard:
         self.conns: set[_GuardedProtocol] = set()
         self.by_client: dict[Any, _GuardedProtocol] = {}
         self._lock = threading.Lock()
-        self._ok = 0
-        self._errors: dict[int, int] = {}
+        self._counts = RequestCounts()
         self.closed = {"deadline": 0, "evicted": 0, "lost": 0}
-        self._started = time.time()
 
     def admit(self, conn: _GuardedProtocol) -> bool:
         live = [c for c in self.conns if not c.closing]
@@ -105,22 +103,14 @@ class _Guard:
         log.info("client %s: connection lost (%s)", client[0] if client else "?", why)
 
     def count_ok(self) -> None:
-        with self._lock:
-            self._ok += 1
+        self._counts.ok()
 
     def count_error(self, status: int) -> None:
-        with self._lock:
-            self._errors[status] = self._errors.get(status, 0) + 1
+        self._counts.error(status)
 
     def counters(self) -> dict[str, Any]:
         with self._lock:
-            return {
-                "requests_ok": self._ok,
-                "requests_refused": {str(k): v for k, v in sorted(self._errors.items())},
-                "connections": len(self.conns),
-                "connections_closed": dict(self.closed),
-                "uptime_s": round(time.time() - self._started, 1),
-            }
+            return self._counts.snapshot(len(self.conns), self.closed)
 
 
 class _GuardedProtocol(HttpToolsProtocol):

@@ -27,6 +27,8 @@ names the field.
 from __future__ import annotations
 
 import dataclasses
+import threading
+import time
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
@@ -37,6 +39,36 @@ CHATML_END = "<|im_end|>"
 CHATML_ASSISTANT = "<|im_start|>assistant\n"
 PROMPT_FORMATS = ("auto", "chatml", "raw")
 _M = TypeVar("_M", bound=BaseModel)
+
+
+class RequestCounts:
+    """Requests answered and refused (by HTTP status) since start, for /health; thread-safe.
+    Shared by both front ends (``serving.server``, ``serving.asgi``)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ok = 0
+        self._errors: dict[int, int] = {}
+        self._started = time.time()
+
+    def ok(self) -> None:
+        with self._lock:
+            self._ok += 1
+
+    def error(self, status: int) -> None:
+        with self._lock:
+            self._errors[status] = self._errors.get(status, 0) + 1
+
+    def snapshot(self, connections: int, closed: dict[str, int]) -> dict[str, Any]:
+        """The /health counters, with the front end's own connection figures."""
+        with self._lock:
+            return {
+                "requests_ok": self._ok,
+                "requests_refused": {str(k): v for k, v in sorted(self._errors.items())},
+                "connections": connections,
+                "connections_closed": dict(closed),
+                "uptime_s": round(time.time() - self._started, 1),
+            }
 
 
 class RequestError(ValueError):

@@ -49,6 +49,7 @@ from codescaler_jax.serving.batcher import Batcher, Overloaded
 from codescaler_jax.serving.protocol import (
     Item,
     Limits,
+    RequestCounts,
     RequestError,
     parse_get_reward,
     parse_score,
@@ -558,10 +559,8 @@ class RewardHTTPServer(ThreadingHTTPServer):
         self._lock = threading.Lock()
         self._active = 0
         self._conns: dict[socket.socket, _Conn] = {}
-        self._ok = 0
-        self._errors: dict[int, int] = {}
+        self._counts = RequestCounts()
         self._closed = {"deadline": 0, "evicted": 0, "lost": 0}
-        self._started = time.time()
         self._stop = threading.Event()
         # listen() backlog: the socketserver default of 5 resets bursts of new connections.
         self.request_queue_size = max(128, max_connections)
@@ -625,22 +624,14 @@ class RewardHTTPServer(ThreadingHTTPServer):
         super().server_close()
 
     def count_ok(self) -> None:
-        with self._lock:
-            self._ok += 1
+        self._counts.ok()
 
     def count_error(self, status: int) -> None:
-        with self._lock:
-            self._errors[status] = self._errors.get(status, 0) + 1
+        self._counts.error(status)
 
     def counters(self) -> dict[str, Any]:
         with self._lock:
-            return {
-                "requests_ok": self._ok,
-                "requests_refused": {str(k): v for k, v in sorted(self._errors.items())},
-                "connections": self._active,
-                "connections_closed": dict(self._closed),
-                "uptime_s": round(time.time() - self._started, 1),
-            }
+            return self._counts.snapshot(self._active, self._closed)
 
     def process_request(self, request, client_address) -> None:
         with self._lock:
