@@ -30,7 +30,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -44,6 +43,7 @@ from codescaler_jax.models.sharding import batch_sharding, create_sharded, make_
 from codescaler_jax.rl.grpo import response_token_stats
 from codescaler_jax.sft.config import SFTConfig
 from codescaler_jax.sft.data import SFTExample, build_examples, write_examples, write_problems
+from codescaler_jax.training.checkpoint import RunCheckpoints
 from codescaler_jax.training.optim import make_optimizer, make_schedule
 from codescaler_jax.training.run_dir import _COMMON, ResumePolicy, claim_run_dir
 from codescaler_jax.training.state import init_state, split_model, state_shardings
@@ -171,12 +171,8 @@ def train_sft(cfg: SFTConfig, *, overwrite: bool = False, progress: bool = True,
                 if progress:
                     log.info("sft step %d/%d loss %.4f", done, cfg.train.steps, m["loss"])
         writer.close()
-        ckpt = ocp.CheckpointManager((run_dir / "checkpoints").absolute(),
-                                     options=ocp.CheckpointManagerOptions(max_to_keep=1,
-                                                                          create=True))
-        ckpt.save(cfg.train.steps, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
-        ckpt.wait_until_finished()
-        ckpt.close()
+        with RunCheckpoints(run_dir, keep=1) as ckpt:  # finished and closed on every way out
+            ckpt.save(cfg.train.steps, state, {"step": cfg.train.steps})
         if cfg.train.export_hf:
             from codescaler_jax.models.hf_io import save_hf_model
 
