@@ -45,15 +45,10 @@ from codescaler_jax.sft.config import SFTConfig
 from codescaler_jax.sft.data import SFTExample, build_examples, write_examples, write_problems
 from codescaler_jax.training.checkpoint import RunCheckpoints
 from codescaler_jax.training.optim import make_optimizer, make_schedule
-from codescaler_jax.training.run_dir import _COMMON, ResumePolicy, claim_run_dir
+from codescaler_jax.training.run_dir import SFT_RESUME, claim_run_dir
 from codescaler_jax.training.state import init_state, split_model, state_shardings
 
 log = logging.getLogger("codescaler_jax")
-
-# SFT runs are short; a used directory is refused (or --overwrite), never resumed.
-SFT_RESUME = ResumePolicy("train_sft", budget=("train.steps",),
-                          bookkeeping=(*_COMMON, "data.sandbox_workers"))
-
 
 def build_policy(cfg: SFTConfig, tokenizer, mesh) -> Qwen3ForCausalLM:
     """The policy to fine-tune: ``policy.init_from`` or a seeded random init."""

@@ -57,19 +57,24 @@ class ResumePolicy:
         return self.budget + self.bookkeeping
 
 
-_COMMON = ("run_dir", "mesh.*", "distributed.*", "train.save_every", "train.keep_checkpoints",
-           "train.log_every", "train.export_hf")
+# Keys every command may change on --resume (where and how often it writes, not what it trains).
+COMMON_BOOKKEEPING = ("run_dir", "mesh.*", "distributed.*", "train.save_every",
+                      "train.keep_checkpoints", "train.log_every", "train.export_hf")
 RM_RESUME = ResumePolicy(
     "train_rm",
     budget=("train.max_steps", "train.num_epochs"),
-    bookkeeping=(*_COMMON, "train.eval_every", "train.eval_batch_size", "data.sandbox_workers"),
+    bookkeeping=(*COMMON_BOOKKEEPING, "train.eval_every", "train.eval_batch_size",
+                 "data.sandbox_workers"),
 )
 GRPO_RESUME = ResumePolicy(
     "train_grpo",
     budget=("train.steps",),
-    bookkeeping=(*_COMMON, "train.samples_every", "train.num_text_samples",
+    bookkeeping=(*COMMON_BOOKKEEPING, "train.samples_every", "train.num_text_samples",
                  "reward.sandbox_workers"),
 )
+# SFT runs are short; a used directory is refused (or --overwrite), never resumed.
+SFT_RESUME = ResumePolicy("train_sft", budget=("train.steps",),
+                          bookkeeping=(*COMMON_BOOKKEEPING, "data.sandbox_workers"))
 
 
 def run_artifacts(run_dir: Path) -> list[Path]:
