@@ -231,6 +231,8 @@ def assert_shared_directory(path: str | os.PathLike) -> None:
     process writes its own shards) and the run's data cache need such a directory: on TPU VMs
     a gcsfuse mount or NFS/Filestore, on GPU clusters the shared home or scratch.
     """
+    import jax
+
     if jax.process_count() == 1:
         return
     from jax.experimental import multihost_utils

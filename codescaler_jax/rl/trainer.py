@@ -19,7 +19,8 @@ joins them as ``train_rm`` does): the step's ``num_prompts`` prompts come from o
 shuffle (the same Grain pipeline and seed on every process) and process ``p`` keeps the
 ``p``-th of ``process_count`` equal slices of each step's prompts, with all
 ``num_generations`` responses of each of them. A group therefore never spans processes, so the
-group advantages are computed from the process's own rewards with no gather. Each process
+group advantages are computed from the process's own rewards with no gather
+(``scale_rewards: batch`` alone gathers the step's rewards, for their std). Each process
 samples its rows (``JaxSampler``: global decode batches built from every process's rows),
 decodes, extracts and sandboxes them, the RM scores them on the global mesh
 (``RewardScorer``), and the update batch is assembled from every process's rows
@@ -498,9 +499,15 @@ class RolloutStep:
         )
         res = self.reward_fn(rollout)
         t2 = time.perf_counter()
-        adv = prog.advantages_fn(jnp.asarray(res.rewards), num_generations=r.num_generations,
-                                 estimator=a.estimator, scale_rewards=a.scale_rewards, eps=a.eps)
         multi = jax.process_count() > 1
+        # Groups stay on their process; only the batch std needs every process's rewards.
+        gather = multi and a.scale_rewards == "batch"
+        rewards = gather_rows(res.rewards) if gather else res.rewards
+        adv = prog.advantages_fn(jnp.asarray(rewards), num_generations=r.num_generations,
+                                 estimator=a.estimator, scale_rewards=a.scale_rewards, eps=a.eps)
+        if gather:  # this process's block
+            n = len(res.rewards)
+            adv = np.asarray(adv)[jax.process_index() * n : (jax.process_index() + 1) * n]
         longest = int(global_max(out.lengths.max())) if multi else None
         host = build_update_batch(batch_prompts, out, self.scfg.pad_token_id, self.buckets,
                                   longest)
