@@ -256,7 +256,9 @@ class GRPOTrainer:
         if rows % procs:
             raise ConfigError(f"rollout.batch_size={r.batch_size} ({rows} rows per decode "
                               f"loop) is not divisible by the {procs} processes")
-        if not getattr(SAMPLERS.get(r.engine), "multihost", False):
+        # An engine says it runs multi-host on itself (not inherited: the continuous engine
+        # is a JaxSampler whose host-driven slot refills are per process).
+        if not vars(SAMPLERS.get(r.engine)).get("multihost", False):
             raise ConfigError(f"rollout.engine={r.engine} does not run multi-host ({procs} "
                               "processes); use rollout.engine=jax")
         if cfg.pass_rate_eval.every:
