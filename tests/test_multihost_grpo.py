@@ -43,6 +43,9 @@ TINY = [
     "rollout.batch_size=8", "rollout.min_response_bucket=16",
     "algorithm.num_minibatches=2", "algorithm.logprob_chunk=8",
     f"train.steps={STEPS}", "train.save_every=2", "train.samples_every=1",
+    # pass-rate probes at steps 0 and 3: 2 prompts x 4 samples, shared between the processes
+    f"pass_rate_eval.every={STEPS}", "pass_rate_eval.train_prompts=2",
+    "pass_rate_eval.held_out_prompts=0", "pass_rate_eval.num_samples=4",
     "optim.learning_rate=1e-2", "optim.warmup_steps=1",
     # Adam's eps above the tiny gradients of rarely seen embedding rows (see test_multihost.py)
     "optim.eps=1e-3",
@@ -204,6 +207,13 @@ def test_two_processes_match_one_process(runs):
     worst = max(float(np.max(np.abs(p2[k] - p1[k]))) for k in p1)
     assert worst < TOL, worst
 
+    # the pass-rate probes ran on both processes' shares and report the whole set
+    for tag in ("eval/train/pass_rate", "eval/train/valid_code_fraction",
+                "eval/train/problems_solved"):
+        e2, e1 = _tb_scalars(runs["two"] / "tb", tag), _tb_scalars(runs["one"] / "tb", tag)
+        assert sorted(e2) == sorted(e1) == [0, STEPS], tag
+        assert all(abs(e2[s] - e1[s]) < TOL for s in e1), (tag, e2, e1)
+
     # process 0 alone wrote TensorBoard, hf/ and summary.json; every process its log
     run = runs["two"]
     assert sorted(_tb_scalars(run / "tb", "train/reward/mean")) == list(range(1, STEPS + 1))
@@ -241,7 +251,7 @@ def test_two_process_kill_and_resume_continues_exactly(runs):
 REFUSED = {
     "rollout.num_prompts=3": "rollout.num_prompts=3 is not divisible by the 2 processes",
     "rollout.engine=continuous": "rollout.engine=continuous does not run multi-host",
-    "pass_rate_eval.every=1": "pass_rate_eval.every=1: the pass-rate probes do not run",
+    "reward.rm_batch_size=5": "reward.rm_batch_size=5 is not divisible by the 2 processes",
 }
 
 

@@ -31,9 +31,10 @@ checkpointed state is the global position, from which each process's slice follo
 ``--resume`` is exact on any process count that divides ``num_prompts``. Every process saves
 and restores the Orbax checkpoints; process 0 alone writes TensorBoard (with its own first
 rows as the text samples), ``hf/`` and ``summary.json``; each process logs to
-``log.p<process>.txt``. With one decode loop per step (``rollout.batch_size`` >= the step's
-responses) the samples equal those of one process on the same mesh. Not multi-host: the
-``continuous`` rollout engine and the pass-rate probes (refused, naming the key).
+``log.p<process>.txt``. The pass-rate probes split their rows the same way (``rl.metrics``).
+With one decode loop per step (``rollout.batch_size`` >= the step's responses) the samples
+equal those of one process on the same mesh. Not multi-host: the ``continuous`` rollout
+engine (refused, naming ``rollout.engine``).
 """
 
 from __future__ import annotations
@@ -261,9 +262,6 @@ class GRPOTrainer:
         if not vars(SAMPLERS.get(r.engine)).get("multihost", False):
             raise ConfigError(f"rollout.engine={r.engine} does not run multi-host ({procs} "
                               "processes); use rollout.engine=jax")
-        if cfg.pass_rate_eval.every:
-            raise ConfigError(f"pass_rate_eval.every={cfg.pass_rate_eval.every}: the pass-rate "
-                              f"probes do not run multi-host ({procs} processes); set it to 0")
         rw = cfg.reward
         uses_rm = "codescaler" in (set(rw.kwargs.get("weights", {})) if rw.name == "mix"
                                    else {rw.name})
