@@ -249,10 +249,10 @@ class GRPOTrainer:
         if procs == 1:
             return
         cfg, r = self.cfg, self.cfg.rollout
-        why = f"with {procs} processes (each samples whole groups of its own prompts)"
         if r.num_prompts % procs:
             raise ConfigError(f"rollout.num_prompts={r.num_prompts} is not divisible by the "
-                              f"{procs} processes: it must be {why}")
+                              f"{procs} processes (each samples whole groups of an equal "
+                              "share of the step's prompts)")
         rows = min(r.batch_size, r.num_prompts * r.num_generations)
         if rows % procs:
             raise ConfigError(f"rollout.batch_size={r.batch_size} ({rows} rows per decode "
@@ -542,8 +542,10 @@ def whole_step(res: RewardResult, out: SampleOutput, mask: np.ndarray, adv: np.n
                ) -> tuple[RewardResult, SampleOutput, np.ndarray, np.ndarray]:
     """Multi-host: every process's rows of what `step_metrics` reads, in process order (a
     collective). The view holds no code and no tokens (``out.tokens`` / ``logprobs`` are
-    ``[B, 0]``); a reward's own metrics are the mean of the processes' figures (exact for
-    fractions of responses: every process holds as many)."""
+    ``[B, 0]``), and ``mask`` is each process's count of response tokens (`step_metrics` only
+    sums it); a reward's own metrics are the mean of the processes' figures (exact for
+    fractions of responses: every process holds as many). Whether a reward has scores is the
+    same on every process (it depends on the reward, not on the rows)."""
     mine = {"ext": [[e.valid, e.language, e.reason] for e in res.extractions],
             "passed": None if res.passed is None else res.passed.tolist(),
             "metrics": res.metrics}
@@ -559,7 +561,7 @@ def whole_step(res: RewardResult, out: SampleOutput, mask: np.ndarray, adv: np.n
     lengths, stopped = gather_rows(out.lengths), gather_rows(out.stopped)
     empty = np.zeros((len(lengths), 0), out.tokens.dtype)
     g_out = SampleOutput(empty, empty.astype(np.float32), lengths, stopped, out.prompt_len)
-    return g_res, g_out, gather_rows(mask), gather_rows(adv)
+    return g_res, g_out, gather_rows(np.asarray([mask.sum()])), gather_rows(adv)
 
 
 class PhaseTimes:
