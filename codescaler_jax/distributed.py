@@ -30,10 +30,12 @@ import logging
 import os
 import secrets
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import jax
 import numpy as np
+
+if TYPE_CHECKING:  # jax is imported where it is used: configs load without it
+    import jax
 
 log = logging.getLogger("codescaler_jax")
 
@@ -183,6 +185,8 @@ def initialize(cfg: DistributedConfig | None = None, env: dict[str, str] | None 
         RuntimeError: initialization is asked for but a JAX backend already started.
         ValueError: a coordinator address without the process count or index.
     """
+    import jax
+
     cfg = cfg or DistributedConfig()
     if is_initialized():
         return True
@@ -210,6 +214,8 @@ def initialize(cfg: DistributedConfig | None = None, env: dict[str, str] | None 
 
 def all_processes_agree(flag: bool) -> bool:
     """True only if ``flag`` is true on every process (a collective: every process calls it)."""
+    import jax
+
     if jax.process_count() == 1:
         return bool(flag)
     from jax.experimental import multihost_utils
@@ -225,6 +231,8 @@ def assert_shared_directory(path: str | os.PathLike) -> None:
     process writes its own shards) and the run's data cache need such a directory: on TPU VMs
     a gcsfuse mount or NFS/Filestore, on GPU clusters the shared home or scratch.
     """
+    import jax
+
     if jax.process_count() == 1:
         return
     from jax.experimental import multihost_utils
@@ -252,3 +260,74 @@ def assert_shared_directory(path: str | os.PathLike) -> None:
             f"(process {jax.process_index()} read {seen!r}): put run_dir on a filesystem every "
             "host shares (gcsfuse mount, NFS/Filestore, a cluster's shared scratch)"
         )
+
+
+# ---- per-process rows of global batches ---------------------------------------------------
+# A multi-host step gives every process its own rows of the global batch (its prompts, its
+# responses). These helpers move such rows onto the mesh and back, and agree on the few host
+# figures the processes must share (padded lengths, counts, metrics).
+
+
+def rows_to_global(sharding: Any, rows: np.ndarray) -> jax.Array:
+    """A global array, batch-sharded on dimension 0, from this process's ``rows``.
+
+    Every process passes the same number of rows; the global batch holds process 0's rows
+    first on a process-major mesh (``make_mesh`` over ``jax.devices()``). One process: the
+    rows are the whole batch (``jax.device_put``)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return jax.device_put(rows, sharding)
+    shape = (rows.shape[0] * jax.process_count(), *rows.shape[1:])
+    return jax.make_array_from_process_local_data(sharding, rows, shape)
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+    """This process's rows of a global array batch-sharded on dimension 0: its addressable
+    shards in row order, replicas (e.g. over ``tensor``) once. The inverse of
+    `rows_to_global`; nothing crosses processes."""
+    import jax
+
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    by_start: dict[int, Any] = {}
+    for s in x.addressable_shards:
+        start = (s.index[0].start or 0) if s.index else 0
+        by_start.setdefault(start, s)
+    return np.concatenate([np.asarray(by_start[k].data) for k in sorted(by_start)])
+
+
+def gather_rows(x: np.ndarray) -> np.ndarray:
+    """Every process's ``x`` concatenated on dimension 0, in process order (a collective;
+    the shapes must agree). One process: ``x``."""
+    import jax
+
+    if jax.process_count() == 1:
+        return x
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def global_max(values: Any) -> np.ndarray:
+    """Elementwise maximum of ``values`` (a number or an int/float array of one shape on
+    every process) over all processes (a collective)."""
+    a = np.asarray(values)
+    return gather_rows(a[None]).max(axis=0)
+
+
+def gather_json(obj: Any) -> list[Any]:
+    """``obj`` (anything ``json`` writes) of every process, in process order (a collective).
+    One process: ``[obj]``."""
+    import jax
+
+    if jax.process_count() == 1:
+        return [obj]
+    import json
+
+    raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    buf = np.zeros(int(global_max(raw.size)), np.uint8)
+    buf[: raw.size] = raw
+    sizes = gather_rows(np.asarray([raw.size], np.int64))
+    bufs = gather_rows(buf[None])
+    return [json.loads(bytes(b[:n])) for b, n in zip(bufs, sizes, strict=True)]

@@ -18,6 +18,10 @@ the smallest change that makes a misfit fit. ``--json PATH`` writes the report a
 
     python -m codescaler_jax.train_grpo --config configs/grpo_codescaler_8b.yaml --topology v5p-16
 
+Multi-host: launch one process per host (``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` /
+``JAX_PROCESS_ID``, SLURM, Open MPI or a Cloud TPU VM; the ``distributed:`` section), as for
+``train_rm``; each process samples, scores and sandboxes its own prompts (``rl/trainer.py``).
+
 A run directory that already holds a run is refused unless ``--resume`` (only ``train.steps``
 and bookkeeping keys may differ from its ``config.yaml``) or ``--overwrite`` (start clean).
 """
@@ -29,7 +33,7 @@ import sys
 from pathlib import Path
 
 from codescaler_jax.cli import guarded
-from codescaler_jax.config import load_config
+from codescaler_jax.config import ConfigError, load_config
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -269,6 +273,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return cli_main(args, cfg, build_dry_run, f"train_grpo dry run: {args.config}",
                         dry_run_report)
+    from codescaler_jax.distributed import initialize
+
+    # Before any other JAX call: on a multi-host launch every process joins one device set.
+    try:
+        initialize(cfg.distributed)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
 
     from codescaler_jax.logging_utils import setup_logging
     from codescaler_jax.rl.trainer import GRPOTrainer

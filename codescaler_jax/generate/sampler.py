@@ -28,6 +28,14 @@ caught on device; that is the price of a per-token check without a host round tr
 the trainer builds its engine by name from ``SAMPLERS`` (config ``rollout.engine``), so an
 external engine (e.g. vLLM-TPU, which needs a weight sync in ``load_params``) is one registered
 factory away, without touching the trainer.
+
+Multi-host (``jax.distributed``): each process passes ``generate`` its own prompts, the same
+number on every process, and gets back the responses of those rows only. Each decode loop's
+global batch is built from ``batch_size / process_count`` rows of every process
+(``jax.make_array_from_process_local_data``) and each process fetches only its addressable
+rows; the processes agree on the padded prompt length first. Loop ``c`` draws with
+``fold_in(rng, c)`` over its global rows, so when a call fits one loop (``batch_size`` >= the
+rows of all processes) the tokens equal those of one process sampling every row.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from codescaler_jax.distributed import global_max, local_rows, rows_to_global
 from codescaler_jax.models.qwen3 import Qwen3ForCausalLM
 from codescaler_jax.models.sharding import batch_sharding, param_shardings, tree_shardings
 from codescaler_jax.registry import SAMPLERS
@@ -429,7 +438,7 @@ class JaxSampler:
         self._param_shardings = nnx.to_pure_dict(param_shardings(dec_params, mesh))
         self._abstract_params = nnx.to_pure_dict(dec_params)
         self._prepare = jax.jit(self._with_head, out_shardings=self._param_shardings)
-        batch = batch_sharding(mesh)
+        batch = self._batch = batch_sharding(mesh)
         replicated = NamedSharding(mesh, PartitionSpec())
         abstract_cache = jax.eval_shape(lambda: decoder.init_cache(batch_size, 8))
         cache_sh = tree_shardings(abstract_cache, abstract_cache.logical_axes(), mesh)
@@ -483,22 +492,35 @@ class JaxSampler:
         longest = max(len(p) for p in prompts)
         if longest > self.buckets[-1]:
             raise ValueError(f"a prompt has {longest} tokens; max_prompt_len is {self.buckets[-1]}")
+        n_rows = len(prompts)
+        procs = jax.process_count()
+        if procs > 1:  # this process's rows (module docstring): agree on the shapes first
+            longest, most, fewest = (int(v) for v in global_max([longest, n_rows, -n_rows]))
+            if most != -fewest:
+                raise ValueError(f"generate: the processes hold between {-fewest} and {most} "
+                                 "prompts; multi-host sampling needs the same number on each")
+            if self.batch_size % procs:
+                raise ValueError(f"sampler batch_size={self.batch_size} is not divisible by "
+                                 f"the {procs} processes")
+        per_loop = self.batch_size // procs  # this process's rows of each decode loop
         p_len = next(b for b in self.buckets if b >= longest)
         cfg = self.config
         outs = []
-        n_rows = len(prompts)
         with jax.set_mesh(self.mesh):
-            for c, start in enumerate(range(0, n_rows, self.batch_size)):
-                rows = list(prompts[start : start + self.batch_size])
+            for c, start in enumerate(range(0, n_rows, per_loop)):
+                rows = list(prompts[start : start + per_loop])
                 real = len(rows)
-                rows += [rows[-1]] * (self.batch_size - real)  # filler rows, dropped below
+                rows += [rows[-1]] * (per_loop - real)  # filler rows, dropped below
                 ids, mask = left_pad(rows, p_len, cfg.pad_token_id)
+                if procs > 1:
+                    ids, mask = rows_to_global(self._batch, ids), rows_to_global(self._batch, mask)
                 if self._params is None:
                     raise RuntimeError("JaxSampler: no parameters; call load_params first")
                 res = self._run(self._params, ids, mask, jax.random.fold_in(rng, c))
                 # device_get waits for each loop before the next (fake CPU devices deadlock on
                 # piles of independent collectives) and brings the rows to the host.
-                outs.append([np.asarray(_host(x))[:real] for x in res])
+                fetch = local_rows if procs > 1 else _host
+                outs.append([np.asarray(fetch(x))[:real] for x in res])
         tokens, logprobs, lengths, stopped = (np.concatenate(x) for x in zip(*outs))
         return SampleOutput(tokens, logprobs, lengths, stopped, p_len)
 
@@ -506,6 +528,7 @@ class JaxSampler:
 SamplerFactory = Callable[..., Sampler]
 """Rollout engines by name: ``factory(model, config, *, mesh, batch_size, max_prompt_len,
 min_prompt_bucket) -> Sampler``."""
+JaxSampler.multihost = True  # each process passes its own rows (module docstring)
 SAMPLERS.register("jax")(JaxSampler)
 
 

@@ -11,6 +11,7 @@ import dataclasses
 from typing import Any, ClassVar, Literal
 
 from codescaler_jax.config import check_at_least, check_fraction, check_input_path
+from codescaler_jax.distributed import DistributedConfig
 from codescaler_jax.models.config import MeshConfig, ModelSection
 from codescaler_jax.registry import (
     ADVANTAGE_ESTIMATORS,
@@ -299,6 +300,7 @@ class GRPOConfig:
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     pass_rate_eval: PassRateEvalSection = dataclasses.field(default_factory=PassRateEvalSection)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
     def check_paths(self) -> None:
         """Raise ``ConfigError`` naming the key of an input path that does not exist (called

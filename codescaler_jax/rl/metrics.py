@@ -13,6 +13,10 @@ first ``held_out_prompts`` held-out problems of the fixed hash split of ``held_o
 ``data/splits.py``; never trained on). The same key at every probe makes step-0 and step-s
 figures differ only by the policy, so "the pass rate rose by x points" compares like with
 like. The probe's sandbox is its own; the reward's is untouched.
+
+Multi-host: each process samples, extracts and runs its own equal share of a set's rows (the
+last row repeated to fill the share, and dropped from the figures), then the pass/valid flags
+are gathered, so every process reports the whole set's figures.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import jax
 import numpy as np
 
 from codescaler_jax.data.problems import Problem
+from codescaler_jax.distributed import gather_rows
 from codescaler_jax.rl.config import PassRateEvalSection
 
 
@@ -85,12 +90,20 @@ class PassRateProbe:
         out: dict[str, float] = {}
         for si, (name, (probs, ids)) in enumerate(self.sets.items()):
             rows = [p for p in ids for _ in range(k)]
-            texts = self.decode(sampler.generate(rows, jax.random.fold_in(self.key, si)))
+            row_probs = [p for p in probs for _ in range(k)]
+            lo, hi = _my_share(len(rows))
+            mine = [rows[min(i, len(rows) - 1)] for i in range(lo, hi)]
+            texts = self.decode(sampler.generate(mine, jax.random.fold_in(self.key, si)))
             ex = extract_batch(texts, mode="train")
             codes = [e.code if e.valid else "" for e in ex]
-            passed = self.checker.passed([p for p in probs for _ in range(k)], codes)
+            passed = self.checker.passed(
+                [row_probs[min(i, len(rows) - 1)] for i in range(lo, hi)], codes)
+            valid = np.array([e.valid for e in ex], bool)
+            if jax.process_count() > 1:  # every process's share, the filler rows dropped
+                passed = gather_rows(passed)[: len(rows)]
+                valid = gather_rows(valid)[: len(rows)]
             out[f"{name}/pass_rate"] = float(np.mean(passed))
-            out[f"{name}/valid_code_fraction"] = float(np.mean([e.valid for e in ex]))
+            out[f"{name}/valid_code_fraction"] = float(np.mean(valid))
             out[f"{name}/problems_solved"] = float(
                 np.mean(passed.reshape(len(probs), k).any(-1)))
         out["time_s"] = time.perf_counter() - t0
@@ -99,6 +112,14 @@ class PassRateProbe:
 
     def close(self) -> None:
         self.checker.close()
+
+
+def _my_share(n: int) -> tuple[int, int]:
+    """``[lo, hi)``: this process's equal share of ``n`` rows (indices past ``n`` are filler
+    rows); one process: all of them."""
+    procs = jax.process_count()
+    per = -(-n // procs)
+    return jax.process_index() * per, (jax.process_index() + 1) * per
 
 
 def build_probe(section: PassRateEvalSection, problems: Sequence[Problem],

@@ -196,7 +196,8 @@ class CodeScalerReward:
         # Only the score of a valid response can change its reward, except when unguarded.
         todo = np.arange(len(ex)) if self.shaping == "raw_unguarded" else np.flatnonzero(valid)
         scores = np.full(len(ex), np.nan, np.float32)
-        if len(todo):
+        # Multi-host: every process joins the scorer's collective passes, rows or not.
+        if len(todo) or jax.process_count() > 1:
             scores[todo] = self.scorer.score(
                 [batch.problems[i].prompt for i in todo], [ex[i].code for i in todo]
             )

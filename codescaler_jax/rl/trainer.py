@@ -13,6 +13,28 @@ prompt-iterator state, RNG key), ``hf/`` (the policy in Hugging Face format),
 ``log.p<process>.txt`` and ``summary.json``. ``resume=True`` continues exactly from the latest
 checkpoint: the RNG of step ``s`` is ``fold_in(key, s)``, so a resumed run draws the same
 samples as an uninterrupted one.
+
+Multi-host (``jax.distributed``, one process per host; ``python -m codescaler_jax.train_grpo``
+joins them as ``train_rm`` does): the step's ``num_prompts`` prompts come from one global
+shuffle (the same Grain pipeline and seed on every process) and process ``p`` keeps the
+``p``-th of ``process_count`` equal slices of each step's prompts, with all
+``num_generations`` responses of each of them. A group therefore never spans processes, so the
+group advantages are computed from the process's own rewards with no gather
+(``scale_rewards: batch`` alone gathers the step's rewards, for their std). Each process
+samples its rows (``JaxSampler``: global decode batches built from every process's rows),
+decodes, extracts and sandboxes them, the RM scores them on the global mesh
+(``RewardScorer``), and the update batch is assembled from every process's rows
+(``jax.make_array_from_process_local_data``; process ``p``'s rows are the ``p``-th block, the
+order one process would use). Only the step's small host figures are gathered: padded lengths
+and, for the logged metrics, rewards, lengths and extraction outcomes. The prompt iterator's
+checkpointed state is the global position, from which each process's slice follows, so
+``--resume`` is exact on any process count that divides ``num_prompts``. Every process saves
+and restores the Orbax checkpoints; process 0 alone writes TensorBoard (with its own first
+rows as the text samples), ``hf/`` and ``summary.json``; each process logs to
+``log.p<process>.txt``. The pass-rate probes split their rows the same way (``rl.metrics``).
+With one decode loop per step (``rollout.batch_size`` >= the step's responses) the samples
+equal those of one process on the same mesh. Not multi-host: the ``continuous`` rollout
+engine (refused, naming ``rollout.engine``).
 """
 
 from __future__ import annotations
@@ -31,9 +53,17 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from codescaler_jax.code.extract import Extraction
 from codescaler_jax.config import ConfigError, to_dict
 from codescaler_jax.data.problems import Problem, humaneval_problems, read_problems_jsonl
 from codescaler_jax.data.tokenizer import load_tokenizer, resolve_tokenizer_path
+from codescaler_jax.distributed import (
+    assert_shared_directory,
+    gather_json,
+    gather_rows,
+    global_max,
+    rows_to_global,
+)
 from codescaler_jax.eval.sampling import render_prompts
 from codescaler_jax.generate.sampler import (
     SAMPLERS,
@@ -85,12 +115,14 @@ def response_buckets(max_new_tokens: int, smallest: int) -> tuple[int, ...]:
 
 
 def build_update_batch(
-    prompts: list[list[int]], out: SampleOutput, pad_id: int, buckets: tuple[int, ...]
+    prompts: list[list[int]], out: SampleOutput, pad_id: int, buckets: tuple[int, ...],
+    longest: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Host arrays of one update: ``input_ids``/``attention_mask`` ``[B, P + N]`` (left-padded
     prompt then right-padded response), ``response_mask [B, N]``; N is the bucket of the longest
-    response."""
-    longest = int(out.lengths.max()) if len(out.lengths) else 1
+    response (``longest``, when given: of every process's rows)."""
+    if longest is None:
+        longest = int(out.lengths.max()) if len(out.lengths) else 1
     n = next(b for b in buckets if b >= max(longest, 1))
     p_ids, p_mask = left_pad(prompts, out.prompt_len, pad_id)
     r_mask = (np.arange(n)[None, :] < out.lengths[:, None]).astype(np.int32)
@@ -199,11 +231,43 @@ class GRPOTrainer:
         )
 
     def prompt_iterator(self, n: int):
-        """Endless shuffled batches of problem indices (reshuffled every epoch), checkpointable."""
+        """Endless shuffled batches of problem indices (reshuffled every epoch), checkpointable.
+        Multi-host: this process's slice of each step's batch (module docstring); the state
+        is the global position, the same on every process."""
         r = self.cfg.rollout
         ds = grain.MapDataset.range(n).shuffle(seed=self.cfg.train.seed).repeat(None)
         ds = ds.batch(r.num_prompts, drop_remainder=True, batch_fn=np.asarray)
+        procs = jax.process_count()
+        if procs > 1:
+            per, p = r.num_prompts // procs, jax.process_index()
+            ds = ds.map(lambda b: b[p * per : (p + 1) * per])
         return iter(ds.to_iter_dataset())
+
+    def check_processes(self) -> None:
+        """Refuse, naming the key, what a multi-host run cannot do (``ConfigError``)."""
+        procs = jax.process_count()
+        if procs == 1:
+            return
+        cfg, r = self.cfg, self.cfg.rollout
+        if r.num_prompts % procs:
+            raise ConfigError(f"rollout.num_prompts={r.num_prompts} is not divisible by the "
+                              f"{procs} processes (each samples whole groups of an equal "
+                              "share of the step's prompts)")
+        rows = min(r.batch_size, r.num_prompts * r.num_generations)
+        if rows % procs:
+            raise ConfigError(f"rollout.batch_size={r.batch_size} ({rows} rows per decode "
+                              f"loop) is not divisible by the {procs} processes")
+        # An engine says it runs multi-host on itself (not inherited: the continuous engine
+        # is a JaxSampler whose host-driven slot refills are per process).
+        if not vars(SAMPLERS.get(r.engine)).get("multihost", False):
+            raise ConfigError(f"rollout.engine={r.engine} does not run multi-host ({procs} "
+                              "processes); use rollout.engine=jax")
+        rw = cfg.reward
+        uses_rm = "codescaler" in (set(rw.kwargs.get("weights", {})) if rw.name == "mix"
+                                   else {rw.name})
+        if uses_rm and rw.rm_batch_size % procs:
+            raise ConfigError(f"reward.rm_batch_size={rw.rm_batch_size} is not divisible by "
+                              f"the {procs} processes")
 
     def usable_prompts(self, tokenizer) -> tuple[list[Problem], list[list[int]]]:
         """The problems whose rendered prompt fits ``data.max_prompt_length``, and those
@@ -268,6 +332,8 @@ class GRPOTrainer:
     def _run(self) -> dict[str, Any]:
         cfg, r, t = self.cfg, self.cfg.rollout, self.cfg.train
         t_start = time.perf_counter()
+        self.check_processes()
+        assert_shared_directory(self.run_dir)
         mesh = loop.start_run(cfg, self.run_dir, self.mesh if self.mesh is not None
                          else make_mesh(cfg.mesh))
         tokenizer = load_tokenizer(cfg.policy.tokenizer)
@@ -396,7 +462,10 @@ class GRPOPrograms:
     scan_layers: bool
 
     def to_global(self, x: np.ndarray) -> jax.Array:
-        """A host array every process holds whole (the host work is replicated) -> global."""
+        """This process's rows of a batch -> the global array (one process: the whole
+        batch; multi-host: process ``p``'s rows are block ``p``)."""
+        if jax.process_count() > 1:
+            return rows_to_global(self.data_sharding, x)
         return jax.make_array_from_callback(x.shape, self.data_sharding, lambda i: x[i])
 
 
@@ -430,9 +499,18 @@ class RolloutStep:
         )
         res = self.reward_fn(rollout)
         t2 = time.perf_counter()
-        adv = prog.advantages_fn(jnp.asarray(res.rewards), num_generations=r.num_generations,
+        multi = jax.process_count() > 1
+        # Groups stay on their process; only the batch std needs every process's rewards.
+        gather = multi and a.scale_rewards == "batch"
+        rewards = gather_rows(res.rewards) if gather else res.rewards
+        adv = prog.advantages_fn(jnp.asarray(rewards), num_generations=r.num_generations,
                                  estimator=a.estimator, scale_rewards=a.scale_rewards, eps=a.eps)
-        host = build_update_batch(batch_prompts, out, self.scfg.pad_token_id, self.buckets)
+        if gather:  # this process's block
+            n = len(res.rewards)
+            adv = np.asarray(adv)[jax.process_index() * n : (jax.process_index() + 1) * n]
+        longest = int(global_max(out.lengths.max())) if multi else None
+        host = build_update_batch(batch_prompts, out, self.scfg.pad_token_id, self.buckets,
+                                  longest)
         n_resp = host["response_mask"].shape[1]
         batch = {k: prog.to_global(v) for k, v in host.items()}
         batch["advantages"] = prog.to_global(np.asarray(adv))
@@ -444,7 +522,10 @@ class RolloutStep:
             batch["ref_logp"] = prog.logprob_fn(prog.ref_params, batch["input_ids"],
                                                 batch["attention_mask"], n_resp)[0]
         mask = host["response_mask"]
-        ent = float(jnp.sum(entropy * batch["response_mask"])) / max(mask.sum(), 1)
+        # The logged figures are the whole step's: multi-host, every process's rows.
+        m_res, m_out, m_mask, m_adv = (whole_step(res, out, mask, np.asarray(adv)) if multi
+                                       else (res, out, mask, np.asarray(adv)))
+        ent = float(jnp.sum(entropy * batch["response_mask"])) / max(m_mask.sum(), 1)
         if a.ppo_max_token_len_per_device is not None:  # the padded rows, packed (rl.packing)
             batch, _ = pack_on_mesh(batch, prog.data_sharding.mesh,
                                     num_minibatches=a.num_minibatches,
@@ -453,8 +534,34 @@ class RolloutStep:
         state, metrics = prog.train_step(state, batch)
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         t3 = time.perf_counter()
-        last = step_metrics(res, out, mask, metrics, ent, np.asarray(adv), (t0, t1, t2, t3))
+        last = step_metrics(m_res, m_out, m_mask, metrics, ent, m_adv, (t0, t1, t2, t3))
         return state, last, rollout, res
+
+
+def whole_step(res: RewardResult, out: SampleOutput, mask: np.ndarray, adv: np.ndarray
+               ) -> tuple[RewardResult, SampleOutput, np.ndarray, np.ndarray]:
+    """Multi-host: every process's rows of what `step_metrics` reads, in process order (a
+    collective). The view holds no code and no tokens (``out.tokens`` / ``logprobs`` are
+    ``[B, 0]``), and ``mask`` is each process's count of response tokens (`step_metrics` only
+    sums it); a reward's own metrics are the mean of the processes' figures (exact for
+    fractions of responses: every process holds as many). Whether a reward has scores is the
+    same on every process (it depends on the reward, not on the rows)."""
+    mine = {"ext": [[e.valid, e.language, e.reason] for e in res.extractions],
+            "passed": None if res.passed is None else res.passed.tolist(),
+            "metrics": res.metrics}
+    every = gather_json(mine)
+    ext = [Extraction("", bool(v), lang, why) for p in every for v, lang, why in p["ext"]]
+    passed = [x for p in every if p["passed"] is not None for x in p["passed"]]
+    keys = dict.fromkeys(k for p in every for k in p["metrics"])
+    metrics = {k: float(np.mean([p["metrics"][k] for p in every if k in p["metrics"]]))
+               for k in keys}
+    scores = None if res.scores is None else gather_rows(res.scores)
+    g_res = RewardResult(gather_rows(res.rewards), ext,
+                         np.asarray(passed, bool) if passed else None, scores, metrics)
+    lengths, stopped = gather_rows(out.lengths), gather_rows(out.stopped)
+    empty = np.zeros((len(lengths), 0), out.tokens.dtype)
+    g_out = SampleOutput(empty, empty.astype(np.float32), lengths, stopped, out.prompt_len)
+    return g_res, g_out, gather_rows(np.asarray([mask.sum()])), gather_rows(adv)
 
 
 class PhaseTimes:

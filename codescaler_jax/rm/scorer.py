@@ -8,6 +8,11 @@ imports a trainer. Inputs are rendered with the RM tokenizer's chat template (us
 assistant = code), right-truncated at ``max_length``, sorted by length, cut into batches of
 ``batch_size`` rows (the scorer's default, or given per call), each padded to a length bucket
 and to a full batch, so only a few shapes are ever compiled.
+
+Multi-host (``jax.distributed``): every process calls ``score`` with its own rows (any number,
+none included) and gets their scores. Each forward pass's global batch takes ``batch_size /
+process_count`` rows of every process; the processes agree on the number of passes and each
+pass's padded length first, and each fetches only its own rows' scores.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from codescaler_jax.data.tokenizer import (
     load_tokenizer,
     pad_right,
 )
+from codescaler_jax.distributed import global_max, local_rows, rows_to_global
 from codescaler_jax.errors import InputError
 from codescaler_jax.models.qwen3 import Qwen3Config, Qwen3RewardModel
 from codescaler_jax.models.sharding import batch_sharding, make_mesh
@@ -233,6 +239,8 @@ class RewardScorer:
         rows_per_pass = self._rows(batch_size)
         n = len(seqs)
         out = np.zeros(n, np.float32)
+        if jax.process_count() > 1:
+            return self._score_process_rows(seqs, rows_per_pass, out)
         if n == 0:
             return out
         order = np.argsort([len(s) for s in seqs], kind="stable")
@@ -250,6 +258,36 @@ class RewardScorer:
                 exe = self.compiled(length, rows_per_pass)
                 scores = jax.device_get(exe(self.params, ids, mask))
                 out[idx] = scores[: len(idx)]
+        return out
+
+    def _score_process_rows(self, seqs: Sequence[Sequence[int]], rows_per_pass: int,
+                            out: np.ndarray) -> np.ndarray:
+        """`score_ids` of this process's rows under ``jax.distributed`` (module docstring)."""
+        procs = jax.process_count()
+        if rows_per_pass % procs:
+            raise InputError(f"batch_size={rows_per_pass} is not divisible by the {procs} "
+                             "processes")
+        mine = rows_per_pass // procs
+        order = np.argsort([len(s) for s in seqs], kind="stable")
+        chunks = [order[i : i + mine] for i in range(0, len(seqs), mine)]
+        passes = int(global_max(len(chunks)))
+        # Each pass's padded length: the longest row any process puts into it.
+        lengths = np.ones(passes, np.int64)
+        for j, idx in enumerate(chunks):
+            lengths[j] = max(len(seqs[i]) for i in idx)
+        lengths = global_max(lengths)
+        with jax.set_mesh(self.mesh):
+            for j in range(passes):
+                idx = chunks[j] if j < len(chunks) else order[:0]
+                length = bucket_length(max(int(lengths[j]), 1), self.buckets)
+                # filler rows (a process with fewer or no rows): dropped below
+                rows = [seqs[i] for i in idx] or [[self.pad_id]]
+                rows += [rows[-1]] * (mine - len(rows))
+                ids, mask = pad_right(rows, length, self.pad_id)
+                exe = self.compiled(length, rows_per_pass)
+                scores = exe(self.params, rows_to_global(self._sharding, ids),
+                             rows_to_global(self._sharding, mask))
+                out[idx] = local_rows(scores)[: len(idx)]
         return out
 
     def score(
