@@ -103,12 +103,19 @@ def test_sampled_rows_equal_the_static_sampler_with_the_same_row_keys(hf_lm):
 
 
 def test_no_recompilation_as_requests_come_and_go(hf_lm):
+    """One program per queue bucket (slots x 2^k prompts), holding one decode step and one
+    prefill-chunk step, whatever requests come and go within and between calls."""
     _, path = hf_lm
     cfg = SamplingConfig(max_new_tokens=NEW, greedy=True, eos_token_ids=(3, 7), pad_token_id=PAD)
     engine, _ = _engines(path, cfg, slots=2)
-    for n, seed in ((7, 0), (3, 1), (1, 2), (5, 3)):
-        engine.generate(_prompts(seed)[:n], jax.random.key(seed))
-    assert dict(engine.traces) == {"init": 1, "prefill": 1, "decode": 1, "fetch": 1}
+    prompts = _prompts(0) + _prompts(1)
+    for n, seed in ((7, 0), (5, 1), (8, 2), (6, 3)):  # all in the bucket of 8
+        out = engine.generate(prompts[seed:seed + n], jax.random.key(seed))
+        assert len(out.tokens) == n and engine.last_stats["queue"] == 8
+    assert dict(engine.traces) == {"init": 1, "run": 1, "prefill": 1, "decode": 1}
+    engine.generate(prompts[:3], jax.random.key(0))  # a new bucket (4): one more program
+    assert dict(engine.traces) == {"init": 2, "run": 2, "prefill": 2, "decode": 2}
+    assert engine.last_stats["queue"] == 4
 
 
 def test_sharded_slots_sample_the_same_as_one_device(hf_lm):
@@ -123,15 +130,12 @@ def test_sharded_slots_sample_the_same_as_one_device(hf_lm):
     np.testing.assert_array_equal(a.tokens, b.tokens)
     np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
     with jax.set_mesh(eight.mesh):
-        state = eight._init()
-        cache = state["cache"]
-        # Slots over data x fsdp (4 ways), KV heads over tensor ...
-        assert cache.k.sharding.spec[1] == ("data", "fsdp")
-        assert cache.k.sharding.spec[3] == "tensor"
-        # ... and refilling one slot never gathers the cache onto every device.
-        hlo = eight._prefill.lower(
-            eight._params, state, np.int32(1), np.zeros(4, np.int32), np.ones(4, np.int32),
-            np.bool_(True), np.bool_(True), jax.random.key(0), np.int32(0)).compile().as_text()
+        cache = eight._init()["cache"]
+    # Slots over data x fsdp (4 ways), KV heads over tensor ...
+    assert cache.k.sharding.spec[1] == ("data", "fsdp")
+    assert cache.k.sharding.spec[3] == "tensor"
+    # ... and the rollout program (refills included) never gathers the cache onto a device.
+    hlo = eight.lower_rollout(len(prompts)).compile().as_text()
     gathered = re.findall(r"= \w+\[([\d,]*)\][^=]*? all-gather\(", hlo)
     _, slots, s_len = cache.k.shape[:3]
     assert not [g for g in gathered if f",{slots},{s_len}," in f",{g},"], gathered
