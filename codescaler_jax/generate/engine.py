@@ -327,40 +327,49 @@ class ContinuousSampler(JaxSampler):
                 return (~jnp.all(c["s"]["done"]) | (c["pf_slot"] >= 0)
                         | (c["next_req"] < n_req))
 
-            def start(c):
-                """Hand the next request to the first free slot; the slot's finished row
-                goes to ``out`` first (a scatter that drops a slot that had none)."""
-                slot = jnp.argmax(free_slots(c)).astype(jnp.int32)
+            def prefill_step(c):
+                """One prompt chunk. With no prefill under way, the next request first takes
+                the first free slot, whose finished row goes to ``out`` (branch-free: the
+                scatters drop a row that is not there)."""
+                starting = c["pf_slot"] < 0
+                slot = jnp.where(starting, jnp.argmax(free_slots(c)), c["pf_slot"])
+                slot = slot.astype(jnp.int32)
                 s = c["s"]
                 old = _row(s["owner"], slot, local=local)[0]
                 row = _rows({k: s[k] for k in out_keys}, slot, local)
-                at = jnp.where(old >= 0, old, q)
+                at = jnp.where(starting & (old >= 0), old, q)
                 out = {k: c["out"][k].at[at].set(row[k][0], mode="drop") for k in out_keys}
-                r = c["next_req"]
+                r = jnp.where(starting, c["next_req"], old)
                 s = dict(s, owner=_put(s["owner"], r[None], slot, local=local))
-                return dict(c, s=s, out=out, next_req=r + 1, pf_slot=slot,
-                            pf_chunk=first_chunk[r])
-
-            def prefill_branch(c):
-                c = jax.lax.cond(c["pf_slot"] < 0, start, lambda c: c, c)
-                slot, j = c["pf_slot"], c["pf_chunk"]
-                r = _row(c["s"]["owner"], slot, local=local)[0]
+                j = jnp.where(starting, first_chunk[r], c["pf_chunk"])
                 ids = jax.lax.dynamic_slice_in_dim(queue_ids[r], j * c_len, c_len)
                 mask = jax.lax.dynamic_slice_in_dim(queue_mask[r], j * c_len, c_len)
                 last = j == self.n_chunks - 1
-                s = prefill(lm, c["s"], slot, ids, mask, j == first_chunk[r], last,
+                s = prefill(lm, s, slot, ids, mask, j == first_chunk[r], last,
                             jax.random.fold_in(rng, r))
-                return dict(c, s=s, pf_slot=jnp.where(last, -1, slot), pf_chunk=j + 1,
-                            refilling=True, chunks=c["chunks"] + 1)
+                return dict(c, s=s, out=out, next_req=c["next_req"] + starting.astype(jnp.int32),
+                            pf_slot=jnp.where(last, -1, slot), pf_chunk=j + 1, refilling=True,
+                            chunks=c["chunks"] + 1)
 
-            def decode_branch(c):
+            def decode_step(c):
                 live = jnp.sum((~c["s"]["done"]).astype(jnp.int32))
-                return dict(c, s=decode(lm, c["s"]), refilling=False, steps=c["steps"] + 1,
+                return dict(c, s=decode(lm, c["s"]), steps=c["steps"] + 1,
                             live_steps=c["live_steps"] + live)
 
+            def prefilling(c):
+                return may_start(c) | (c["pf_slot"] >= 0)
+
+            def decoding(c):
+                return ~prefilling(c) & ~jnp.all(c["s"]["done"])
+
+            # Refill (every free slot, chunk by chunk), then decode until a refill is due:
+            # two while loops in a while loop, not a lax.cond per step, because XLA copies
+            # the whole KV cache into and out of a conditional's branches (seen in the
+            # compiled program: 2 copies of each of K and V per step); a loop carry is
+            # updated in place.
             def body(c):
-                go = may_start(c) | (c["pf_slot"] >= 0)
-                return jax.lax.cond(go, prefill_branch, decode_branch, c)
+                c = jax.lax.while_loop(prefilling, prefill_step, c)
+                return jax.lax.while_loop(decoding, decode_step, dict(c, refilling=False))
 
             c = jax.lax.while_loop(cond, body, carry)
             s = c["s"]
