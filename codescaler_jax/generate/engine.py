@@ -3,36 +3,44 @@
 The static sampler (``JaxSampler``) decodes ``batch_size`` rows until the longest one stops, so
 with skewed response lengths most slot-steps are spent on rows that have already finished.
 ``ContinuousSampler`` keeps ``batch_size`` *slots* instead. When a row ends (EOS, a stop
-sequence, or ``max_new_tokens``), the host hands its results back and writes the next waiting
-prompt into that slot, ``chunk`` tokens at a time, into the slot's own region of the KV cache
-(``[layers, slots, S, kv_heads, head_dim]``); the decode batch is full again on the next step.
+sequence, or ``max_new_tokens``), the next waiting prompt is written into that slot, ``chunk``
+tokens at a time, into the slot's own region of the KV cache (``[layers, slots, S, kv_heads,
+head_dim]``); the decode batch is full again on the next step.
 
-Two compiled programs do the device work, whatever requests come and go (``traces`` counts
-their traces, so a test can check there is no recompilation):
+The whole ``generate`` call is one compiled program (``run``), with no host round trip per
+refill: the prompts go to the device as a queue (left-padded to whole chunks; ``slots x 2^k``
+rows, so one program per queue bucket, ``queue_bucket``), and a ``lax.while_loop`` alternates
 
-- ``prefill``: one prompt chunk ``[chunk]`` of one slot (a traced slot index), written at the
-  slot's next cache slots; on the prompt's last chunk it also draws the row's first token.
-- ``decode``: a ``lax.while_loop`` of one-token steps over all slots, each row writing its own
-  next cache slot (``KVCache.index`` per row), until a slot frees while prompts are waiting
-  (or every slot is done). Exiting only then keeps host round trips to one per finished row
-  (its done flags); a finished row is copied out on device and fetched with all the others
-  at the end.
+- refill: an inner loop of prefill-chunk steps (``prefill``, one chunk of one slot, at traced
+  slot and chunk indices): the next waiting request takes the first free slot (its finished
+  row goes to the output first), its all-padding leading chunks are skipped, and its last
+  chunk draws the row's first token; every free slot is refilled (once ``min_free`` are free);
+- decode: an inner loop of one-token steps over all slots (``decode``, each row writing its own
+  next cache slot, ``KVCache.index`` per row) until a slot frees while prompts wait, or every
+  row is done.
+
+``traces`` counts the traces of ``run``, ``prefill`` and ``decode`` (one each per bucket), so a
+test can check there is no recompilation as requests come and go. Inner loops, not a
+``lax.cond`` per step: XLA copied the whole KV cache into and out of the branches of a
+conditional every step (seen in the compiled program), while a loop carry is updated in place.
 
 Same tokens as the static sampler: row ``r`` draws with the key chain ``fold_in(rng, r)``,
 split once per token, one row at a time (greedy: no key at all). That is exactly what
 ``JaxSampler`` with ``batch_size=1`` does for row ``r`` (chunk ``c`` = row ``c``), so for the
 same per-row RNG both engines give the same tokens, up to float rounding between batch shapes.
 
-Cache layout per slot: the prompt's first chunk is left-padded (the padding slots stay
-invalid), so the last chunk ends on the prompt's last token; generated tokens follow. Slot
-order does not matter to attention (positions come from ``next_pos``), only validity.
-The cache is sharded like the static sampler's: slots over ``data``/``fsdp``, KV heads over
-``tensor``. The prefill reads one slot's row with a one-hot select (local, then one all-reduce
-of that row) and writes back only its chunk's positions, so no device ever holds more than its
-shard of the cache plus one row.
+Cache layout per slot: the prompt's first real chunk is left-padded (the padding slots stay
+invalid) and written from slot 0, so the last chunk ends on the prompt's last token; generated
+tokens follow. A refill reads and attends only the prompt region (the first
+``n_chunks x chunk`` slots). Slot order does not matter to attention (positions come from
+``next_pos``), only validity. The cache is sharded like the static sampler's: slots over
+``data``/``fsdp``, KV heads over ``tensor``. With sharded slots a refill reads one slot's row
+with a one-hot select (local, then one all-reduce of that row) and writes back only its
+chunk's positions, so no device ever holds more than its shard of the cache plus one row;
+with unsharded slots (one data x fsdp way) it slices the row directly.
 
-``last_stats`` after each ``generate``: decode steps, prefill chunks, and the decode slot
-utilisation (live slot-steps / (decode steps x slots)).
+``last_stats`` after each ``generate``: decode steps, prefill chunks, the decode slot
+utilisation (live slot-steps / (decode steps x slots)) and the queue bucket.
 """
 
 from __future__ import annotations
