@@ -14,7 +14,7 @@ from model_hf_reference import TINY, random_hf_model
 from codescaler_jax.bench.rollout import counting_lm, forced_prompts, static_utilisation
 from codescaler_jax.generate.engine import ContinuousSampler
 from codescaler_jax.models.hf_io import load_hf_model
-from codescaler_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
+from codescaler_jax.models.qwen3 import KVCache, Qwen3Config, Qwen3ForCausalLM
 from codescaler_jax.models.sharding import MeshConfig, make_mesh
 from codescaler_jax.rl.sampler import SAMPLERS, JaxSampler, SamplingConfig
 
@@ -103,12 +103,19 @@ def test_sampled_rows_equal_the_static_sampler_with_the_same_row_keys(hf_lm):
 
 
 def test_no_recompilation_as_requests_come_and_go(hf_lm):
+    """One program per queue bucket (slots x 2^k prompts), holding one decode step and one
+    prefill-chunk step, whatever requests come and go within and between calls."""
     _, path = hf_lm
     cfg = SamplingConfig(max_new_tokens=NEW, greedy=True, eos_token_ids=(3, 7), pad_token_id=PAD)
     engine, _ = _engines(path, cfg, slots=2)
-    for n, seed in ((7, 0), (3, 1), (1, 2), (5, 3)):
-        engine.generate(_prompts(seed)[:n], jax.random.key(seed))
-    assert dict(engine.traces) == {"init": 1, "prefill": 1, "decode": 1, "fetch": 1}
+    prompts = _prompts(0) + _prompts(1)
+    for n, seed in ((7, 0), (5, 1), (8, 2), (6, 3)):  # all in the bucket of 8
+        out = engine.generate(prompts[seed:seed + n], jax.random.key(seed))
+        assert len(out.tokens) == n and engine.last_stats["queue"] == 8
+    assert dict(engine.traces) == {"init": 1, "run": 1, "prefill": 1, "decode": 1}
+    engine.generate(prompts[:3], jax.random.key(0))  # a new bucket (4): one more program
+    assert dict(engine.traces) == {"init": 2, "run": 2, "prefill": 2, "decode": 2}
+    assert engine.last_stats["queue"] == 4
 
 
 def test_sharded_slots_sample_the_same_as_one_device(hf_lm):
@@ -123,15 +130,12 @@ def test_sharded_slots_sample_the_same_as_one_device(hf_lm):
     np.testing.assert_array_equal(a.tokens, b.tokens)
     np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
     with jax.set_mesh(eight.mesh):
-        state = eight._init()
-        cache = state["cache"]
-        # Slots over data x fsdp (4 ways), KV heads over tensor ...
-        assert cache.k.sharding.spec[1] == ("data", "fsdp")
-        assert cache.k.sharding.spec[3] == "tensor"
-        # ... and refilling one slot never gathers the cache onto every device.
-        hlo = eight._prefill.lower(
-            eight._params, state, np.int32(1), np.zeros(4, np.int32), np.ones(4, np.int32),
-            np.bool_(True), np.bool_(True), jax.random.key(0), np.int32(0)).compile().as_text()
+        cache = eight._init()["cache"]
+    # Slots over data x fsdp (4 ways), KV heads over tensor ...
+    assert cache.k.sharding.spec[1] == ("data", "fsdp")
+    assert cache.k.sharding.spec[3] == "tensor"
+    # ... and the rollout program (refills included) never gathers the cache onto a device.
+    hlo = eight.lower_rollout(len(prompts)).compile().as_text()
     gathered = re.findall(r"= \w+\[([\d,]*)\][^=]*? all-gather\(", hlo)
     _, slots, s_len = cache.k.shape[:3]
     assert not [g for g in gathered if f",{slots},{s_len}," in f",{g},"], gathered
@@ -168,3 +172,85 @@ def test_registered_for_the_trainer():
 
     assert RolloutSection(engine="continuous").engine == "continuous"
     assert SAMPLERS.get("continuous") is ContinuousSampler
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_per_row_cache_index_writes_each_row_at_its_own_slot(scan):
+    """A one-token step with a per-row index [B] equals each row decoded alone at its own
+    scalar index: same logits, same cache (the scatter writes only (layer, b, index[b]))."""
+    import dataclasses
+
+    import jax.numpy as jnp
+    from flax import nnx
+
+    cfg = Qwen3Config.tiny(scan_layers=scan)
+    lm = Qwen3ForCausalLM(cfg, rngs=nnx.Rngs(3))
+    rng = np.random.RandomState(0)
+    b, s = 3, 12
+    cache = lm.init_cache(b, s)
+    shape = cache.k.shape
+    index = jnp.asarray([2, 7, 4], jnp.int32)
+    mask = jnp.asarray(np.arange(s)[None] < np.asarray(index)[:, None])
+    cache = dataclasses.replace(
+        cache, k=jnp.asarray(rng.randn(*shape), cache.k.dtype),
+        v=jnp.asarray(rng.randn(*shape), cache.v.dtype), mask=mask, next_pos=index,
+        index=index)
+    tok = jnp.asarray([[5], [9], [11]], jnp.int32)
+    ones = jnp.ones((b, 1), jnp.int32)
+    logits, new = jax.jit(lambda c: lm.decode(tok, ones, c, last_only=True))(cache)
+    for r in range(b):
+        row = KVCache(k=cache.k[:, r:r + 1], v=cache.v[:, r:r + 1], mask=cache.mask[r:r + 1],
+                      next_pos=cache.next_pos[r:r + 1], index=index[r])
+        want_logits, want = lm.decode(tok[r:r + 1], ones[r:r + 1], row, last_only=True)
+        np.testing.assert_allclose(logits[r], want_logits[0], atol=1e-5)
+        np.testing.assert_allclose(new.k[:, r], want.k[:, 0], atol=1e-5)
+        np.testing.assert_allclose(new.v[:, r], want.v[:, 0], atol=1e-5)
+        np.testing.assert_array_equal(new.mask[r], want.mask[0])
+    np.testing.assert_array_equal(new.index, index + 1)
+    # Only slot index[b] of each row changed.
+    changed = np.any(np.asarray(new.k != cache.k), axis=(0, 3, 4))  # [B, S]
+    np.testing.assert_array_equal(changed, np.arange(s)[None] == np.asarray(index)[:, None])
+
+
+def test_rollout_program_never_copies_the_kv_cache_per_step():
+    """The compiled rollout holds the whole [L, slots, S, K, D] cache stack once: no copy of it
+    in the loops (a lax.cond per step, or a vmapped per-row write, made XLA copy K and V every
+    step), so a step costs what the static sampler's does at the same batch."""
+    cfg = Qwen3Config.tiny()
+    model = counting_lm(cfg)
+    mesh = make_mesh(MeshConfig(), devices=jax.devices()[:1])
+    sc = SamplingConfig(max_new_tokens=16, greedy=True, eos_token_ids=(1,), pad_token_id=PAD)
+    engine = ContinuousSampler(model, sc, mesh=mesh, batch_size=4, max_prompt_len=8,
+                               min_prompt_bucket=8, chunk=4)
+    hlo = engine.lower_rollout(12).compile().as_text()
+    with jax.set_mesh(mesh):
+        k = engine._init()["cache"].k
+    stack = f"{k.dtype.name[0]}{k.dtype.itemsize * 8}[{','.join(map(str, k.shape))}]"
+    copies = re.findall(rf"= {re.escape(stack)}\S* copy\(", hlo)
+    assert len(copies) <= 1, copies  # at most the initial zeros, outside the loops
+    assert " while(" in hlo  # the loops are in there, on device
+
+
+def test_min_free_and_scanned_layers_give_the_same_rows():
+    """Refilling only once 3 slots are free changes the schedule, not the rows; the scanned
+    layer layout writes the per-row cache the same way."""
+    lengths = np.array([9, 2, 14, 5, 3, 11, 1, 7, 4, 6])
+    outs = []
+    for scan, min_free in ((False, 1), (False, 3), (True, 1)):
+        cfg = Qwen3Config.tiny(scan_layers=scan)
+        model = counting_lm(cfg)
+        mesh = make_mesh(MeshConfig(), devices=jax.devices()[:1])
+        prompts = forced_prompts(lengths, cfg.vocab_size, 1, [3, 8, 5, 1, 7, 2, 6, 4, 8, 5])
+        sc = SamplingConfig(max_new_tokens=12, greedy=True, eos_token_ids=(1,), pad_token_id=PAD)
+        engine = ContinuousSampler(model, sc, mesh=mesh, batch_size=4, max_prompt_len=8,
+                                   min_prompt_bucket=8, chunk=4, min_free=min_free)
+        out = engine.generate(prompts, jax.random.key(0))
+        np.testing.assert_array_equal(out.lengths, np.minimum(lengths, 12))
+        np.testing.assert_array_equal(out.stopped, lengths <= 12)  # 14: cut at the budget
+        outs.append((out, dict(engine.last_stats)))
+    (a, sa), (b, sb), (c, _) = outs
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+    np.testing.assert_array_equal(a.tokens, c.tokens)  # (other random layer weights)
+    assert sb["decode_steps"] > sa["decode_steps"] and sb["slot_utilisation"] < sa[
+        "slot_utilisation"]

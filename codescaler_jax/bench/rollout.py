@@ -12,33 +12,40 @@ greedy continuation of token t is t+1, t+2, ... mod vocab), so a prompt ending i
 model, prompts and ``max_new_tokens = 8 x median``.
 
 Rollout: generated tokens/s of ``ContinuousSampler`` (``--slots`` decode slots) and of
-``JaxSampler`` (``--slots`` rows per decode loop), each call timed after a warm-up call that
-compiles, interleaved A B A B; and decode slot utilisation (live slot-steps / (decode steps x
-slots); for the static sampler from the lengths: each batch runs max(length) - 1 steps).
+``JaxSampler`` (``--slots`` rows per decode loop), each side's calls timed after a warm-up call
+that compiles, interleaved A B A B (``bench.common.interleave``); ``speedup`` is the median
+over rounds of the per-round ratio (wall seconds; ``speedup_cpu_s`` the same in process CPU
+seconds), and decode slot utilisation (live slot-steps / (decode steps x slots); for the
+static sampler from the lengths: each batch runs max(length) - 1 steps).
 
 Update: one GRPO update (``rl.grpo.update``'s loss and gradient) on the same skewed batch,
 padded (every row padded to prompt bucket + response bucket) vs packed (rows packed into
 ``--token-budget``-token micro-batches with segment ids, ``rl.packing``); tokens/s counts real
 (prompt + response) tokens, and the padding fraction of each layout is reported.
 
-``os.getloadavg()`` is recorded before and after, and each side's process CPU seconds beside
-its wall seconds: on a shared machine the figures move with the load (every host round trip
-of the continuous engine waits for the scheduler), so compare the two sides of one run,
-never figures of different runs.
+The load is recorded by ``bench.common.LoadMonitor`` (``load`` and ``readme_grade`` in the
+JSON; ``--force`` as in the other benchmarks), and each side's process CPU seconds beside its
+wall seconds: on a shared machine the figures move with the load, so compare the two sides of
+one run, never figures of different runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import functools
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from codescaler_jax.bench.common import write_json
+from codescaler_jax.bench.common import (
+    LoadMonitor,
+    add_harness_args,
+    compare,
+    interleave,
+    write_json,
+)
 
 
 def counting_lm(cfg: Any, seed: int = 0, residual_scale: float = 0.05):
@@ -130,14 +137,8 @@ def _rollout(args: argparse.Namespace) -> dict[str, Any]:
         out = s.generate(prompts, key)
         if not np.array_equal(out.lengths, lengths):
             raise RuntimeError(f"{name}: lengths differ from the forced ones")
-    times: dict[str, list[float]] = {k: [] for k in sides}
-    cpu: dict[str, list[float]] = {k: [] for k in sides}
-    for _ in range(args.repeat):
-        for name, s in sides.items():  # A B A B
-            t0, c0 = time.perf_counter(), time.process_time()
-            s.generate(prompts, key)
-            times[name].append(time.perf_counter() - t0)
-            cpu[name].append(time.process_time() - c0)
+    timing = interleave({name: functools.partial(s.generate, prompts, key)
+                         for name, s in sides.items()}, rounds=args.repeat, warmup=0)
     total = int(lengths.sum())
     st_steps, st_util = static_utilisation(lengths, args.slots)
     res: dict[str, Any] = {
@@ -146,14 +147,18 @@ def _rollout(args: argparse.Namespace) -> dict[str, Any]:
                          generated_tokens=total, prompt_len_max=args.prompt_len,
                          chunk=sides["continuous"].chunk, model=dict(
                              vocab=vocab, hidden=args.hidden, layers=args.layers)),
-        "static": dict(seconds=times["static"], cpu_seconds=cpu["static"],
-                       decode_steps=st_steps, slot_utilisation=st_util),
-        "continuous": dict(seconds=times["continuous"], cpu_seconds=cpu["continuous"],
-                           min_free=args.min_free, **sides["continuous"].last_stats),
+        "static": dict(decode_steps=st_steps, slot_utilisation=st_util),
+        "continuous": dict(min_free=args.min_free, **sides["continuous"].last_stats),
     }
     for name in sides:
-        res[name]["tokens_per_s"] = total / float(np.median(times[name]))
-    res["speedup"] = res["continuous"]["tokens_per_s"] / res["static"]["tokens_per_s"]
+        t = timing["sides"][name]
+        res[name].update(seconds=t["wall_s"], cpu_seconds=t["cpu_s"],
+                         tokens_per_s=total / t["median_s"])
+    cmp = compare(timing, "continuous", "static")
+    res["order"] = timing["order"]
+    res["speedup"] = cmp["ratio_median_of_pairs"]  # tokens/s ratio, median over rounds
+    res["speedup_cpu_s"] = cmp["ratio_median_of_pairs_cpu_s"]
+    res["pair_ratios"] = cmp["pair_ratios"]
     return res
 
 
@@ -172,20 +177,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--token-budget", type=int, default=1024)
-    p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=2,
+                   help="interleaved rounds (A B per round) of each comparison")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
+    add_harness_args(p)
     args = p.parse_args(argv)
     parts = set(args.part.split(","))
-    payload: dict[str, Any] = {"args": vars(args), "load_before": os.getloadavg()}
+    monitor = LoadMonitor()
+    payload: dict[str, Any] = {"args": vars(args)}
     if "rollout" in parts:
         payload["rollout"] = _rollout(args)
     if "update" in parts:
         from codescaler_jax.bench.packed_update import run as run_update
 
         payload["update"] = run_update(args)
-    payload["load_after"] = os.getloadavg()
-    path = write_json("rollout", payload, args.out)
+    path = write_json("rollout", payload, args.out, monitor=monitor, force=args.force)
     print(f"wrote {path}", file=sys.stderr)
     return 0
 

@@ -3,36 +3,44 @@
 The static sampler (``JaxSampler``) decodes ``batch_size`` rows until the longest one stops, so
 with skewed response lengths most slot-steps are spent on rows that have already finished.
 ``ContinuousSampler`` keeps ``batch_size`` *slots* instead. When a row ends (EOS, a stop
-sequence, or ``max_new_tokens``), the host hands its results back and writes the next waiting
-prompt into that slot, ``chunk`` tokens at a time, into the slot's own region of the KV cache
-(``[layers, slots, S, kv_heads, head_dim]``); the decode batch is full again on the next step.
+sequence, or ``max_new_tokens``), the next waiting prompt is written into that slot, ``chunk``
+tokens at a time, into the slot's own region of the KV cache (``[layers, slots, S, kv_heads,
+head_dim]``); the decode batch is full again on the next step.
 
-Two compiled programs do the device work, whatever requests come and go (``traces`` counts
-their traces, so a test can check there is no recompilation):
+The whole ``generate`` call is one compiled program (``run``), with no host round trip per
+refill: the prompts go to the device as a queue (left-padded to whole chunks; ``slots x 2^k``
+rows, so one program per queue bucket, ``queue_bucket``), and a ``lax.while_loop`` alternates
 
-- ``prefill``: one prompt chunk ``[chunk]`` of one slot (a traced slot index), written at the
-  slot's next cache slots; on the prompt's last chunk it also draws the row's first token.
-- ``decode``: a ``lax.while_loop`` of one-token steps over all slots, each row writing its own
-  next cache slot (``KVCache.index`` per row), until a slot frees while prompts are waiting
-  (or every slot is done). Exiting only then keeps host round trips to one per finished row
-  (its done flags); a finished row is copied out on device and fetched with all the others
-  at the end.
+- refill: an inner loop of prefill-chunk steps (``prefill``, one chunk of one slot, at traced
+  slot and chunk indices): the next waiting request takes the first free slot (its finished
+  row goes to the output first), its all-padding leading chunks are skipped, and its last
+  chunk draws the row's first token; every free slot is refilled (once ``min_free`` are free);
+- decode: an inner loop of one-token steps over all slots (``decode``, each row writing its own
+  next cache slot, ``KVCache.index`` per row) until a slot frees while prompts wait, or every
+  row is done.
+
+``traces`` counts the traces of ``run``, ``prefill`` and ``decode`` (one each per bucket), so a
+test can check there is no recompilation as requests come and go. Inner loops, not a
+``lax.cond`` per step: XLA copied the whole KV cache into and out of the branches of a
+conditional every step (seen in the compiled program), while a loop carry is updated in place.
 
 Same tokens as the static sampler: row ``r`` draws with the key chain ``fold_in(rng, r)``,
 split once per token, one row at a time (greedy: no key at all). That is exactly what
 ``JaxSampler`` with ``batch_size=1`` does for row ``r`` (chunk ``c`` = row ``c``), so for the
 same per-row RNG both engines give the same tokens, up to float rounding between batch shapes.
 
-Cache layout per slot: the prompt's first chunk is left-padded (the padding slots stay
-invalid), so the last chunk ends on the prompt's last token; generated tokens follow. Slot
-order does not matter to attention (positions come from ``next_pos``), only validity.
-The cache is sharded like the static sampler's: slots over ``data``/``fsdp``, KV heads over
-``tensor``. The prefill reads one slot's row with a one-hot select (local, then one all-reduce
-of that row) and writes back only its chunk's positions, so no device ever holds more than its
-shard of the cache plus one row.
+Cache layout per slot: the prompt's first real chunk is left-padded (the padding slots stay
+invalid) and written from slot 0, so the last chunk ends on the prompt's last token; generated
+tokens follow. A refill reads and attends only the prompt region (the first
+``n_chunks x chunk`` slots). Slot order does not matter to attention (positions come from
+``next_pos``), only validity. The cache is sharded like the static sampler's: slots over
+``data``/``fsdp``, KV heads over ``tensor``. With sharded slots a refill reads one slot's row
+with a one-hot select (local, then one all-reduce of that row) and writes back only its
+chunk's positions, so no device ever holds more than its shard of the cache plus one row;
+with unsharded slots (one data x fsdp way) it slices the row directly.
 
-``last_stats`` after each ``generate``: decode steps, prefill chunks, and the decode slot
-utilisation (live slot-steps / (decode steps x slots)).
+``last_stats`` after each ``generate``: decode steps, prefill chunks, the decode slot
+utilisation (live slot-steps / (decode steps x slots)) and the queue bucket.
 """
 
 from __future__ import annotations
@@ -56,6 +64,7 @@ from codescaler_jax.generate.sampler import (
     _ends_with_stop,
     _host,
     choose_tokens,
+    left_pad,
 )
 from codescaler_jax.models.qwen3 import KVCache, Qwen3ForCausalLM
 from codescaler_jax.models.sharding import batch_sharding, tree_shardings
@@ -74,8 +83,13 @@ def _record(s: dict, logits: jax.Array, active: jax.Array, cfg: SamplingConfig) 
     """Draw the next token of every ``active`` row (``[B]`` bool) from ``logits [B, V]`` and
     write it at the row's own position; rows end at EOS, a stop sequence or the budget."""
     n = s["tokens"].shape[1]
-    split = jax.vmap(jax.random.split)(s["keys"])
-    tok, logp = _draw(logits, split[:, 1], cfg)
+    if cfg.greedy:  # no randomness: the keys stay as they are
+        keys = s["keys"]
+        tok, logp = _draw(logits, keys, cfg)
+    else:
+        split = jax.vmap(jax.random.split)(s["keys"])
+        keys = jnp.where(active, split[:, 0], s["keys"])
+        tok, logp = _draw(logits, split[:, 1], cfg)
     tok = jnp.where(active, tok, cfg.pad_token_id)
     logp = jnp.where(active, logp, 0.0)
     tail = jnp.where(active[:, None],
@@ -87,7 +101,7 @@ def _record(s: dict, logits: jax.Array, active: jax.Array, cfg: SamplingConfig) 
     return dict(
         s,
         tok=jnp.where(active, tok, s["tok"]),
-        keys=jnp.where(active, split[:, 0], s["keys"]),
+        keys=keys,
         tail=tail,
         tokens=jnp.where(at, tok[:, None], s["tokens"]),
         logprobs=jnp.where(at, logp[:, None], s["logprobs"]),
@@ -109,28 +123,46 @@ def _hot(n: int, slot: jax.Array, ndim: int, axis: int = 0) -> jax.Array:
     return (jnp.arange(n) == slot).reshape(shape)
 
 
-def _row(x: jax.Array, slot: jax.Array, axis: int = 0) -> jax.Array:
-    """Row ``slot`` of ``x`` along ``axis``, kept as a size-1 axis."""
+def _row(x: jax.Array, slot: jax.Array, axis: int = 0, local: bool = False) -> jax.Array:
+    """Row ``slot`` of ``x`` along ``axis``, kept as a size-1 axis. ``local``: the axis is
+    not sharded, so a dynamic slice reads just the row (else a one-hot select, see above)."""
     if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-        return jax.random.wrap_key_data(_row(jax.random.key_data(x), slot, axis),
+        return jax.random.wrap_key_data(_row(jax.random.key_data(x), slot, axis, local),
                                         impl=jax.random.key_impl(x))
+    if local:
+        return jax.lax.dynamic_slice_in_dim(x, slot, 1, axis)
     hot = _hot(x.shape[axis], slot, x.ndim, axis)
     return jnp.sum(jnp.where(hot, x, jnp.zeros((), x.dtype)), axis=axis,
                    keepdims=True).astype(x.dtype)
 
 
-def _put(x: jax.Array, row: jax.Array, slot: jax.Array, axis: int = 0) -> jax.Array:
+def _put(x: jax.Array, row: jax.Array, slot: jax.Array, axis: int = 0,
+         local: bool = False) -> jax.Array:
     """``x`` with row ``slot`` (along ``axis``) replaced by ``row`` (a size-1 axis there)."""
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        data = _put(jax.random.key_data(x), jax.random.key_data(row), slot, axis, local)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    if local:
+        return jax.lax.dynamic_update_slice_in_dim(x, row.astype(x.dtype), slot, axis)
     return jnp.where(_hot(x.shape[axis], slot, x.ndim, axis), row.astype(x.dtype), x)
 
 
-def _rows(tree: Any, slot: jax.Array) -> Any:
+def _rows(tree: Any, slot: jax.Array, local: bool = False) -> Any:
     """Row ``slot`` of every per-slot array (the leading axis), kept as a batch of one."""
-    return jax.tree.map(lambda x: _row(x, slot), tree)
+    return jax.tree.map(lambda x: _row(x, slot, local=local), tree)
 
 
-def _put_rows(tree: Any, rows: Any, slot: jax.Array) -> Any:
-    return jax.tree.map(lambda x, r: _put(x, r, slot), tree, rows)
+def _put_rows(tree: Any, rows: Any, slot: jax.Array, local: bool = False) -> Any:
+    return jax.tree.map(lambda x, r: _put(x, r, slot, local=local), tree, rows)
+
+
+def queue_bucket(n_rows: int, slots: int) -> int:
+    """Queue capacity of a ``generate`` call of ``n_rows`` prompts: ``slots x 2^k``, the
+    smallest that holds them (one compiled program per bucket)."""
+    q = slots
+    while q < n_rows:
+        q *= 2
+    return q
 
 
 class ContinuousSampler(JaxSampler):
@@ -139,9 +171,9 @@ class ContinuousSampler(JaxSampler):
     Args: as ``JaxSampler``, with ``batch_size`` the number of decode slots, plus
         chunk: prompt tokens written per prefill step (default ``config.prefill_chunk``,
             else ``min(max_prompt_len, 512)``).
-        min_free: the decode loop returns to the host (to refill) once this many slots are
-            free while prompts wait; 1 keeps the slots fullest, more means fewer host round
-            trips (each one a device sync).
+        min_free: refilling starts once this many slots are free (or fewer, when fewer
+            prompts wait) and then fills every free slot before decoding resumes; 1 keeps
+            the slots fullest.
     """
 
     def __init__(
@@ -163,9 +195,13 @@ class ContinuousSampler(JaxSampler):
             raise ValueError(f"min_free={min_free} must be in [1, batch_size={batch_size}]")
         self.min_free = min_free
         n, b, c = config.max_new_tokens, batch_size, self.chunk
-        # A slot holds its prompt's chunks (the first left-padded) then up to N - 1 fed-back
-        # tokens (the last token drawn is never fed back).
-        self.cache_len = -(-max_prompt_len // c) * c + n
+        # Every prompt is queued left-padded to `n_chunks` whole chunks; its all-padding
+        # leading chunks are skipped. A slot holds the prompt's chunks (the first one
+        # left-padded) then up to N - 1 fed-back tokens (the last token drawn is never fed
+        # back).
+        self.n_chunks = -(-max_prompt_len // c)
+        self.queue_len = self.n_chunks * c
+        self.cache_len = self.queue_len + n
         self.traces: collections.Counter[str] = collections.Counter()
         self.last_stats: dict[str, float] = {}
 
@@ -188,8 +224,7 @@ class ContinuousSampler(JaxSampler):
                 keys=jax.random.split(jax.random.key(0), b),
                 tokens=jnp.full((b, n), config.pad_token_id, jnp.int32),
                 logprobs=jnp.zeros((b, n), jnp.float32),
-                steps=jnp.zeros((), jnp.int32),
-                live_steps=jnp.zeros((), jnp.int32),
+                owner=jnp.full((b,), -1, jnp.int32),  # the request in each slot (-1: none)
             )
 
         abstract = jax.eval_shape(init)
@@ -200,19 +235,27 @@ class ContinuousSampler(JaxSampler):
                     if k != "cache"}
         state_sh["cache"] = tree_shardings(abstract["cache"], abstract["cache"].logical_axes(),
                                            mesh)
+        self._state_sh = state_sh
+        per_slot_keys = [k for k in abstract if k not in ("cache", "owner")]
+        out_keys = ("tokens", "logprobs", "count", "stopped")
 
-        def prefill(params, s, slot, ids, mask, first, last, rng, request):
-            """Write chunk ``ids [C]`` (``mask [C]``) of ``request`` into ``slot``; draw on the
-            last chunk. The row's key ``fold_in(rng, request)`` is made here (no host op)."""
+        ql = self.queue_len
+        local = mesh.shape["data"] * mesh.shape["fsdp"] == 1  # the slot axis is not sharded
+
+        def prefill(lm, s, slot, ids, mask, first, last, key):
+            """Write chunk ``ids [C]`` (``mask [C]``) into ``slot``; on the first chunk the
+            slot starts a new row with key ``key``; on the last it draws the first token.
+
+            Only the slot's prompt region (its first ``queue_len`` cache slots) is read and
+            attended: a prompt never sees the previous row's generated tokens."""
             self.traces["prefill"] += 1
-            key = jax.random.fold_in(rng, request)
-            lm = nnx.merge(graphdef, params, rest)
-            per_slot = {k: v for k, v in s.items() if k not in ("cache", "steps", "live_steps")}
-            row = _rows(per_slot, slot)
+            per_slot = {k: s[k] for k in per_slot_keys}
+            row = _rows(per_slot, slot, local)
             cache = s["cache"]
-            k_row, v_row = _row(cache.k, slot, axis=1), _row(cache.v, slot, axis=1)
+            k_row = _row(cache.k[:, :, :ql], slot, 1, local)
+            v_row = _row(cache.v[:, :, :ql], slot, 1, local)
             c_row = _rows(dict(mask=cache.mask, next_pos=cache.next_pos, index=cache.index),
-                          slot)
+                          slot, local)
             # The first chunk starts a new request: forget the slot's old cache and row.
             c_row = jax.tree.map(lambda x: jnp.where(first, jnp.zeros_like(x), x), c_row)
             fresh = dict(
@@ -224,8 +267,8 @@ class ContinuousSampler(JaxSampler):
             )
             row = jax.tree.map(lambda new, old: jnp.where(first, new, old), fresh, row)
             start = c_row["index"][0]
-            row_cache = KVCache(k=k_row, v=v_row, mask=c_row["mask"], next_pos=c_row["next_pos"],
-                                index=start)
+            row_cache = KVCache(k=k_row, v=v_row, mask=c_row["mask"][:, :ql],
+                                next_pos=c_row["next_pos"], index=start)
             hidden, row_cache = lm.model(ids[None], mask[None], row_cache)
             # Write back only the chunk's C cache positions (a slice along the unsharded
             # sequence axis, then the slot selected in it).
@@ -233,67 +276,148 @@ class ContinuousSampler(JaxSampler):
                 region = jax.lax.dynamic_slice_in_dim(big, start, c, axis=2)
                 chunk = jax.lax.dynamic_slice_in_dim(new, start, c, axis=2)
                 return jax.lax.dynamic_update_slice_in_dim(
-                    big, _put(region, chunk, slot, axis=1), start, axis=2)
+                    big, _put(region, chunk, slot, 1, local), start, axis=2)
 
+            mask_row = jnp.concatenate([row_cache.mask, c_row["mask"][:, ql:]], axis=1)
             cache = KVCache(
                 k=put(cache.k, row_cache.k), v=put(cache.v, row_cache.v),
-                mask=_put(cache.mask, row_cache.mask, slot),
-                next_pos=_put(cache.next_pos, row_cache.next_pos, slot),
-                index=_put(cache.index, row_cache.index[None], slot),
+                mask=_put(cache.mask, mask_row, slot, local=local),
+                next_pos=_put(cache.next_pos, row_cache.next_pos, slot, local=local),
+                index=_put(cache.index, row_cache.index[None], slot, local=local),
             )
             logits = lm.logits(hidden[:, -1])  # [1, V]: after the prompt's last token
             row = dict(row, done=jnp.where(last, False, row["done"]))
             row = _record(row, logits, last[None], config)
-            return dict(s, **_put_rows(per_slot, row, slot), cache=cache)
+            return dict(s, **_put_rows(per_slot, row, slot, local), cache=cache)
 
-        def decode(params, s, want_free):
-            """One-token steps over all slots until ``want_free`` slots are done."""
+        def decode(lm, s):
+            """One token for every live slot, each row writing its own next cache slot."""
             self.traces["decode"] += 1
+            live = ~s["done"]
+            old = s["cache"].index
+            logits, cache = lm.decode(s["tok"][:, None], live[:, None].astype(jnp.int32),
+                                      s["cache"], last_only=True)
+            # A finished row keeps its slot pointer: it writes nothing visible.
+            cache = dataclasses.replace(cache, index=jnp.where(live, cache.index, old))
+            cache = jax.lax.with_sharding_constraint(cache, state_sh["cache"])
+            return _record(dict(s, cache=cache), logits, live, config)
+
+        def run(params, queue_ids, queue_mask, first_chunk, n_req, rng):
+            """The whole rollout on device: ``queue_ids [Q, n_chunks x C]`` (``n_req`` real
+            requests) through the slots; returns every request's row ``[Q, ...]``."""
+            self.traces["run"] += 1
             lm = nnx.merge(graphdef, params, rest)
+            q = queue_ids.shape[0]
+            slot_ids = jnp.arange(b)
+            out = dict(tokens=jnp.full((q, n), config.pad_token_id, jnp.int32),
+                       logprobs=jnp.zeros((q, n), jnp.float32),
+                       count=jnp.zeros((q,), jnp.int32), stopped=jnp.zeros((q,), bool))
+            sched = dict(next_req=jnp.zeros((), jnp.int32),  # the next waiting request
+                         pf_slot=jnp.full((), -1, jnp.int32),  # the slot being prefilled
+                         pf_chunk=jnp.zeros((), jnp.int32),  # its next chunk
+                         refilling=jnp.zeros((), bool),
+                         steps=jnp.zeros((), jnp.int32), live_steps=jnp.zeros((), jnp.int32),
+                         chunks=jnp.zeros((), jnp.int32))
+            carry = dict(s=jax.lax.with_sharding_constraint(init(), state_sh), out=out,
+                         **sched)
 
-            def cond(s):
-                free = jnp.sum(s["done"].astype(jnp.int32))
-                return (free < want_free) & ~jnp.all(s["done"])
+            def free_slots(c):
+                return c["s"]["done"] & (slot_ids != c["pf_slot"])
 
-            def body(s):
-                live = ~s["done"]
-                old = s["cache"].index
-                logits, cache = lm.decode(s["tok"][:, None], live[:, None].astype(jnp.int32),
-                                          s["cache"], last_only=True)
-                # A finished row keeps its slot pointer: it writes nothing visible.
-                cache = dataclasses.replace(cache, index=jnp.where(live, cache.index, old))
-                cache = jax.lax.with_sharding_constraint(cache, state_sh["cache"])
-                s = _record(dict(s, cache=cache), logits, live, config)
-                return dict(s, steps=s["steps"] + 1,
-                            live_steps=s["live_steps"] + jnp.sum(live.astype(jnp.int32)))
+            def may_start(c):
+                """A new request may take a free slot now (``min_free`` rule)."""
+                waiting = n_req - c["next_req"]
+                n_free = jnp.sum(free_slots(c).astype(jnp.int32))
+                enough = c["refilling"] | (n_free >= jnp.minimum(min_free, waiting))
+                return (waiting > 0) & (n_free > 0) & enough & (c["pf_slot"] < 0)
 
-            return jax.lax.while_loop(cond, body, s)
+            def cond(c):
+                return (~jnp.all(c["s"]["done"]) | (c["pf_slot"] >= 0)
+                        | (c["next_req"] < n_req))
 
-        def fetch(s, slot):
-            self.traces["fetch"] += 1
-            return _rows({k: s[k] for k in ("tokens", "logprobs", "count", "stopped")}, slot)
+            def prefill_step(c):
+                """One prompt chunk. With no prefill under way, the next request first takes
+                the first free slot, whose finished row goes to ``out`` (branch-free: the
+                scatters drop a row that is not there)."""
+                starting = c["pf_slot"] < 0
+                slot = jnp.where(starting, jnp.argmax(free_slots(c)), c["pf_slot"])
+                slot = slot.astype(jnp.int32)
+                s = c["s"]
+                old = _row(s["owner"], slot, local=local)[0]
+                row = _rows({k: s[k] for k in out_keys}, slot, local)
+                at = jnp.where(starting & (old >= 0), old, q)
+                out = {k: c["out"][k].at[at].set(row[k][0], mode="drop") for k in out_keys}
+                r = jnp.where(starting, c["next_req"], old)
+                s = dict(s, owner=_put(s["owner"], r[None], slot, local=local))
+                j = jnp.where(starting, first_chunk[r], c["pf_chunk"])
+                ids = jax.lax.dynamic_slice_in_dim(queue_ids[r], j * c_len, c_len)
+                mask = jax.lax.dynamic_slice_in_dim(queue_mask[r], j * c_len, c_len)
+                last = j == self.n_chunks - 1
+                s = prefill(lm, s, slot, ids, mask, j == first_chunk[r], last,
+                            jax.random.fold_in(rng, r))
+                return dict(c, s=s, out=out, next_req=c["next_req"] + starting.astype(jnp.int32),
+                            pf_slot=jnp.where(last, -1, slot), pf_chunk=j + 1, refilling=True,
+                            chunks=c["chunks"] + 1)
 
+            def decode_step(c):
+                live = jnp.sum((~c["s"]["done"]).astype(jnp.int32))
+                return dict(c, s=decode(lm, c["s"]), steps=c["steps"] + 1,
+                            live_steps=c["live_steps"] + live)
+
+            def prefilling(c):
+                return may_start(c) | (c["pf_slot"] >= 0)
+
+            def decoding(c):
+                return ~prefilling(c) & ~jnp.all(c["s"]["done"])
+
+            # Refill (every free slot, chunk by chunk), then decode until a refill is due:
+            # two while loops in a while loop, not a lax.cond per step, because XLA copies
+            # the whole KV cache into and out of a conditional's branches (seen in the
+            # compiled program: 2 copies of each of K and V per step); a loop carry is
+            # updated in place.
+            def body(c):
+                c = jax.lax.while_loop(prefilling, prefill_step, c)
+                return jax.lax.while_loop(decoding, decode_step, dict(c, refilling=False))
+
+            c = jax.lax.while_loop(cond, body, carry)
+            s = c["s"]
+            # The rows still in their slots (the last ones) go to `out` in one scatter.
+            at = jnp.where(s["owner"] >= 0, s["owner"], q)
+            out = {k: c["out"][k].at[at].set(s[k], mode="drop") for k in out_keys}
+            stats = {k: c[k] for k in ("steps", "live_steps", "chunks")}
+            return out, stats
+
+        c_len = c
         scalar = replicated
         self._init = jax.jit(init, out_shardings=state_sh)
-        self._prefill = jax.jit(
-            prefill, donate_argnums=(1,),
-            in_shardings=(self._param_shardings, state_sh, scalar, scalar, scalar, scalar,
-                          scalar, scalar, scalar),
-            out_shardings=state_sh)
-        self._decode = jax.jit(decode, donate_argnums=(1,),
-                               in_shardings=(self._param_shardings, state_sh, scalar),
-                               out_shardings=state_sh)
-        self._fetch = jax.jit(fetch, in_shardings=(state_sh, scalar))
+        self._run = jax.jit(
+            run, in_shardings=(self._param_shardings, replicated, replicated, replicated,
+                               scalar, scalar),
+            out_shardings=replicated)
 
-    def _chunks(self, prompt: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """The prompt as ``[chunk]`` (ids, mask) pieces, the first left-padded."""
-        c, p = self.chunk, len(prompt)
-        n = -(-p // c)
-        ids = np.full(n * c, self.config.pad_token_id, np.int32)
-        mask = np.zeros(n * c, np.int32)
-        ids[n * c - p:] = prompt
-        mask[n * c - p:] = 1
-        return [(ids[i * c:(i + 1) * c], mask[i * c:(i + 1) * c]) for i in range(n)]
+    def _queue(self, prompts: Sequence[Sequence[int]]):
+        """``(ids [Q, L], mask [Q, L], first_chunk [Q])``: each prompt left-padded to the
+        queue length ``L = n_chunks x chunk``; ``first_chunk`` is its first chunk that is not
+        all padding. Rows past ``len(prompts)`` are never read."""
+        q = queue_bucket(len(prompts), self.batch_size)
+        ids, mask = left_pad(prompts, self.queue_len, self.config.pad_token_id)
+        pad = ((0, q - len(prompts)), (0, 0))
+        first = np.array([self.n_chunks - -(-len(p) // self.chunk) for p in prompts], np.int32)
+        return (np.pad(ids, pad, constant_values=self.config.pad_token_id), np.pad(mask, pad),
+                np.pad(first, (0, q - len(prompts))))
+
+    def lower_rollout(self, n_rows: int):
+        """``jax.stages.Lowered`` of the rollout program for ``n_rows`` prompts (abstract
+        inputs; for dry runs and HLO checks)."""
+        sds = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
+        a_params = jax.tree.map(sds, self._abstract_params, self._param_shardings)
+        q = queue_bucket(n_rows, self.batch_size)
+        a_ids = jax.ShapeDtypeStruct((q, self.queue_len), jnp.int32)
+        a_first = jax.ShapeDtypeStruct((q,), jnp.int32)
+        a_n = jax.ShapeDtypeStruct((), jnp.int32)
+        a_key = jax.eval_shape(lambda: jax.random.key(0))
+        with jax.set_mesh(self.mesh):
+            return self._run.lower(a_params, a_ids, a_ids, a_first, a_n, a_key)
 
     def generate(self, prompts: Sequence[Sequence[int]], rng: jax.Array) -> SampleOutput:
         """Sample one response per prompt; row ``r`` uses the key ``fold_in(rng, r)``."""
@@ -306,53 +430,20 @@ class ContinuousSampler(JaxSampler):
             raise ValueError(f"a prompt has {longest} tokens; max_prompt_len is {self.buckets[-1]}")
         if self._params is None:
             raise RuntimeError("ContinuousSampler: no parameters; call load_params first")
-        cfg, slots = self.config, self.batch_size
-        n_rows, n = len(prompts), cfg.max_new_tokens
-        tokens = np.full((n_rows, n), cfg.pad_token_id, np.int32)
-        logprobs = np.zeros((n_rows, n), np.float32)
-        lengths = np.zeros(n_rows, np.int32)
-        stopped = np.zeros(n_rows, bool)
-        waiting = collections.deque(range(n_rows))
-        owner = [-1] * slots  # the request each slot is decoding
-        finished = []  # (request, its row still on device): fetched in one transfer at the end
-        prefill_chunks = 0
+        n_rows = len(prompts)
+        ids, mask, first = self._queue(prompts)
         with jax.set_mesh(self.mesh):
-            state = self._init()
-            while True:
-                for b in range(slots):
-                    if owner[b] >= 0 or not waiting:
-                        continue
-                    r = waiting.popleft()
-                    pieces = self._chunks(prompts[r])
-                    for i, (ids, mask) in enumerate(pieces):
-                        state = self._prefill(self._params, state, np.int32(b), ids, mask,
-                                              np.bool_(i == 0), np.bool_(i == len(pieces) - 1),
-                                              rng, np.int32(r))
-                    prefill_chunks += len(pieces)
-                    owner[b] = r
-                if all(o < 0 for o in owner):
-                    break
-                want = min(self.min_free, len(waiting)) if waiting else slots
-                state = self._decode(self._params, state, np.int32(want))
-                done = _host(state["done"])
-                for b in np.flatnonzero(done):
-                    if owner[b] < 0:
-                        continue
-                    # Copied out on device before the slot is refilled; no wait here.
-                    finished.append((owner[b], self._fetch(state, np.int32(b))))
-                    owner[b] = -1
-            steps = int(_host(state["steps"]))
-            live = int(_host(state["live_steps"]))
-            for r, row in zip([r for r, _ in finished],
-                              _host_tree([row for _, row in finished]), strict=True):
-                tokens[r], logprobs[r] = row["tokens"][0], row["logprobs"][0]
-                lengths[r], stopped[r] = row["count"][0], row["stopped"][0]
+            out, stats = self._run(self._params, ids, mask, first, np.int32(n_rows), rng)
+            out, stats = _host_tree((out, stats))
+        steps, live = int(stats["steps"]), int(stats["live_steps"])
         self.last_stats = dict(
-            decode_steps=steps, prefill_chunks=prefill_chunks, slots=slots,
-            slot_utilisation=live / (steps * slots) if steps else 1.0,
+            decode_steps=steps, prefill_chunks=int(stats["chunks"]), slots=self.batch_size,
+            slot_utilisation=live / (steps * self.batch_size) if steps else 1.0,
+            queue=len(ids),
         )
         p_len = next(b for b in self.buckets if b >= longest)
-        return SampleOutput(tokens, logprobs, lengths, stopped, p_len)
+        return SampleOutput(out["tokens"][:n_rows], out["logprobs"][:n_rows],
+                            out["count"][:n_rows], out["stopped"][:n_rows], p_len)
 
 
 def _host_tree(tree: Any) -> Any:

@@ -316,12 +316,14 @@ def _write_chunk(stack: jax.Array, layer_kv: jax.Array, layer: Any, index: jax.A
     into the ``[L, B, S, K, D]`` cache at ``layer``; only the new chunk is written (per row
     for an ``[B]`` index)."""
     if index.ndim:
-        chunk = jax.vmap(lambda xb, i: jax.lax.dynamic_slice_in_dim(xb, i, length, 0))(
-            layer_kv, index)
-        return jax.vmap(
-            lambda sb, cb, i: jax.lax.dynamic_update_slice(sb, cb[None], (layer, i, 0, 0)),
-            in_axes=(1, 0, 0), out_axes=1,
-        )(stack, chunk.astype(stack.dtype), index)
+        # One scatter of the B new [K, D] entries at (layer, b, index[b]): in place. (A vmap
+        # of dynamic_update_slice over the stack's batch axis lowered to transposes of the
+        # whole [L, B, S, K, D] stack, copied every decode step.)
+        if length != 1:
+            raise ValueError(f"a per-row cache index writes one token per row, got {length}")
+        rows = jnp.arange(layer_kv.shape[0])
+        new = layer_kv[rows, index].astype(stack.dtype)  # [B, K, D]
+        return stack.at[layer, rows, index].set(new, unique_indices=True)
     chunk = jax.lax.dynamic_slice_in_dim(layer_kv, index, length, axis=1)
     return jax.lax.dynamic_update_slice(stack, chunk[None].astype(stack.dtype),
                                         (layer, 0, index, 0, 0))
