@@ -7,8 +7,11 @@ interface.
 
 - ``codescaler`` (the reference's training reward, recipe 2.3 and 4.1): extract the code of each
   response with the training extractor (exactly one fenced block, stripped, parseable), render
-  (problem, code) with the RM tokenizer's own chat template, score with the RM on the policy's
-  mesh (``RewardScorer``), then shape on device: softplus(score) for valid code, 0 otherwise.
+  (problem, code) with the RM tokenizer's own chat template, score with the RM co-located on
+  the policy's mesh (``RewardScorer``, its parameters sharded by the policy's rules), then shape
+  on device: softplus(score) for valid code, 0 otherwise. The scores never come to the host
+  on the way: ``RewardResult.device_rewards`` feeds the trainer's jitted advantages, and the
+  host gets copies of the scores and rewards for logging.
   Invalid responses are not sent to the RM when the shaping ignores their score (every mode
   but ``raw_unguarded``): their reward is fixed whatever the RM would say.
 - ``execution``: the binary baseline (recipe 5.6): 1 if the extracted code passes all of the
@@ -81,6 +84,10 @@ class RewardResult:
             ``execution``) when the sandbox ran, else None; its mean is the pass rate.
         scores: ``[B]`` float32 raw RM scores (NaN where not scored), else None.
         metrics: scalars for TensorBoard (the trainer adds the reward statistics).
+        device_rewards: the same rewards as a ``[B]`` array on the mesh when they were
+            computed there (the co-located RM: scores and shaping never leave the device;
+            ``rewards`` is the host copy for logging), else None. The trainer's advantages
+            take this one when it is there.
     """
 
     rewards: np.ndarray
@@ -88,6 +95,7 @@ class RewardResult:
     passed: np.ndarray | None = None
     scores: np.ndarray | None = None
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    device_rewards: Any = None
 
     @property
     def valid(self) -> np.ndarray:
@@ -195,15 +203,17 @@ class CodeScalerReward:
         valid = np.array([e.valid for e in ex], bool)
         # Only the score of a valid response can change its reward, except when unguarded.
         todo = np.arange(len(ex)) if self.shaping == "raw_unguarded" else np.flatnonzero(valid)
+        scorer = self.scorer
+        # Co-located: the RM's scores stay on the mesh (0 where not scored, as shaping wants)
+        # and are shaped there with the host's validity mask; only copies come to the host.
+        scores_dev = scorer.score_ids_on_device(
+            scorer.encode([batch.problems[i].prompt for i in todo], [ex[i].code for i in todo]),
+            todo, len(ex))
+        with jax.set_mesh(scorer.mesh):
+            rewards_dev = shape_rewards_jit(scores_dev, valid, mode=self.shaping)
         scores = np.full(len(ex), np.nan, np.float32)
-        if len(todo):
-            scores[todo] = self.scorer.score(
-                [batch.problems[i].prompt for i in todo], [ex[i].code for i in todo]
-            )
-        with jax.set_mesh(self.scorer.mesh):
-            rewards = shape_rewards_jit(
-                np.nan_to_num(scores, nan=0.0), valid, mode=self.shaping
-            )
+        scores[todo] = _host_copy(scores_dev)[todo]
+        rewards = _host_copy(rewards_dev)
         metrics = extraction_metrics(ex)
         if valid.any():
             metrics["rm_score_valid_mean"] = float(np.mean(scores[valid]))
@@ -213,11 +223,20 @@ class CodeScalerReward:
             # The pass rate is measured over responses whose problem has tests.
             passed = self.tests.passed([batch.problems[i] for i in tested],
                                        [ex[i].code for i in tested])
-        return RewardResult(np.asarray(rewards, np.float32), ex, passed, scores, metrics)
+        return RewardResult(rewards, ex, passed, scores, metrics, device_rewards=rewards_dev)
 
     def close(self) -> None:
         if self.tests is not None:
             self.tests.close()
+
+
+def _host_copy(x) -> np.ndarray:
+    """The host's copy of a ``[B]`` device array (for logging; replicated: this process's)."""
+    import jax
+
+    if x.sharding.is_fully_replicated:
+        return np.asarray(x.addressable_shards[0].data, np.float32)
+    return np.asarray(jax.device_get(x), np.float32)
 
 
 def load_scorer(section: RewardSection, mesh: Mesh) -> RewardScorer:
@@ -284,15 +303,23 @@ class MixReward:
         metrics: dict[str, float] = {}
         first: RewardResult | None = None
         passed = None
+        results = []
         for name, (weight, fn) in self.parts.items():
             res = fn(batch)
+            results.append(res)
             total += np.float32(weight) * res.rewards
             metrics.update({f"{name}/{k}": v for k, v in res.metrics.items()})
             metrics[f"{name}/reward_mean"] = float(res.rewards.mean())
             first = first or res
             passed = res.passed if passed is None else passed
         metrics.update(extraction_metrics(first.extractions))
-        return RewardResult(total, first.extractions, passed, first.scores, metrics)
+        # On device too when every part is (e.g. a mix of co-located RMs).
+        device = None
+        if all(r.device_rewards is not None for r in results):
+            device = sum(np.float32(w) * r.device_rewards
+                         for (w, _), r in zip(self.parts.values(), results, strict=True))
+        return RewardResult(total, first.extractions, passed, first.scores, metrics,
+                            device_rewards=device)
 
     def close(self) -> None:
         for _, fn in self.parts.values():

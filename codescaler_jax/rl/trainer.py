@@ -53,6 +53,7 @@ from codescaler_jax.rl.grpo import (
     make_logprob_fn,
     make_train_step,
     per_update_schedule,
+    sampler_learner_drift,
 )
 from codescaler_jax.rl.metrics import PassRateProbe, build_probe
 from codescaler_jax.rl.packing import make_packed_train_step, pack_on_mesh
@@ -114,7 +115,7 @@ def decode_responses(tokenizer, out: SampleOutput, eos_ids: tuple[int, ...]) -> 
 
 
 def step_metrics(res: RewardResult, out: SampleOutput, mask: np.ndarray,
-                 update: dict[str, float], entropy: float, adv: np.ndarray,
+                 update: dict[str, float], entropy: float | None, adv: np.ndarray,
                  times: tuple[float, float, float, float]) -> dict[str, float]:
     """The metrics of one GRPO step: reward, validity, response lengths, advantages, the
     update's clip / KL / entropy, time per phase and throughput."""
@@ -130,7 +131,6 @@ def step_metrics(res: RewardResult, out: SampleOutput, mask: np.ndarray,
         "response_length/max": float(out.lengths.max()),
         "response_length/truncated_fraction": float(1.0 - out.stopped.mean()),
         "advantage/zero_fraction": float(np.mean(adv == 0)),
-        "entropy": entropy,
         "clip_fraction": update["clipfrac_high"] + update["clipfrac_low"],
         "time/rollout_s": t1 - t0,
         "time/reward_s": t2 - t1,
@@ -141,6 +141,8 @@ def step_metrics(res: RewardResult, out: SampleOutput, mask: np.ndarray,
         **update,
         **res.metrics,
     }
+    if entropy is not None:  # None: no recompute pass (algorithm.old_logprobs=sampler)
+        m["entropy"] = entropy
     if res.passed is not None:
         m["pass_rate"] = float(res.passed.mean())
     return m
@@ -239,9 +241,10 @@ class GRPOTrainer:
         return GRPOPrograms(
             graphdef=graphdef, rest=rest, state=init_state(params, tx, shardings),
             shardings=shardings,
-            # A frozen copy of the initial policy, only when the KL term needs it. Not
-            # checkpointed: it is rebuilt from policy.init_from / the seed on resume.
-            ref_params=jax.tree.map(jnp.copy, params) if a.beta > 0 else None,
+            # A frozen copy of the initial policy, only when the KL term needs it, sharded
+            # like the policy. Not checkpointed: rebuilt from policy.init_from / the seed.
+            ref_params=(jax.device_put(jax.tree.map(jnp.copy, params), shardings["params"])
+                        if a.beta > 0 else None),
             train_step=jax.jit(make_step(graphdef, rest, tx, schedule, opts),
                                out_shardings=(shardings, None), donate_argnums=(0,)),
             logprob_fn=jax.jit(make_logprob_fn(graphdef, rest, opts), static_argnums=(3,)),
@@ -346,7 +349,8 @@ class GRPOTrainer:
                 times.add(last)
                 history.append({"step": done, "reward_mean": last["reward/mean"],
                                 "valid_code_fraction": last["valid_code_fraction"],
-                                "pass_rate": last.get("pass_rate")})
+                                "pass_rate": last.get("pass_rate"),
+                                "sampler_learner_kl": last.get("rollout/sampler_learner_kl")})
                 if probe is not None and probe.due(done, t.steps):
                     writer.scalars(done, probe(sampler, state["params"], done), "eval/")
                 if loop.due(t.log_every, done) or done == t.steps:
@@ -430,21 +434,24 @@ class RolloutStep:
         )
         res = self.reward_fn(rollout)
         t2 = time.perf_counter()
-        adv = prog.advantages_fn(jnp.asarray(res.rewards), num_generations=r.num_generations,
+        # The co-located RM's rewards are already on the mesh (no host round trip).
+        rewards = (res.device_rewards if res.device_rewards is not None
+                   else jnp.asarray(res.rewards))
+        adv = prog.advantages_fn(rewards, num_generations=r.num_generations,
                                  estimator=a.estimator, scale_rewards=a.scale_rewards, eps=a.eps)
         host = build_update_batch(batch_prompts, out, self.scfg.pad_token_id, self.buckets)
         n_resp = host["response_mask"].shape[1]
         batch = {k: prog.to_global(v) for k, v in host.items()}
         batch["advantages"] = prog.to_global(np.asarray(adv))
-        old_logp, entropy = prog.logprob_fn(state["params"], batch["input_ids"],
-                                            batch["attention_mask"], n_resp)
-        batch["old_logp"] = old_logp
+        batch["old_logp"], entropy, drift = old_logprobs(
+            a.old_logprobs, prog, state["params"], batch, out, n_resp)
         if prog.ref_params is not None:
             # The same compiled program as the old log-probs (its entropy is unused).
             batch["ref_logp"] = prog.logprob_fn(prog.ref_params, batch["input_ids"],
                                                 batch["attention_mask"], n_resp)[0]
         mask = host["response_mask"]
-        ent = float(jnp.sum(entropy * batch["response_mask"])) / max(mask.sum(), 1)
+        ent = (None if entropy is None
+               else float(jnp.sum(entropy * batch["response_mask"])) / max(mask.sum(), 1))
         if a.ppo_max_token_len_per_device is not None:  # the padded rows, packed (rl.packing)
             batch, _ = pack_on_mesh(batch, prog.data_sharding.mesh,
                                     num_minibatches=a.num_minibatches,
@@ -454,7 +461,27 @@ class RolloutStep:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         t3 = time.perf_counter()
         last = step_metrics(res, out, mask, metrics, ent, np.asarray(adv), (t0, t1, t2, t3))
+        last.update(drift)
         return state, last, rollout, res
+
+
+_drift = jax.jit(sampler_learner_drift)
+
+
+def old_logprobs(mode: str, prog: GRPOPrograms, params: Any, batch: dict, out: SampleOutput,
+                 n_resp: int) -> tuple[jax.Array, jax.Array | None, dict[str, float]]:
+    """``(old_logp [B, n_resp], entropy or None, drift metrics)`` of one rollout.
+
+    ``recompute``: the actor's log-probs of the sampled tokens with ``params`` (the ones that
+    sampled), and how far the sampler's own log-probs are from them
+    (``rl.grpo.sampler_learner_drift``). ``sampler``: the sampler's log-probs as they are
+    (``algorithm.old_logprobs: sampler``; no recompute pass, so no entropy and no drift)."""
+    sampler_logp = prog.to_global(np.ascontiguousarray(out.logprobs[:, :n_resp]))
+    if mode == "sampler":
+        return sampler_logp, None, {}
+    logp, entropy = prog.logprob_fn(params, batch["input_ids"], batch["attention_mask"], n_resp)
+    drift = jax.device_get(_drift(sampler_logp, logp, batch["response_mask"]))
+    return logp, entropy, {k: float(v) for k, v in drift.items()}
 
 
 class PhaseTimes:
