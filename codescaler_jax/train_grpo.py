@@ -103,7 +103,7 @@ def build_dry_run(cfg, target):
 
     from codescaler_jax.generate.sampler import JaxSampler, SamplingConfig
     from codescaler_jax.models.qwen3 import Qwen3ForCausalLM, Qwen3RewardModel
-    from codescaler_jax.models.sharding import make_mesh
+    from codescaler_jax.models.sharding import make_mesh, tree_shardings
     from codescaler_jax.perf import train_flops_per_token
     from codescaler_jax.rl.grpo import (
         BATCH_KEYS,
@@ -120,7 +120,6 @@ def build_dry_run(cfg, target):
     from codescaler_jax.training.dry_run import ProgramSpec
     from codescaler_jax.training.fit import Candidate, Change, Knob, divisor_steps
     from codescaler_jax.training.optim import make_optimizer, make_schedule
-    from codescaler_jax.models.sharding import tree_shardings
     from codescaler_jax.training.report import gib, per_device_bytes
 
     p, r, a, rw = cfg.policy, cfg.rollout, cfg.algorithm, cfg.reward

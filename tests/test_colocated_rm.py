@@ -45,6 +45,18 @@ def rm_dir(tmp_path_factory):
     return save_tiny_rm(tmp_path_factory.mktemp("colo_rm"), seed=3)
 
 
+@pytest.fixture(scope="module")
+def alone(rm_dir):
+    """The standalone scorer: one device."""
+    return RewardScorer.from_pretrained(rm_dir, mesh=_mesh1(), batch_size=4, max_length=512)
+
+
+@pytest.fixture(scope="module")
+def colo(rm_dir):
+    """The co-located scorer: the 8-device policy mesh, data x fsdp x tensor = 2 x 2 x 2."""
+    return RewardScorer.from_pretrained(rm_dir, mesh=_mesh8(), batch_size=8, max_length=512)
+
+
 @functools.cache
 def _batch():
     """Real prompts with real responses: correct and wrong solutions, code the training
@@ -121,13 +133,12 @@ def test_reference_params_are_sharded_like_the_policy():
     assert any("fsdp" in str(r.sharding.spec) for _, r in ref)
 
 
-def test_colocated_rm_scores_the_same_as_the_standalone_scorer(rm_dir):
+def test_colocated_rm_scores_the_same_as_the_standalone_scorer(alone, colo):
     batch = _batch()
     codes = [e.code or r for e, r in zip(extract_batch(batch.responses, mode="train"),
                                          batch.responses, strict=True)]
     prompts = [p.prompt for p in batch.problems]
-    alone = RewardScorer.from_pretrained(rm_dir, mesh=_mesh1(), batch_size=4, max_length=512)
-    colo = RewardScorer.from_pretrained(rm_dir, mesh=_mesh8(), batch_size=8, max_length=512)
+    assert {k: v for k, v in colo.mesh.shape.items()} == {"data": 2, "fsdp": 2, "tensor": 2}
     ref = alone.score(prompts, codes)
     assert np.ptp(ref) > 0.1  # the inputs really get different scores
     np.testing.assert_allclose(colo.score(prompts, codes), ref, rtol=1e-5, atol=1e-5)
@@ -143,18 +154,15 @@ def test_colocated_rm_scores_the_same_as_the_standalone_scorer(rm_dir):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_on_device_shaping_equals_the_host_shaping(rm_dir, mode):
+def test_on_device_shaping_equals_the_host_shaping(alone, colo, mode):
     batch = _batch()
     ex = extract_batch(batch.responses, mode="train")
     valid = np.array([e.valid for e in ex])
     assert 0 < valid.sum() < len(valid)  # valid and invalid rows
-    mesh = _mesh8()
-    fn = CodeScalerReward(RewardScorer.from_pretrained(rm_dir, mesh=mesh, batch_size=8,
-                                                       max_length=512), shaping=mode)
-    res = fn(batch)
+    mesh = colo.mesh
+    res = CodeScalerReward(colo, shaping=mode)(batch)
     # The host shaping of before: standalone scores (NaN where not scored -> 0) through
     # shape_rewards_jit on host numpy arrays; and the float64 formulas of each mode.
-    alone = RewardScorer.from_pretrained(rm_dir, mesh=_mesh1(), batch_size=4, max_length=512)
     todo = np.arange(len(ex)) if mode == "raw_unguarded" else np.flatnonzero(valid)
     scores = np.full(len(ex), np.nan, np.float32)
     scores[todo] = alone.score([batch.problems[i].prompt for i in todo],
@@ -174,14 +182,13 @@ def test_on_device_shaping_equals_the_host_shaping(rm_dir, mode):
         assert np.all(res.rewards[~valid] == 0) and np.isnan(res.scores[~valid]).all()
 
 
-def test_scores_shaping_and_advantages_stay_on_device(rm_dir):
+def test_scores_shaping_and_advantages_stay_on_device(colo):
     """RM scores -> shaping -> group advantages with no device-to-host transfer at all."""
     batch = _batch()
     ex = extract_batch(batch.responses, mode="train")
     valid = np.array([e.valid for e in ex])
     todo = np.flatnonzero(valid)
-    mesh = _mesh8()
-    scorer = RewardScorer.from_pretrained(rm_dir, mesh=mesh, batch_size=8, max_length=512)
+    scorer, mesh = colo, colo.mesh
     seqs = scorer.encode([batch.problems[i].prompt for i in todo], [ex[i].code for i in todo])
     adv_fn = jax.jit(compute_advantages, static_argnames=("num_generations",))
     with jax.transfer_guard_device_to_host("disallow"), jax.set_mesh(mesh):
@@ -246,3 +253,12 @@ def test_dry_run_memory_by_part_matches_the_real_arrays(beta):
     assert memory_by_part(parts).startswith("memory by part (GiB per device): policy_params ")
     # Adam: two moments per parameter, plus a few scalars.
     assert 2 * real["policy_params"] <= real["optimizer_state"] < 2 * real["policy_params"] + 64
+
+
+def test_dry_run_text_shows_the_memory_by_part():
+    from codescaler_jax.training.dry_run import DryRun
+    from codescaler_jax.training.report import local_target
+
+    parts = {"policy_params": {"bytes": 2**30}, "kv_cache": {"bytes": 3 * 2**29}}
+    text = DryRun({"memory_by_part": parts}, [], [], local_target()).text("t")
+    assert "memory by part (GiB per device): policy_params 1, kv_cache 1.5" in text
