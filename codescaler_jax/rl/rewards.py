@@ -27,6 +27,7 @@ pass/fail of each response, so the trainer can log the valid-code fraction and p
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -197,22 +198,25 @@ class CodeScalerReward:
     def __call__(self, batch: RolloutBatch) -> RewardResult:
         import jax
 
-        from codescaler_jax.rm.shaping import shape_rewards_jit
-
         ex = extract_batch(batch.responses, mode="train")
         valid = np.array([e.valid for e in ex], bool)
         # Only the score of a valid response can change its reward, except when unguarded.
         todo = np.arange(len(ex)) if self.shaping == "raw_unguarded" else np.flatnonzero(valid)
         scorer = self.scorer
-        # Co-located: the RM's scores stay on the mesh (0 where not scored, as shaping wants)
-        # and are shaped there with the host's validity mask; only copies come to the host.
-        scores_dev = scorer.score_ids_on_device(
-            scorer.encode([batch.problems[i].prompt for i in todo], [ex[i].code for i in todo]),
-            todo, len(ex))
-        with jax.set_mesh(scorer.mesh):
-            rewards_dev = shape_rewards_jit(scores_dev, valid, mode=self.shaping)
+        problems = [batch.problems[i].prompt for i in todo]
+        codes = [ex[i].code for i in todo]
         scores = np.full(len(ex), np.nan, np.float32)
-        scores[todo] = _host_copy(scores_dev)[todo]
+        if hasattr(scorer, "score_ids_on_device"):
+            # Co-located: the RM's scores stay on the mesh (0 where not scored) and are shaped
+            # there with the host's validity mask; only copies come to the host, for logging.
+            raw = scorer.score_ids_on_device(scorer.encode(problems, codes), todo, len(ex))
+            scores[todo] = _host_copy(raw)[todo]
+        else:  # a scorer off the mesh (host scores), e.g. a remote RM
+            if len(todo):
+                scores[todo] = scorer.score(problems, codes)
+            raw = np.nan_to_num(scores, nan=0.0)
+        with jax.set_mesh(scorer.mesh):
+            rewards_dev = _shape_on_device()(raw, valid, mode=self.shaping)
         rewards = _host_copy(rewards_dev)
         metrics = extraction_metrics(ex)
         if valid.any():
@@ -228,6 +232,24 @@ class CodeScalerReward:
     def close(self) -> None:
         if self.tests is not None:
             self.tests.close()
+
+
+def _shape(scores, valid, *, mode: str):
+    """``rm.shaping.shape_rewards`` of the scores with NaN (not scored) as 0."""
+    import jax.numpy as jnp
+
+    from codescaler_jax.rm.shaping import shape_rewards
+
+    return shape_rewards(jnp.nan_to_num(jnp.asarray(scores, jnp.float32), nan=0.0), valid,
+                         mode=mode)
+
+
+@functools.cache
+def _shape_on_device():
+    """The jitted `_shape` (built on first use: importing this module imports no jax)."""
+    import jax
+
+    return jax.jit(_shape, static_argnames=("mode",))
 
 
 def _host_copy(x) -> np.ndarray:

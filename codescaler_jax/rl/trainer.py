@@ -8,7 +8,8 @@ rewards into group advantages, recompute the actor's log-probs (and the referenc
 
 A run directory holds ``config.yaml``, ``tb/`` (TensorBoard: reward mean/std, valid-code
 fraction, pass rate, response length, clip fraction, approx KL, entropy, grad norm, learning
-rate, time per phase, tokens/s; rollout text samples), ``checkpoints/`` (Orbax: train state,
+rate, time per phase, tokens/s, the sampler-learner KL ``rollout/sampler_learner_kl``; rollout
+text samples), ``checkpoints/`` (Orbax: train state,
 prompt-iterator state, RNG key), ``hf/`` (the policy in Hugging Face format),
 ``log.p<process>.txt`` and ``summary.json``. ``resume=True`` continues exactly from the latest
 checkpoint: the RNG of step ``s`` is ``fold_in(key, s)``, so a resumed run draws the same
