@@ -262,3 +262,13 @@ def test_dry_run_text_shows_the_memory_by_part():
     parts = {"policy_params": {"bytes": 2**30}, "kv_cache": {"bytes": 3 * 2**29}}
     text = DryRun({"memory_by_part": parts}, [], [], local_target()).text("t")
     assert "memory by part (GiB per device): policy_params 1, kv_cache 1.5" in text
+
+
+def test_a_batch_without_valid_code_gets_zero_rewards_without_the_rm(colo):
+    batch = _batch()
+    keep = [i for i, e in enumerate(extract_batch(batch.responses, mode="train")) if not e.valid]
+    bad = RolloutBatch([batch.problems[i] for i in keep], [batch.responses[i] for i in keep],
+                       [[1]] * len(keep))
+    res = CodeScalerReward(colo)(bad)
+    np.testing.assert_array_equal(np.asarray(res.device_rewards), 0.0)
+    assert np.isnan(res.scores).all() and len(res.rewards) == len(keep) > 0

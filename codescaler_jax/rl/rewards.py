@@ -209,7 +209,8 @@ class CodeScalerReward:
         if hasattr(scorer, "score_ids_on_device"):
             # Co-located: the RM's scores stay on the mesh (0 where not scored) and are shaped
             # there with the host's validity mask; only copies come to the host, for logging.
-            raw = scorer.score_ids_on_device(scorer.encode(problems, codes), todo, len(ex))
+            seqs = scorer.encode(problems, codes) if len(todo) else []
+            raw = scorer.score_ids_on_device(seqs, todo, len(ex))
             scores[todo] = _host_copy(raw)[todo]
         else:  # a scorer off the mesh (host scores), e.g. a remote RM
             if len(todo):
