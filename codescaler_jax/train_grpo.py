@@ -96,7 +96,10 @@ def build_dry_run(cfg, target):
     uses an RM), ``actor_logprobs`` (the old log-probs of all responses) and ``train_step``
     (the mini-batch updates). Co-location: while one program runs, the others' long-lived
     buffers stay in HBM (the optimizer state, the RM's parameters, the reference policy when
-    ``beta > 0``); each program's report counts them as ``resident``.
+    ``beta > 0``); each program's report counts them as ``resident``. ``memory_by_part`` in
+    the info: the per-device bytes of the policy parameters, its optimizer state, the RM
+    parameters, the reference parameters and the decode loop's KV cache, from the abstract
+    arrays and their shardings (nothing compiled; the programs' figures add XLA's temporaries).
     """
     import jax
     import jax.numpy as jnp
@@ -104,7 +107,7 @@ def build_dry_run(cfg, target):
 
     from codescaler_jax.generate.sampler import JaxSampler, SamplingConfig
     from codescaler_jax.models.qwen3 import Qwen3ForCausalLM, Qwen3RewardModel
-    from codescaler_jax.models.sharding import make_mesh
+    from codescaler_jax.models.sharding import make_mesh, tree_shardings
     from codescaler_jax.perf import train_flops_per_token
     from codescaler_jax.rl.grpo import (
         BATCH_KEYS,
@@ -121,7 +124,7 @@ def build_dry_run(cfg, target):
     from codescaler_jax.training.dry_run import ProgramSpec
     from codescaler_jax.training.fit import Candidate, Change, Knob, divisor_steps
     from codescaler_jax.training.optim import make_optimizer, make_schedule
-    from codescaler_jax.training.report import per_device_bytes
+    from codescaler_jax.training.report import gib, per_device_bytes
 
     p, r, a, rw = cfg.policy, cfg.rollout, cfg.algorithm, cfg.reward
     mcfg, source = _policy_model_config(cfg)
@@ -166,7 +169,7 @@ def build_dry_run(cfg, target):
 
     state_b = per_device_bytes(a_state)
     params_b = per_device_bytes(a_state["params"])
-    ref_b = params_b if a.beta > 0 else 0
+    ref_b = params_b if a.beta > 0 else 0  # the trainer's copy: sharded like the policy
     rm = None
     rm_b = 0
     if rm_cfg is not None:
@@ -176,6 +179,15 @@ def build_dry_run(cfg, target):
         rm_ids = abstract_batch({"ids": ((rw.rm_batch_size, rw.rm_max_length), jnp.int32)},
                                 mesh)["ids"]
         rm = jax.jit(lambda prm, ids, mask: nnx.merge(rm_graphdef, prm, rm_rest)(ids, mask))
+    # The decode loop's KV cache: rollout rows x (prompt + response) slots, batch over
+    # data/fsdp and KV heads over tensor (the sampler's cache shardings).
+    a_cache = jax.eval_shape(lambda: abstract.init_cache(roll_rows, P + N))
+    cache_sh = tree_shardings(a_cache, a_cache.logical_axes(), mesh)
+    cache_b = per_device_bytes(jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), a_cache, cache_sh))
+    parts = {"policy_params": params_b, "optimizer_state": per_device_bytes(a_state["opt_state"]),
+             "reward_model_params": rm_b, "reference_params": ref_b, "kv_cache": cache_b}
+    parts["total"] = sum(parts.values())
 
     def fwd_flops(c, seq_len):
         return train_flops_per_token(
@@ -237,6 +249,7 @@ def build_dry_run(cfg, target):
         "responses_per_step": rows, "prompt_len": P, "response_len": N,
         "rollout_batch": roll_rows,
         "params": int(sum(x.size for x in jax.tree.leaves(a_state["params"]))),
+        "memory_by_part": {k: {"bytes": int(v), "gib": gib(v)} for k, v in parts.items()},
     }
     return info, specs
 

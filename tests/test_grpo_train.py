@@ -271,8 +271,13 @@ def test_kill_and_resume_continues_exactly(tmp_path, tiny_rm_dir):
     for name in ("reward/mean", "reward/std", "valid_code_fraction", "response_length/mean",
                  "clip_fraction", "approx_kl", "entropy", "grad_norm", "learning_rate",
                  "time/rollout_s", "time/reward_s", "time/update_s", "rollout/tokens_per_s",
-                 "codescaler/reward_mean", "test_odd_tokens/reward_mean", "kl", "kl_loss"):
+                 "codescaler/reward_mean", "test_odd_tokens/reward_mean", "kl", "kl_loss",
+                 "rollout/sampler_learner_kl", "rollout/sampler_learner_logp_abs_diff_max"):
         assert name in full["last"], name
+    # The sampler's log-probs against the learner's recomputed ones, per step: the same
+    # parameters and temperature, so ~0 (tests/test_grpo_bookkeeping.py: non-zero otherwise).
+    kls = [h["sampler_learner_kl"] for h in full["history"]]
+    assert len(kls) == 4 and all(0 <= k < 1e-4 for k in kls), kls
 
 
 @pytest.mark.slow
@@ -290,8 +295,8 @@ def test_cli_runs_the_tiny_config_on_eight_devices(tmp_path, tiny_rm_dir):
     assert summary["steps_run"] == 2 and "pass_rate" in summary["last"]
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
-    assert {"train/reward/mean", "train/pass_rate", "train/time/update_s"} <= set(
-        acc.Tags()["scalars"])
+    assert {"train/reward/mean", "train/pass_rate", "train/time/update_s",
+            "train/rollout/sampler_learner_kl"} <= set(acc.Tags()["scalars"])
     assert acc.Tags()["tensors"]  # rollout text samples
     assert (tmp_path / "hf" / "config.json").is_file()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]

@@ -204,6 +204,14 @@ def test_tiny_grpo_programs_compile_for_v5p_8():
     loop = progs["rollout_decode_loop"]
     assert loop["has_loop"] and loop["mfu"] is None and loop["notes"]
     assert report["rollout_decode_loop"] == loop  # the old report's keys
+    # The long-lived buffers by part (abstract arrays x shardings), and the residents above
+    # are made of them: the optimizer state and the RM while the rollout runs.
+    parts = {k: v["bytes"] for k, v in report["memory_by_part"].items()}
+    assert parts["kv_cache"] > 0 and parts["reward_model_params"] > 0
+    assert parts["reference_params"] == 0  # beta = 0
+    resident = parts["optimizer_state"] + parts["reward_model_params"]
+    assert progs["rollout_decode_loop"]["resident_gib"] == pytest.approx(resident / 2**30,
+                                                                         abs=1e-5)
 
 
 # ---------------------------------------------------------------- does not fit

@@ -194,7 +194,12 @@ class AlgorithmSection:
     response positions per log-prob chunk (bounds the ``[rows, chunk, vocab]`` logits).
     ``ppo_max_token_len_per_device``: pack the update's sequences into micro-batches of this
     many tokens per device (verl ``ppo_max_token_len_per_gpu``; ``rl.packing``, exact for
-    every ``loss_agg_mode``); None: padded rows (the default)."""
+    every ``loss_agg_mode``); None: padded rows (the default). ``old_logprobs``: where the
+    update's old log-probs come from: ``recompute`` (the actor's forward pass over the rollout,
+    the reference's way; the sampler's own log-probs are then logged against it as
+    ``rollout/sampler_learner_kl``) or ``sampler`` (the sampler's log-probs as they are, no
+    recompute pass; only with ``num_minibatches: 1``, where the one update starts from the
+    sampling parameters)."""
 
     estimator: str = "grpo"
     scale_rewards: Literal["group", "batch", "none"] = "group"
@@ -210,12 +215,19 @@ class AlgorithmSection:
     micro_batches: int = 1
     logprob_chunk: int | None = 1024
     ppo_max_token_len_per_device: int | None = None
+    old_logprobs: Literal["recompute", "sampler"] = "recompute"
 
     def __post_init__(self):
         ADVANTAGE_ESTIMATORS.check(self.estimator)
         self.loss_config()  # validates the loss knobs now, naming the bad one
         if self.num_minibatches < 1 or self.micro_batches < 1:
             raise ValueError("algorithm.num_minibatches and micro_batches must be >= 1")
+        if self.old_logprobs == "sampler" and self.num_minibatches != 1:
+            raise ValueError(
+                "algorithm.old_logprobs=sampler needs algorithm.num_minibatches=1 (got "
+                f"{self.num_minibatches}): with one update per step the update starts from "
+                "the parameters that sampled, so their log-probs can stand in for the "
+                "recomputed ones; with several, use algorithm.old_logprobs=recompute")
         check_at_least("algorithm", self, logprob_chunk=1, eps=0.0,
                        ppo_max_token_len_per_device=1)
 

@@ -4,7 +4,8 @@ A training batch is one rollout step: ``B = num_prompts x num_generations`` rows
 left-padded prompt followed by the right-padded response (``[B, P + N]``), with the response
 mask ``[B, N]``, per-row advantages ``[B]``, and the actor's log-probs of the sampled tokens
 before the update (``old_logp [B, N]``, recomputed by ``make_logprob_fn``, as the reference
-does instead of trusting the sampler's).
+does instead of trusting the sampler's; ``algorithm.old_logprobs: sampler`` takes the
+sampler's with one mini-batch, and ``sampler_learner_drift`` measures how far the two are).
 
 ``make_train_step`` builds ``step(state, batch) -> (state, metrics)``: the rows are split into
 ``num_minibatches`` mini-batches, one optimizer update each (the reference: 2 per step), and
@@ -147,6 +148,38 @@ def make_logprob_fn(
         return jax.tree.map(merge_rows, out)
 
     return fn
+
+
+def sampler_learner_drift(
+    sampler_logp: jax.Array, learner_logp: jax.Array, response_mask: jax.Array,
+    *, log_ratio_clamp: float = 20.0,
+) -> dict[str, jax.Array]:
+    """How far the sampler's log-probs of the sampled tokens are from the learner's.
+
+    Both are ``[B, N]`` log-probs of the same response tokens under ``logits / temperature``
+    (the sampler's from its decode steps, the learner's from ``make_logprob_fn`` with the same
+    parameters); only positions where ``response_mask`` is 1 count. With ``d = learner -
+    sampler`` (``log r``, ``r = pi_learner / pi_sampler`` on tokens the sampler drew):
+
+    - ``rollout/sampler_learner_kl``: the token mean of the k3 estimator ``(r - 1) - log r`` of
+      KL(pi_sampler || pi_learner) (unbiased, never negative; verl's ``low_var_kl``), with
+      ``d`` clamped to ``+-log_ratio_clamp`` before ``exp`` as in the policy loss;
+    - ``rollout/sampler_learner_kl_k1``: the token mean of ``-d`` (the k1 form, unbiased but
+      of either sign);
+    - ``rollout/sampler_learner_logp_abs_diff_max``: the largest ``|d|``.
+
+    Zero up to float rounding when both sides compute the same distribution; drift from a
+    different engine, precision or stale weights shows here before it biases the ratio.
+    """
+    m = response_mask.astype(jnp.float32)
+    d = learner_logp.astype(jnp.float32) - sampler_logp.astype(jnp.float32)
+    dc = jnp.clip(d, -log_ratio_clamp, log_ratio_clamp)
+    count = jnp.maximum(jnp.sum(m), 1.0)
+    return {
+        "rollout/sampler_learner_kl": jnp.sum(m * (jnp.expm1(dc) - dc)) / count,
+        "rollout/sampler_learner_kl_k1": jnp.sum(m * -d) / count,
+        "rollout/sampler_learner_logp_abs_diff_max": jnp.max(jnp.where(m > 0, jnp.abs(d), 0.0)),
+    }
 
 
 def _metric_zeros(metrics: Any) -> Any:

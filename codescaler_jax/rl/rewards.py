@@ -7,8 +7,11 @@ interface.
 
 - ``codescaler`` (the reference's training reward, recipe 2.3 and 4.1): extract the code of each
   response with the training extractor (exactly one fenced block, stripped, parseable), render
-  (problem, code) with the RM tokenizer's own chat template, score with the RM on the policy's
-  mesh (``RewardScorer``), then shape on device: softplus(score) for valid code, 0 otherwise.
+  (problem, code) with the RM tokenizer's own chat template, score with the RM co-located on
+  the policy's mesh (``RewardScorer``, its parameters sharded by the policy's rules), then shape
+  on device: softplus(score) for valid code, 0 otherwise. The scores never come to the host
+  on the way: ``RewardResult.device_rewards`` feeds the trainer's jitted advantages, and the
+  host gets copies of the scores and rewards for logging.
   Invalid responses are not sent to the RM when the shaping ignores their score (every mode
   but ``raw_unguarded``): their reward is fixed whatever the RM would say.
 - ``execution``: the binary baseline (recipe 5.6): 1 if the extracted code passes all of the
@@ -24,6 +27,7 @@ pass/fail of each response, so the trainer can log the valid-code fraction and p
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -81,6 +85,10 @@ class RewardResult:
             ``execution``) when the sandbox ran, else None; its mean is the pass rate.
         scores: ``[B]`` float32 raw RM scores (NaN where not scored), else None.
         metrics: scalars for TensorBoard (the trainer adds the reward statistics).
+        device_rewards: the same rewards as a ``[B]`` array on the mesh when they were
+            computed there (the co-located RM: scores and shaping never leave the device;
+            ``rewards`` is the host copy for logging), else None. The trainer's advantages
+            take this one when it is there.
     """
 
     rewards: np.ndarray
@@ -88,6 +96,7 @@ class RewardResult:
     passed: np.ndarray | None = None
     scores: np.ndarray | None = None
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    device_rewards: Any = None
 
     @property
     def valid(self) -> np.ndarray:
@@ -189,22 +198,31 @@ class CodeScalerReward:
     def __call__(self, batch: RolloutBatch) -> RewardResult:
         import jax
 
-        from codescaler_jax.rm.shaping import shape_rewards_jit
-
         ex = extract_batch(batch.responses, mode="train")
         valid = np.array([e.valid for e in ex], bool)
         # Only the score of a valid response can change its reward, except when unguarded.
         todo = np.arange(len(ex)) if self.shaping == "raw_unguarded" else np.flatnonzero(valid)
+        scorer = self.scorer
+        problems = [batch.problems[i].prompt for i in todo]
+        codes = [ex[i].code for i in todo]
         scores = np.full(len(ex), np.nan, np.float32)
-        # Multi-host: every process joins the scorer's collective passes, rows or not.
-        if len(todo) or jax.process_count() > 1:
-            scores[todo] = self.scorer.score(
-                [batch.problems[i].prompt for i in todo], [ex[i].code for i in todo]
-            )
-        with jax.set_mesh(self.scorer.mesh):
-            rewards = shape_rewards_jit(
-                np.nan_to_num(scores, nan=0.0), valid, mode=self.shaping
-            )
+        if hasattr(scorer, "score_ids_on_device") and jax.process_count() == 1:
+            # Co-located: the RM's scores stay on the mesh (0 where not scored) and are shaped
+            # there with the host's validity mask; only copies come to the host, for logging.
+            seqs = scorer.encode(problems, codes) if len(todo) else []
+            raw = scorer.score_ids_on_device(seqs, todo, len(ex))
+            scores[todo] = _host_copy(raw)[todo]
+        else:
+            # A scorer off the mesh (host scores, e.g. a remote RM), or multi-host: every
+            # process joins the scorer's collective passes with its own rows (or none).
+            if len(todo) or jax.process_count() > 1:
+                scores[todo] = scorer.score(problems, codes)
+            raw = np.nan_to_num(scores, nan=0.0)
+        with jax.set_mesh(scorer.mesh):
+            rewards_dev = _shape_on_device()(raw, valid, mode=self.shaping)
+        rewards = _host_copy(rewards_dev)
+        if jax.process_count() > 1:
+            rewards_dev = None  # this process's rows only: the trainer globalises host rewards
         metrics = extraction_metrics(ex)
         if valid.any():
             metrics["rm_score_valid_mean"] = float(np.mean(scores[valid]))
@@ -214,11 +232,38 @@ class CodeScalerReward:
             # The pass rate is measured over responses whose problem has tests.
             passed = self.tests.passed([batch.problems[i] for i in tested],
                                        [ex[i].code for i in tested])
-        return RewardResult(np.asarray(rewards, np.float32), ex, passed, scores, metrics)
+        return RewardResult(rewards, ex, passed, scores, metrics, device_rewards=rewards_dev)
 
     def close(self) -> None:
         if self.tests is not None:
             self.tests.close()
+
+
+def _shape(scores, valid, *, mode: str):
+    """``rm.shaping.shape_rewards`` of the scores with NaN (not scored) as 0."""
+    import jax.numpy as jnp
+
+    from codescaler_jax.rm.shaping import shape_rewards
+
+    return shape_rewards(jnp.nan_to_num(jnp.asarray(scores, jnp.float32), nan=0.0), valid,
+                         mode=mode)
+
+
+@functools.cache
+def _shape_on_device():
+    """The jitted `_shape` (built on first use: importing this module imports no jax)."""
+    import jax
+
+    return jax.jit(_shape, static_argnames=("mode",))
+
+
+def _host_copy(x) -> np.ndarray:
+    """The host's copy of a ``[B]`` device array (for logging; replicated: this process's)."""
+    import jax
+
+    if x.sharding.is_fully_replicated:
+        return np.asarray(x.addressable_shards[0].data, np.float32)
+    return np.asarray(jax.device_get(x), np.float32)
 
 
 def load_scorer(section: RewardSection, mesh: Mesh) -> RewardScorer:
@@ -285,15 +330,23 @@ class MixReward:
         metrics: dict[str, float] = {}
         first: RewardResult | None = None
         passed = None
+        results = []
         for name, (weight, fn) in self.parts.items():
             res = fn(batch)
+            results.append(res)
             total += np.float32(weight) * res.rewards
             metrics.update({f"{name}/{k}": v for k, v in res.metrics.items()})
             metrics[f"{name}/reward_mean"] = float(res.rewards.mean())
             first = first or res
             passed = res.passed if passed is None else passed
         metrics.update(extraction_metrics(first.extractions))
-        return RewardResult(total, first.extractions, passed, first.scores, metrics)
+        # On device too when every part is (e.g. a mix of co-located RMs).
+        device = None
+        if all(r.device_rewards is not None for r in results):
+            device = sum(np.float32(w) * r.device_rewards
+                         for (w, _), r in zip(self.parts.values(), results, strict=True))
+        return RewardResult(total, first.extractions, passed, first.scores, metrics,
+                            device_rewards=device)
 
     def close(self) -> None:
         for _, fn in self.parts.values():

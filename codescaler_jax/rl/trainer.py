@@ -8,7 +8,8 @@ rewards into group advantages, recompute the actor's log-probs (and the referenc
 
 A run directory holds ``config.yaml``, ``tb/`` (TensorBoard: reward mean/std, valid-code
 fraction, pass rate, response length, clip fraction, approx KL, entropy, grad norm, learning
-rate, time per phase, tokens/s; rollout text samples), ``checkpoints/`` (Orbax: train state,
+rate, time per phase, tokens/s, the sampler-learner KL ``rollout/sampler_learner_kl``; rollout
+text samples), ``checkpoints/`` (Orbax: train state,
 prompt-iterator state, RNG key), ``hf/`` (the policy in Hugging Face format),
 ``log.p<process>.txt`` and ``summary.json``. ``resume=True`` continues exactly from the latest
 checkpoint: the RNG of step ``s`` is ``fold_in(key, s)``, so a resumed run draws the same
@@ -83,6 +84,7 @@ from codescaler_jax.rl.grpo import (
     make_logprob_fn,
     make_train_step,
     per_update_schedule,
+    sampler_learner_drift,
 )
 from codescaler_jax.rl.metrics import PassRateProbe, build_probe
 from codescaler_jax.rl.packing import make_packed_train_step, pack_on_mesh
@@ -146,7 +148,7 @@ def decode_responses(tokenizer, out: SampleOutput, eos_ids: tuple[int, ...]) -> 
 
 
 def step_metrics(res: RewardResult, out: SampleOutput, mask: np.ndarray,
-                 update: dict[str, float], entropy: float, adv: np.ndarray,
+                 update: dict[str, float], entropy: float | None, adv: np.ndarray,
                  times: tuple[float, float, float, float]) -> dict[str, float]:
     """The metrics of one GRPO step: reward, validity, response lengths, advantages, the
     update's clip / KL / entropy, time per phase and throughput."""
@@ -162,7 +164,6 @@ def step_metrics(res: RewardResult, out: SampleOutput, mask: np.ndarray,
         "response_length/max": float(out.lengths.max()),
         "response_length/truncated_fraction": float(1.0 - out.stopped.mean()),
         "advantage/zero_fraction": float(np.mean(adv == 0)),
-        "entropy": entropy,
         "clip_fraction": update["clipfrac_high"] + update["clipfrac_low"],
         "time/rollout_s": t1 - t0,
         "time/reward_s": t2 - t1,
@@ -173,6 +174,8 @@ def step_metrics(res: RewardResult, out: SampleOutput, mask: np.ndarray,
         **update,
         **res.metrics,
     }
+    if entropy is not None:  # None: no recompute pass (algorithm.old_logprobs=sampler)
+        m["entropy"] = entropy
     if res.passed is not None:
         m["pass_rate"] = float(res.passed.mean())
     return m
@@ -303,9 +306,10 @@ class GRPOTrainer:
         return GRPOPrograms(
             graphdef=graphdef, rest=rest, state=init_state(params, tx, shardings),
             shardings=shardings,
-            # A frozen copy of the initial policy, only when the KL term needs it. Not
-            # checkpointed: it is rebuilt from policy.init_from / the seed on resume.
-            ref_params=jax.tree.map(jnp.copy, params) if a.beta > 0 else None,
+            # A frozen copy of the initial policy, only when the KL term needs it, sharded
+            # like the policy. Not checkpointed: rebuilt from policy.init_from / the seed.
+            ref_params=(jax.device_put(jax.tree.map(jnp.copy, params), shardings["params"])
+                        if a.beta > 0 else None),
             train_step=jax.jit(make_step(graphdef, rest, tx, schedule, opts),
                                out_shardings=(shardings, None), donate_argnums=(0,)),
             logprob_fn=jax.jit(make_logprob_fn(graphdef, rest, opts), static_argnums=(3,)),
@@ -412,7 +416,8 @@ class GRPOTrainer:
                 times.add(last)
                 history.append({"step": done, "reward_mean": last["reward/mean"],
                                 "valid_code_fraction": last["valid_code_fraction"],
-                                "pass_rate": last.get("pass_rate")})
+                                "pass_rate": last.get("pass_rate"),
+                                "sampler_learner_kl": last.get("rollout/sampler_learner_kl")})
                 if probe is not None and probe.due(done, t.steps):
                     writer.scalars(done, probe(sampler, state["params"], done), "eval/")
                 if loop.due(t.log_every, done) or done == t.steps:
@@ -502,8 +507,13 @@ class RolloutStep:
         multi = jax.process_count() > 1
         # Groups stay on their process; only the batch std needs every process's rewards.
         gather = multi and a.scale_rewards == "batch"
-        rewards = gather_rows(res.rewards) if gather else res.rewards
-        adv = prog.advantages_fn(jnp.asarray(rewards), num_generations=r.num_generations,
+        if gather:
+            rewards = jnp.asarray(gather_rows(res.rewards))
+        elif res.device_rewards is not None:
+            rewards = res.device_rewards  # the co-located RM's: already on the mesh
+        else:
+            rewards = jnp.asarray(res.rewards)
+        adv = prog.advantages_fn(rewards, num_generations=r.num_generations,
                                  estimator=a.estimator, scale_rewards=a.scale_rewards, eps=a.eps)
         if gather:  # this process's block
             n = len(res.rewards)
@@ -514,9 +524,8 @@ class RolloutStep:
         n_resp = host["response_mask"].shape[1]
         batch = {k: prog.to_global(v) for k, v in host.items()}
         batch["advantages"] = prog.to_global(np.asarray(adv))
-        old_logp, entropy = prog.logprob_fn(state["params"], batch["input_ids"],
-                                            batch["attention_mask"], n_resp)
-        batch["old_logp"] = old_logp
+        batch["old_logp"], entropy, drift = old_logprobs(
+            a.old_logprobs, prog, state["params"], batch, out, n_resp)
         if prog.ref_params is not None:
             # The same compiled program as the old log-probs (its entropy is unused).
             batch["ref_logp"] = prog.logprob_fn(prog.ref_params, batch["input_ids"],
@@ -525,7 +534,8 @@ class RolloutStep:
         # The logged figures are the whole step's: multi-host, every process's rows.
         m_res, m_out, m_mask, m_adv = (whole_step(res, out, mask, np.asarray(adv)) if multi
                                        else (res, out, mask, np.asarray(adv)))
-        ent = float(jnp.sum(entropy * batch["response_mask"])) / max(m_mask.sum(), 1)
+        ent = (None if entropy is None
+               else float(jnp.sum(entropy * batch["response_mask"])) / max(m_mask.sum(), 1))
         if a.ppo_max_token_len_per_device is not None:  # the padded rows, packed (rl.packing)
             batch, _ = pack_on_mesh(batch, prog.data_sharding.mesh,
                                     num_minibatches=a.num_minibatches,
@@ -535,6 +545,7 @@ class RolloutStep:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         t3 = time.perf_counter()
         last = step_metrics(m_res, m_out, m_mask, metrics, ent, m_adv, (t0, t1, t2, t3))
+        last.update(drift)
         return state, last, rollout, res
 
 
@@ -562,6 +573,25 @@ def whole_step(res: RewardResult, out: SampleOutput, mask: np.ndarray, adv: np.n
     empty = np.zeros((len(lengths), 0), out.tokens.dtype)
     g_out = SampleOutput(empty, empty.astype(np.float32), lengths, stopped, out.prompt_len)
     return g_res, g_out, gather_rows(np.asarray([mask.sum()])), gather_rows(adv)
+
+
+_drift = jax.jit(sampler_learner_drift)
+
+
+def old_logprobs(mode: str, prog: GRPOPrograms, params: Any, batch: dict, out: SampleOutput,
+                 n_resp: int) -> tuple[jax.Array, jax.Array | None, dict[str, float]]:
+    """``(old_logp [B, n_resp], entropy or None, drift metrics)`` of one rollout.
+
+    ``recompute``: the actor's log-probs of the sampled tokens with ``params`` (the ones that
+    sampled), and how far the sampler's own log-probs are from them
+    (``rl.grpo.sampler_learner_drift``). ``sampler``: the sampler's log-probs as they are
+    (``algorithm.old_logprobs: sampler``; no recompute pass, so no entropy and no drift)."""
+    sampler_logp = prog.to_global(np.ascontiguousarray(out.logprobs[:, :n_resp]))
+    if mode == "sampler":
+        return sampler_logp, None, {}
+    logp, entropy = prog.logprob_fn(params, batch["input_ids"], batch["attention_mask"], n_resp)
+    drift = jax.device_get(_drift(sampler_logp, logp, batch["response_mask"]))
+    return logp, entropy, {k: float(v) for k, v in drift.items()}
 
 
 class PhaseTimes:

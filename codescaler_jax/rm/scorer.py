@@ -18,14 +18,17 @@ pass's padded length first, and each fetches only its own rows' scores.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from codescaler_jax.data.pipeline import make_buckets
 from codescaler_jax.data.tokenizer import (
@@ -231,6 +234,23 @@ class RewardScorer:
     def encode(self, problems: Sequence[str], codes: Sequence[str]) -> list[list[int]]:
         return encode_rm_inputs(self.tokenizer, problems, codes, self.max_length)
 
+    def _batches(self, seqs: Sequence[Sequence[int]], rows_per_pass: int):
+        """``(row indices, scores [rows_per_pass] on the mesh)`` of each forward pass, the
+        inputs sorted by length; the padded tail of the last pass repeats its last row. Every
+        pass is waited on before the next (independent calls must not pile up on fake CPU
+        devices, see tests/conftest.py); the scores stay on device."""
+        order = np.argsort([len(s) for s in seqs], kind="stable")
+        for start in range(0, len(seqs), rows_per_pass):
+            idx = order[start : start + rows_per_pass]
+            rows = [seqs[i] for i in idx]
+            length = bucket_length(max(max(len(r) for r in rows), 1), self.buckets)
+            rows += [rows[-1]] * (rows_per_pass - len(rows))
+            ids, mask = pad_right(rows, length, self.pad_id)
+            ids = jax.device_put(ids, self._sharding)
+            mask = jax.device_put(mask, self._sharding)
+            exe = self.compiled(length, rows_per_pass)
+            yield idx, jax.block_until_ready(exe(self.params, ids, mask))
+
     def score_ids(
         self, seqs: Sequence[Sequence[int]], batch_size: int | None = None
     ) -> np.ndarray:
@@ -241,23 +261,9 @@ class RewardScorer:
         out = np.zeros(n, np.float32)
         if jax.process_count() > 1:
             return self._score_process_rows(seqs, rows_per_pass, out)
-        if n == 0:
-            return out
-        order = np.argsort([len(s) for s in seqs], kind="stable")
         with jax.set_mesh(self.mesh):
-            for start in range(0, n, rows_per_pass):
-                idx = order[start : start + rows_per_pass]
-                rows = [seqs[i] for i in idx]
-                length = bucket_length(max(max(len(r) for r in rows), 1), self.buckets)
-                rows += [rows[-1]] * (rows_per_pass - len(rows))
-                ids, mask = pad_right(rows, length, self.pad_id)
-                ids = jax.device_put(ids, self._sharding)
-                mask = jax.device_put(mask, self._sharding)
-                # device_get blocks on each batch (independent calls must not pile up on
-                # fake CPU devices, see tests/conftest.py)
-                exe = self.compiled(length, rows_per_pass)
-                scores = jax.device_get(exe(self.params, ids, mask))
-                out[idx] = scores[: len(idx)]
+            for idx, scores in self._batches(seqs, rows_per_pass):
+                out[idx] = jax.device_get(scores)[: len(idx)]
         return out
 
     def _score_process_rows(self, seqs: Sequence[Sequence[int]], rows_per_pass: int,
@@ -289,6 +295,55 @@ class RewardScorer:
                              rows_to_global(self._sharding, mask))
                 out[idx] = local_rows(scores)[: len(idx)]
         return out
+
+    def score_ids_on_device(
+        self,
+        seqs: Sequence[Sequence[int]],
+        slots: Sequence[int] | np.ndarray,
+        size: int,
+        *,
+        fill: float = 0.0,
+        batch_size: int | None = None,
+    ) -> jax.Array:
+        """The scores of ``seqs`` as one ``[size]`` float32 array on the mesh (replicated),
+        without a host copy: ``out[slots[j]]`` is the score of ``seqs[j]``, ``fill`` elsewhere.
+
+        The co-located reward's path (``rl.rewards.CodeScalerReward``): the scores go straight
+        into on-device shaping and the advantages. The same forward passes as `score_ids`, so
+        the same numbers; one small gather program per (number of passes, ``size``) places
+        them, whatever subset of a batch is scored.
+        """
+        if jax.process_count() > 1:
+            raise NotImplementedError(
+                "score_ids_on_device takes every row of the batch in one process; under "
+                "jax.distributed use score_ids (each process scores its own rows)")
+        rows_per_pass = self._rows(batch_size)
+        slots = np.asarray(slots, np.int64)
+        if len(slots) != len(seqs):
+            raise ValueError(f"{len(seqs)} inputs but {len(slots)} slots")
+        if len(slots) and (slots.min() < 0 or slots.max() >= size):
+            raise ValueError(f"slots must lie in [0, {size})")
+        src = np.zeros(size, np.int32)  # where out[i] comes from in the passes' outputs
+        hit = np.zeros(size, bool)
+        outs = []
+        with jax.set_mesh(self.mesh):
+            for idx, scores in self._batches(seqs, rows_per_pass):
+                src[slots[idx]] = len(outs) * rows_per_pass + np.arange(len(idx))
+                hit[slots[idx]] = True
+                outs.append(scores)
+            return self._place(tuple(outs), src, hit, np.float32(fill))
+
+    @functools.cached_property
+    def _place(self):
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+
+        def place(outs, src, hit, fill):
+            if not outs:
+                return jnp.full(src.shape, fill, jnp.float32)
+            flat = jnp.concatenate([o.astype(jnp.float32) for o in outs])
+            return jnp.where(hit, flat[src], fill)
+
+        return jax.jit(place, out_shardings=replicated)
 
     def score(
         self, problems: Sequence[str], codes: Sequence[str], batch_size: int | None = None

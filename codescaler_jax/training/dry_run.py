@@ -119,10 +119,19 @@ class DryRun:
         if "mesh" in self.info:
             head += f"; mesh {self.info['mesh']}"
         parts = [format_table(self.programs, head)]
+        if "memory_by_part" in self.info:
+            parts.append(memory_by_part(self.info["memory_by_part"]))
         parts += [s.describe() for s in self.suggestions]
         if self.fits is not None:
             parts.append("the step fits" if self.fits else "the step does not fit")
         return "\n".join(parts)
+
+
+def memory_by_part(parts: dict[str, dict]) -> str:
+    """One line of the long-lived buffers by part, e.g. ``memory by part (GiB per device):
+    policy_params 0.5, optimizer_state 1.0, ...`` (``parts``: ``{name: {"bytes": n}}``)."""
+    body = ", ".join(f"{k} {v['bytes'] / 2**30:.4g}" for k, v in parts.items())
+    return f"memory by part (GiB per device): {body}"
 
 
 def resolve_target(topology: str | None) -> Target:
