@@ -145,6 +145,10 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def _points(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:+.1f} points"
+
+
 def _ok(flag: bool) -> str:
     return "holds" if flag else "**missed**"
 
@@ -201,7 +205,8 @@ def write_report(out: Path, res: dict[str, Any]) -> str:
                        ("probe_valid_min", "valid-code fraction, min over probes"),
                        ("rollout_valid_min", "valid-code fraction, min over rollouts (bar >= 0.9)"),
                        ("rollout_valid_mean", "valid-code fraction, mean over rollouts")):
-        lines.append(f"| {label} | {_pct(a[key])} | {_pct(b[key])} |")
+        fmt = _points if key.endswith("_gain") else _pct
+        lines.append(f"| {label} | {fmt(a[key])} | {fmt(b[key])} |")
     g = a["train_pass_rate_gain"] or 0.0
     lines += ["", f"RM-reward run: gain {100 * g:+.1f} points ({_ok(g >= 0.10)}); valid-code "
               f"floor {_pct(a['rollout_valid_min'])} ({_ok((a['rollout_valid_min'] or 0) >= 0.9)})."

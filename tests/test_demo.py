@@ -239,6 +239,7 @@ def test_report_states_each_bar_and_whether_it_holds(tmp_path):
     res["grpo_execution_claims"] = grpo_claims(res["grpo_execution"])
     text = write_report(tmp_path, res)
     assert "gain +12.5 points (holds)" in text
+    assert "| gain (bar >= +10 points) | +12.5 points | +0.0 points |" in text
     assert "valid-code floor 85.0% (**missed**)" in text  # min over rollouts, bar 0.9
     assert "RM pick - random pick: +25.0 points (bar >= +15: holds)" in text
     assert "| by_positive/rewrite | 0.720 | >= 0.70: holds |" in text
