@@ -201,7 +201,7 @@ def test_demo_config_sizes_every_stage():
     sft = load_config(SFTConfig, d.sft_config, d.sft_overrides)
     assert (sft.train.steps, sft.data.max_problems, sft.optim.learning_rate) == (200, 12, 1e-2)
     g = load_config(GRPOConfig, d.grpo_config, d.grpo_overrides)
-    assert g.train.steps == 24 and g.pass_rate_eval.every == 8
+    assert g.train.steps == 24 and g.pass_rate_eval.every == 8 and g.optim.learning_rate == 1e-4
     assert g.train.steps % g.pass_rate_eval.every == 0  # the last probe is after the last step
     # the policy GRPO trains is the one SFT exports; the probe's split is the SFT data's
     assert g.policy.hidden_size == sft.policy.hidden_size
