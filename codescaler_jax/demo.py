@@ -132,6 +132,8 @@ def grpo_claims(s: dict[str, Any]) -> dict[str, Any]:
         "held_out_pass_rate_last": last.get("held_out/pass_rate"),
         "probe_valid_step0": first.get("train/valid_code_fraction"),
         "probe_valid_last": last.get("train/valid_code_fraction"),
+        "probe_valid_min": min((p["train/valid_code_fraction"] for p in probes
+                                if "train/valid_code_fraction" in p), default=None),
         "rollout_valid_min": min(valid) if valid else None,
         "rollout_valid_mean": sum(valid) / len(valid) if valid else None,
         "steps": s["steps"],
@@ -141,6 +143,10 @@ def grpo_claims(s: dict[str, Any]) -> dict[str, Any]:
 
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _points(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:+.1f} points"
 
 
 def _ok(flag: bool) -> str:
@@ -196,9 +202,11 @@ def write_report(out: Path, res: dict[str, Any]) -> str:
                        ("held_out_pass_rate_step0", "held-out pass rate, step 0"),
                        ("held_out_pass_rate_last", "held-out pass rate, last probe"),
                        ("probe_valid_last", "valid-code fraction, last probe"),
+                       ("probe_valid_min", "valid-code fraction, min over probes"),
                        ("rollout_valid_min", "valid-code fraction, min over rollouts (bar >= 0.9)"),
                        ("rollout_valid_mean", "valid-code fraction, mean over rollouts")):
-        lines.append(f"| {label} | {_pct(a[key])} | {_pct(b[key])} |")
+        fmt = _points if key.endswith("_gain") else _pct
+        lines.append(f"| {label} | {fmt(a[key])} | {fmt(b[key])} |")
     g = a["train_pass_rate_gain"] or 0.0
     lines += ["", f"RM-reward run: gain {100 * g:+.1f} points ({_ok(g >= 0.10)}); valid-code "
               f"floor {_pct(a['rollout_valid_min'])} ({_ok((a['rollout_valid_min'] or 0) >= 0.9)})."

@@ -1,6 +1,7 @@
 """The method in miniature: best-of-N candidates, the SFT warm start, GRPO pass-rate probes,
 the demo report pieces. Small problem subsets; the end-to-end SFT -> GRPO chain is slow."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -87,11 +88,12 @@ def test_probe_cadence_and_claims():
     assert [s for s in range(13) if probe.due(s, 12)] == [0, 5, 10, 12]
     probe.close()
     summary = {"steps": 4, "history": [{"valid_code_fraction": v} for v in (1.0, 0.9, 0.95)],
-               "pass_rate_eval": [{"step": 0, "train/pass_rate": 0.25},
+               "pass_rate_eval": [{"step": 0, "train/pass_rate": 0.25,
+                                   "train/valid_code_fraction": 0.9},
                                   {"step": 4, "train/pass_rate": 0.5}]}
     c = grpo_claims(summary)
     assert c["train_pass_rate_gain"] == pytest.approx(0.25)
-    assert c["rollout_valid_min"] == 0.9
+    assert c["rollout_valid_min"] == 0.9 and c["probe_valid_min"] == 0.9
     with pytest.raises(ValueError, match="pass_rate_eval.num_samples"):
         PassRateEvalSection(num_samples=0)
 
@@ -115,10 +117,18 @@ _TINY_POLICY = ["policy.hidden_size=32", "policy.intermediate_size=64",
                 "policy.num_key_value_heads=1"]
 
 
+def _figures(rows):
+    """Per-step records without timings and throughputs (the only figures a seed does not
+    fix)."""
+    return json.dumps([{k: v for k, v in r.items() if "time" not in k and "per_s" not in k}
+                       for r in rows], sort_keys=True)  # NaN-safe equality
+
+
 @pytest.mark.slow
 def test_sft_warm_start_feeds_grpo_with_probes(tmp_path, subset_file):
     """train_sft -> train_grpo (execution reward) from its export and problems: the SFT loss
-    falls, the runs repeat exactly, and GRPO logs the probes at steps 0, 1, 2."""
+    falls, both runs repeat exactly for the same seed (SFT losses; GRPO rewards, losses and
+    probe pass rates), and GRPO logs the probes at steps 0, 1, 2."""
     import jax
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -156,6 +166,11 @@ def test_sft_warm_start_feeds_grpo_with_probes(tmp_path, subset_file):
         "pass_rate_eval.validation_fraction=0.125", "pass_rate_eval.held_out_prompts=2",
         "pass_rate_eval.num_samples=1"])
     summary = GRPOTrainer(cfg, progress=False, mesh=mesh).run()
+    # Determinism: the same seed repeats every figure of the run (timings aside).
+    again = GRPOTrainer(dataclasses.replace(cfg, run_dir=str(tmp_path / "grpo_again")),
+                        progress=False, mesh=mesh).run()
+    assert _figures(again["history"]) == _figures(summary["history"])
+    assert _figures(again["pass_rate_eval"]) == _figures(summary["pass_rate_eval"])
     probes = summary["pass_rate_eval"]
     assert [p["step"] for p in probes] == [0, 1, 2]
     assert {"train/pass_rate", "held_out/pass_rate", "train/valid_code_fraction"} <= set(
@@ -168,3 +183,65 @@ def test_sft_warm_start_feeds_grpo_with_probes(tmp_path, subset_file):
     assert {"eval/train/pass_rate", "eval/held_out/pass_rate", "train/reward/mean"} <= set(
         acc.Tags()["scalars"])
     assert np.isfinite([p["train/pass_rate"] for p in probes]).all()
+
+
+def test_demo_config_sizes_every_stage():
+    """configs/demo.yaml's overrides are keys of their stage configs (a renamed key fails here,
+    not 20 minutes into the demo), and the sizes the README quotes are the ones it sets."""
+    from codescaler_jax.config import load_config
+    from codescaler_jax.demo import DemoConfig
+    from codescaler_jax.rl.config import GRPOConfig
+    from codescaler_jax.rm.config import RMTrainConfig
+    from codescaler_jax.sft.config import SFTConfig
+
+    d = load_config(DemoConfig, "configs/demo.yaml", [])
+    rm = load_config(RMTrainConfig, d.rm_config, d.rm_overrides)
+    assert rm.train.num_epochs == 1 and rm.data.max_pairs_per_problem == 8
+    assert rm.data.pairs_recipe == "augmented" and rm.data.validation_fraction > 0
+    sft = load_config(SFTConfig, d.sft_config, d.sft_overrides)
+    assert (sft.train.steps, sft.data.max_problems, sft.optim.learning_rate) == (200, 12, 1e-2)
+    g = load_config(GRPOConfig, d.grpo_config, d.grpo_overrides)
+    assert g.train.steps == 24 and g.pass_rate_eval.every == 8 and g.optim.learning_rate == 1e-4
+    assert g.train.steps % g.pass_rate_eval.every == 0  # the last probe is after the last step
+    # the policy GRPO trains is the one SFT exports; the probe's split is the SFT data's
+    assert g.policy.hidden_size == sft.policy.hidden_size
+    assert g.policy.num_hidden_layers == sft.policy.num_hidden_layers
+    assert (g.pass_rate_eval.held_out_fraction, g.pass_rate_eval.validation_fraction) == (
+        sft.data.held_out_fraction, sft.data.validation_fraction) == (
+        rm.data.eval_fraction, rm.data.validation_fraction)
+    # the rollout's sampler settings are the probe's (the same sampler): step 0 compares like
+    # with like
+    assert g.rollout.temperature == 0.6
+
+
+def test_report_states_each_bar_and_whether_it_holds(tmp_path):
+    """write_report on a synthetic result: every claim's table, a missed bar marked missed."""
+    from codescaler_jax.demo import grpo_claims, write_report
+
+    def grpo(gain):
+        return {"steps": 2, "history": [{"step": s, "reward_mean": 0.5, "valid_code_fraction": v}
+                                        for s, v in ((1, 0.95), (2, 0.85))],
+                "pass_rate_eval": [{"step": 0, "train/pass_rate": 0.25, "held_out/pass_rate": 0.0},
+                                   {"step": 2, "train/pass_rate": 0.25 + gain,
+                                    "held_out/pass_rate": 0.0}]}
+
+    res = {"seed": 0, "wall_s": 600.0, "load_start": (1.0, 1.0, 1.0),
+           "load_end": (2.0, 2.0, 2.0), "stage_seconds": {"rm": 100.0},
+           "rm": {"final_eval": {"accuracy": 0.7, "by_positive/rewrite/accuracy": 0.72,
+                                 "by_kind/cut/accuracy": 0.8}},
+           "best_of_n": {"problems": 33, "n": 8, "candidate_set": {"passing_per_problem": 2},
+                         "label_mismatches": 0, "pass_rate": {"rm_pick": 0.5, "random_pick": 0.25,
+                                                              "oracle": 1.0, "test_pick": 1.0},
+                         "rm_minus_random": 0.25, "rm_seconds_warm": 1.0,
+                         "rm_seconds_cold": 2.0, "test_seconds": 3.0},
+           "grpo_rm": grpo(0.125), "grpo_execution": grpo(0.0)}
+    res["grpo_rm_claims"] = grpo_claims(res["grpo_rm"])
+    res["grpo_execution_claims"] = grpo_claims(res["grpo_execution"])
+    text = write_report(tmp_path, res)
+    assert "gain +12.5 points (holds)" in text
+    assert "| gain (bar >= +10 points) | +12.5 points | +0.0 points |" in text
+    assert "valid-code floor 85.0% (**missed**)" in text  # min over rollouts, bar 0.9
+    assert "RM pick - random pick: +25.0 points (bar >= +15: holds)" in text
+    assert "| by_positive/rewrite | 0.720 | >= 0.70: holds |" in text
+    assert {p.name for p in tmp_path.glob("*.png")} == {"reward.png", "pass_rate.png",
+                                                        "best_of_n.png"}
