@@ -28,7 +28,7 @@ REMAT_POLICIES = (
 )
 # How a reward model pools its hidden states into one score (Qwen3Config.rm_pooling); the
 # config.json key that records a choice other than the HF default ("last").
-RM_POOLINGS = ("last", "mean")
+RM_POOLINGS = ("last", "mean", "last_mean")
 HF_POOLING_KEY = "codescaler_rm_pooling"
 # HF config.json keys that carry no meaning for a dense, full-attention Qwen3 in JAX; any
 # other key we do not read draws a warning, and _HF_UNSUPPORTED_KEYS an error.
@@ -81,9 +81,10 @@ class Qwen3Config:
         rm_pooling: how the reward model turns hidden states into its score: ``"last"`` (the
             last real token, as HF ``Qwen3ForSequenceClassification`` and the reference) or
             ``"mean"`` (the mean over the real tokens of the per-token scores, i.e. HF
-            ``Qwen3ForTokenClassification``'s logits averaged under the attention mask).
-            Exported to ``config.json`` as ``codescaler_rm_pooling`` (with the token
-            classification architecture for ``"mean"``) and read back from it.
+            ``Qwen3ForTokenClassification``'s logits averaged under the attention mask), or
+            ``"last_mean"`` (the average of those two scores). Exported to ``config.json`` as
+            ``codescaler_rm_pooling`` (with the token classification architecture for the
+            pooling other than ``"last"``) and read back from it.
         scan_layers: store the decoder layers stacked (every layer parameter gets a leading
             ``[num_hidden_layers]`` axis, logical name ``"layers"``) and run them with one
             ``jax.lax.scan``, so compile time and program size do not grow with depth. On
@@ -405,8 +406,9 @@ class ModelSection:
     scan (compile time independent of depth); ``None`` keeps the model's default (on for the
     named Qwen3 sizes and HF checkpoints, off for ``tiny``). Orbax checkpoints are in the
     layout they were trained with. ``pooling`` (reward models): ``last`` (the last real
-    token's score, HF sequence classification) or ``mean`` (the mean of the per-token scores
-    over the real tokens); ``None`` keeps the size's default (``last``) or the checkpoint's
+    token's score, HF sequence classification), ``mean`` (the mean of the per-token scores
+    over the real tokens) or ``last_mean`` (the average of the two); ``None`` keeps the
+    size's default (``last``) or the checkpoint's
     ``config.json`` (``codescaler_rm_pooling``).
     """
 
@@ -430,7 +432,7 @@ class ModelSection:
     attention_block_q: int | None = None
     attention_block_kv: int | None = None
     scan_layers: bool | None = None
-    pooling: Literal["last", "mean"] | None = None
+    pooling: Literal["last", "mean", "last_mean"] | None = None
 
     def __post_init__(self) -> None:
         check_attention_blocks(self, self.key)

@@ -329,7 +329,7 @@ def save_hf_model(
 
     Writes ``config.json`` (``Qwen3ForSequenceClassification`` with one label for the reward
     model, ``Qwen3ForTokenClassification`` with a zero ``score.bias`` and
-    ``codescaler_rm_pooling: "mean"`` for a mean-pooled one, ``Qwen3ForCausalLM`` for the LM),
+    ``codescaler_rm_pooling`` for a mean-pooled one, ``Qwen3ForCausalLM`` for the LM),
     ``model.safetensors`` or, above
     ``max_shard_size``, ``model-0000k-of-0000n.safetensors`` + ``model.safetensors.index.json``,
     and the tokenizer files of ``tokenizer_dir`` if given. Parameters are gathered to the
@@ -343,10 +343,11 @@ def save_hf_model(
     cfg = model.cfg
     if isinstance(model, Qwen3RewardModel):
         # A mean-pooled RM is HF token classification (per-token scores; its score is their
-        # mean under the attention mask, recorded as config.json's codescaler_rm_pooling):
+        # mean under the attention mask, or with "last_mean" the average of that and the last
+        # token's, recorded as config.json's codescaler_rm_pooling):
         # as sequence classification, transformers would read the last token instead.
-        arch = ("Qwen3ForTokenClassification" if cfg.rm_pooling == "mean"
-                else "Qwen3ForSequenceClassification")
+        arch = ("Qwen3ForSequenceClassification" if cfg.rm_pooling == "last"
+                else "Qwen3ForTokenClassification")
     elif isinstance(model, Qwen3ForCausalLM):
         arch = "Qwen3ForCausalLM"
     else:
