@@ -134,6 +134,57 @@ def test_token_classification_checkpoint_loads_into_rm(tmp_path):
         load_hf_model(tmp_path / "bias", Qwen3RewardModel)
 
 
+def _pooled(per_token, mask, pooling):
+    mean = (per_token * mask).sum(-1) / mask.sum(-1)
+    last = per_token[np.arange(len(LENGTHS)), np.array(LENGTHS) - 1]
+    return mean if pooling == "mean" else 0.5 * (mean + last)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "last_mean"])
+def test_mean_pooled_rm_round_trips_as_token_classification(tmp_path, pooling):
+    """rm_pooling="mean": the score is the masked mean of the per-token scores ("last_mean":
+    the average of that and the last token's score); it is saved as HF token classification
+    (zero score.bias) with codescaler_rm_pooling, which transformers loads (its per-token
+    logits pooled the same way give our score) and which loads back into an RM pooled the
+    same way, with the same scores."""
+    hf = random_hf_model("gqa_untied", "tok", seed=16)
+    hf.save_pretrained(tmp_path / "hf")
+    ours = load_hf_model(tmp_path / "hf", Qwen3RewardModel, rm_pooling=pooling)
+    assert ours.cfg.rm_pooling == pooling
+    ids, mask = _batch("gqa_untied", seed=5)
+    per_token = torch_out(hf, ids, mask)[..., 0]
+    ref = _pooled(per_token, mask, pooling)
+    np.testing.assert_allclose(_ours(ours, ids, mask), ref, atol=1e-4, rtol=0)
+    # Not the last-token score: the pooling really changed what is read.
+    assert np.abs(ref - per_token[np.arange(len(LENGTHS)), np.array(LENGTHS) - 1]).max() > 1e-3
+
+    save_hf_model(ours, tmp_path / "ours")
+    config = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3ForTokenClassification"]
+    assert config["codescaler_rm_pooling"] == pooling
+    back = transformers.AutoModelForTokenClassification.from_pretrained(tmp_path / "ours")
+    assert isinstance(back, transformers.Qwen3ForTokenClassification)
+    assert torch.equal(back.score.bias, torch.zeros(1))
+    tok = torch_out(back.eval(), ids, mask)[..., 0]
+    np.testing.assert_allclose(_pooled(tok, mask, pooling), ref, atol=1e-4, rtol=0)
+    again = load_hf_model(tmp_path / "ours", Qwen3RewardModel)
+    assert again.cfg.rm_pooling == pooling
+    np.testing.assert_allclose(_ours(again, ids, mask), ref, atol=1e-4, rtol=0)
+    # A last-token RM still exports as sequence classification, without the key.
+    save_hf_model(load_hf_model(tmp_path / "hf", Qwen3RewardModel), tmp_path / "last")
+    config = json.loads((tmp_path / "last" / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3ForSequenceClassification"]
+    assert "codescaler_rm_pooling" not in config
+
+
+def test_unknown_rm_pooling_is_refused():
+    with pytest.raises(ValueError, match="codescaler_rm_pooling"):
+        Qwen3Config.from_hf({**Qwen3Config.tiny().to_hf_dict("Qwen3ForTokenClassification"),
+                             "codescaler_rm_pooling": "max"})
+    with pytest.raises(ValueError, match="rm_pooling"):
+        Qwen3Config.tiny(rm_pooling="max")
+
+
 def _edit_checkpoint(src, dst, edit_tensors=None, edit_config=None):
     os.makedirs(dst)
     tensors = load_file(os.path.join(src, "model.safetensors"))

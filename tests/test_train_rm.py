@@ -200,7 +200,11 @@ def test_tensorboard_holds_every_scalar(full_run):
 
 def test_exported_rm_scores_like_ours_in_transformers(full_run):
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoModelForTokenClassification,
+        AutoTokenizer,
+    )
 
     from codescaler_jax.data.tokenizer import encode_rm_inputs
     from codescaler_jax.rm.scorer import RewardScorer
@@ -213,11 +217,23 @@ def test_exported_rm_scores_like_ours_in_transformers(full_run):
     ours = RewardScorer.from_pretrained(run_dir, max_length=256, batch_size=8).score(
         problems, codes
     )
-    hf = AutoModelForSequenceClassification.from_pretrained(run_dir / "hf").eval()
     tok = AutoTokenizer.from_pretrained(run_dir / "hf")
     ids = encode_rm_inputs(tok, problems, codes, 256)
-    with torch.no_grad():
-        theirs = np.array([hf(torch.tensor([x])).logits[0, 0].item() for x in ids])
+    pooling = json.loads((run_dir / "hf" / "config.json").read_text()).get(
+        "codescaler_rm_pooling", "last")
+    assert pooling == trainer.cfg.model.pooling or (pooling, trainer.cfg.model.pooling) == (
+        "last", None)
+    if pooling == "last":
+        hf = AutoModelForSequenceClassification.from_pretrained(run_dir / "hf").eval()
+        with torch.no_grad():
+            theirs = np.array([hf(torch.tensor([x])).logits[0, 0].item() for x in ids])
+    else:
+        # A pooled RM is HF token classification: pool its per-token logits the same way.
+        hf = AutoModelForTokenClassification.from_pretrained(run_dir / "hf").eval()
+        with torch.no_grad():
+            per = [hf(torch.tensor([x])).logits[0, :, 0].numpy() for x in ids]
+        theirs = np.array([t.mean() if pooling == "mean" else 0.5 * (t.mean() + t[-1])
+                           for t in per])
     np.testing.assert_allclose(ours, theirs, atol=1e-4)
     assert np.ptp(theirs) > 1e-3  # scores differ between inputs: a real comparison
 

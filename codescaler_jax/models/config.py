@@ -26,6 +26,10 @@ REMAT_POLICIES = (
     "dots_saveable",
     "dots_with_no_batch_dims_saveable",
 )
+# How a reward model pools its hidden states into one score (Qwen3Config.rm_pooling); the
+# config.json key that records a choice other than the HF default ("last").
+RM_POOLINGS = ("last", "mean", "last_mean")
+HF_POOLING_KEY = "codescaler_rm_pooling"
 # HF config.json keys that carry no meaning for a dense, full-attention Qwen3 in JAX; any
 # other key we do not read draws a warning, and _HF_UNSUPPORTED_KEYS an error.
 _HF_IGNORED_KEYS = {
@@ -42,7 +46,7 @@ _HF_READ_KEYS = {
     "num_key_value_heads", "head_dim", "rope_theta", "rope_scaling", "rope_parameters",
     "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings", "pad_token_id",
     "eos_token_id", "bos_token_id", "use_sliding_window", "layer_types", "hidden_act",
-    "attention_bias",
+    "attention_bias", HF_POOLING_KEY,
 }
 _HF_UNSUPPORTED_KEYS = {
     "quantization_config": "quantized checkpoints are not supported",
@@ -74,6 +78,13 @@ class Qwen3Config:
             (dense), ``chunked`` (blockwise, linear memory), ``splash`` or ``cudnn``.
         attention_block_q, attention_block_kv: block sizes of the chunked / splash paths
             (None: the path's default).
+        rm_pooling: how the reward model turns hidden states into its score: ``"last"`` (the
+            last real token, as HF ``Qwen3ForSequenceClassification`` and the reference) or
+            ``"mean"`` (the mean over the real tokens of the per-token scores, i.e. HF
+            ``Qwen3ForTokenClassification``'s logits averaged under the attention mask), or
+            ``"last_mean"`` (the average of those two scores). Exported to ``config.json`` as
+            ``codescaler_rm_pooling`` (with the token classification architecture for the
+            pooling other than ``"last"``) and read back from it.
         scan_layers: store the decoder layers stacked (every layer parameter gets a leading
             ``[num_hidden_layers]`` axis, logical name ``"layers"``) and run them with one
             ``jax.lax.scan``, so compile time and program size do not grow with depth. On
@@ -102,6 +113,7 @@ class Qwen3Config:
     attention_block_q: int | None = None
     attention_block_kv: int | None = None
     scan_layers: bool = True
+    rm_pooling: str = "last"
 
     def __post_init__(self) -> None:
         if isinstance(self.eos_token_id, list):
@@ -125,6 +137,10 @@ class Qwen3Config:
             val = getattr(self, name)
             if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 1):
                 raise ValueError(f"Qwen3Config.{name}={val!r}; use a positive int or None")
+        if self.rm_pooling not in RM_POOLINGS:
+            raise ValueError(
+                f"Qwen3Config.rm_pooling={self.rm_pooling!r}; use one of {list(RM_POOLINGS)}"
+            )
         if not isinstance(self.scan_layers, bool):
             raise ValueError(f"Qwen3Config.scan_layers={self.scan_layers!r}; use true or false")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -255,6 +271,13 @@ class Qwen3Config:
             eos_token_id=c.get("eos_token_id"),
             bos_token_id=c.get("bos_token_id"),
         )
+        pooling = c.get(HF_POOLING_KEY, "last")
+        if pooling not in RM_POOLINGS:
+            raise ValueError(
+                f"config.json {HF_POOLING_KEY}={pooling!r}: use one of {list(RM_POOLINGS)}"
+            )
+        if pooling != "last":
+            kw["rm_pooling"] = pooling
         kw.update(overrides)
         return cls(**kw)
 
@@ -297,6 +320,8 @@ class Qwen3Config:
         if architecture in ("Qwen3ForSequenceClassification", "Qwen3ForTokenClassification"):
             d["id2label"] = {"0": "LABEL_0"}
             d["label2id"] = {"LABEL_0": 0}
+            if self.rm_pooling != "last":
+                d[HF_POOLING_KEY] = self.rm_pooling
         return d
 
     # jax is imported on use: a config is read and validated without it.
@@ -380,7 +405,11 @@ class ModelSection:
     implementation's default). ``scan_layers``: stack the decoder layers and run them with a
     scan (compile time independent of depth); ``None`` keeps the model's default (on for the
     named Qwen3 sizes and HF checkpoints, off for ``tiny``). Orbax checkpoints are in the
-    layout they were trained with.
+    layout they were trained with. ``pooling`` (reward models): ``last`` (the last real
+    token's score, HF sequence classification), ``mean`` (the mean of the per-token scores
+    over the real tokens) or ``last_mean`` (the average of the two); ``None`` keeps the
+    size's default (``last``) or the checkpoint's
+    ``config.json`` (``codescaler_rm_pooling``).
     """
 
     # The config key of this section, for error messages (a class attribute, not a field).
@@ -403,6 +432,7 @@ class ModelSection:
     attention_block_q: int | None = None
     attention_block_kv: int | None = None
     scan_layers: bool | None = None
+    pooling: Literal["last", "mean", "last_mean"] | None = None
 
     def __post_init__(self) -> None:
         check_attention_blocks(self, self.key)
@@ -440,6 +470,8 @@ def compute_overrides(section: Any) -> dict[str, Any]:
     out = {name: getattr(section, name) for name in COMPUTE_KEYS}
     if section.scan_layers is not None:
         out["scan_layers"] = section.scan_layers
+    if getattr(section, "pooling", None) is not None:
+        out["rm_pooling"] = section.pooling
     return out
 
 

@@ -328,7 +328,9 @@ def save_hf_model(
     """Write ``model`` as an HF checkpoint that ``transformers`` ``from_pretrained`` loads.
 
     Writes ``config.json`` (``Qwen3ForSequenceClassification`` with one label for the reward
-    model, ``Qwen3ForCausalLM`` for the LM), ``model.safetensors`` or, above
+    model, ``Qwen3ForTokenClassification`` with a zero ``score.bias`` and
+    ``codescaler_rm_pooling`` for a mean-pooled one, ``Qwen3ForCausalLM`` for the LM),
+    ``model.safetensors`` or, above
     ``max_shard_size``, ``model-0000k-of-0000n.safetensors`` + ``model.safetensors.index.json``,
     and the tokenizer files of ``tokenizer_dir`` if given. Parameters are gathered to the
     host one at a time; at most one shard's tensors are held in host memory. In a multi-host
@@ -340,7 +342,12 @@ def save_hf_model(
     path = os.fspath(path)
     cfg = model.cfg
     if isinstance(model, Qwen3RewardModel):
-        arch = "Qwen3ForSequenceClassification"
+        # A mean-pooled RM is HF token classification (per-token scores; its score is their
+        # mean under the attention mask, or with "last_mean" the average of that and the last
+        # token's, recorded as config.json's codescaler_rm_pooling):
+        # as sequence classification, transformers would read the last token instead.
+        arch = ("Qwen3ForSequenceClassification" if cfg.rm_pooling == "last"
+                else "Qwen3ForTokenClassification")
     elif isinstance(model, Qwen3ForCausalLM):
         arch = "Qwen3ForCausalLM"
     else:
@@ -380,6 +387,11 @@ def save_hf_model(
             tensors[name] = host
             weight_map[name] = fname
             total += host.nbytes
+            if name == "score.weight" and arch == "Qwen3ForTokenClassification":
+                # HF token classification has a head bias; ours is none, i.e. zero.
+                tensors["score.bias"] = np.zeros((1,), out_dtype)
+                weight_map["score.bias"] = fname
+                total += tensors["score.bias"].nbytes
         if writer:
             save_file(tensors, os.path.join(path, fname), metadata={"format": "pt"})
             apply_umask(os.path.join(path, fname))  # safetensors writes 0600

@@ -485,16 +485,26 @@ class Qwen3RewardModel(nnx.Module):
         self.score = Linear((cfg.hidden_size, 1), ("embed", "classes"), cfg.weight_dtype, rngs=rngs)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
-        """Scores ``[B]`` float32 for ``input_ids [B, T]``, read at the last real token.
+        """Scores ``[B]`` float32 for ``input_ids [B, T]``.
 
-        ``attention_mask [B, T]`` marks the real tokens (right padding). This is the
-        reference RL worker's rule (gather at ``argmax(position * mask)``); HF sequence
-        classification picks the rightmost token ``!= pad_token_id`` instead, which is the
-        same token unless a sequence ends in real tokens equal to the pad id.
+        ``attention_mask [B, T]`` marks the real tokens (right padding). ``cfg.rm_pooling``
+        ``"last"``: read at the last real token, the reference RL worker's rule (gather at
+        ``argmax(position * mask)``); HF sequence classification picks the rightmost token
+        ``!= pad_token_id`` instead, which is the same token unless a sequence ends in real
+        tokens equal to the pad id. ``"mean"``: the mean over the real tokens of the per-token
+        scores (the head is linear, so it equals the head applied to the masked mean of the
+        hidden states). ``"last_mean"``: the average of the two.
         """
         hidden, _ = self.model(input_ids, attention_mask)
+        pooling = self.cfg.rm_pooling
         last = last_token_index(attention_mask)
         pooled = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]  # [B, H]
+        if pooling in ("mean", "last_mean"):
+            m = attention_mask.astype(jnp.float32)[..., None]  # [B, T, 1]
+            mean = jnp.sum(hidden.astype(jnp.float32) * m, axis=1) / jnp.maximum(m.sum(axis=1), 1.0)
+            if pooling == "last_mean":
+                mean = 0.5 * (mean + pooled.astype(jnp.float32))
+            pooled = mean.astype(hidden.dtype)
         kernel = self.score.kernel[...].astype(pooled.dtype)
         return jnp.matmul(pooled, kernel, preferred_element_type=jnp.float32)[:, 0]
 
