@@ -177,8 +177,11 @@ def test_grpo_loop_packed_equals_padded_and_runs_continuous_rollouts(tmp_path):
         runs[name] = (trainer.run(), jax.device_get(trainer.state["params"]))
     (a, pa), (b, pb) = runs["padded"], runs["packed"]
     for ha, hb in zip(a["history"], b["history"], strict=True):
+        assert ha.keys() == hb.keys()
         for k, v in ha.items():
-            if not k.startswith("time/") and "per_s" not in k and "mfu" not in k:
+            if v is None:  # not measured in either run (pass_rate with reward.pass_rate=false)
+                assert hb[k] is None, k
+            elif not k.startswith("time/") and "per_s" not in k and "mfu" not in k:
                 np.testing.assert_allclose(hb[k], v, rtol=1e-5, atol=1e-6, err_msg=k)
     # Adam divides each gradient by its own RMS, so a parameter whose gradient is at the
     # float-noise level (an embedding row barely touched) moves by O(lr) on noise: measured,

@@ -6,6 +6,7 @@ The reference model is a random ``transformers`` Qwen3ForCausalLM (O(1) logits) 
 """
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +25,7 @@ from codescaler_jax.generate.sampler import (
     left_pad,
 )
 from codescaler_jax.models.hf_io import load_hf_model
-from codescaler_jax.models.qwen3 import Qwen3ForCausalLM
+from codescaler_jax.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
 from codescaler_jax.models.sharding import MeshConfig, make_mesh
 
 PAD = 0
@@ -325,3 +326,29 @@ def test_more_prompts_than_batch_size_and_config_checks(hf_lm):
         SamplingConfig(top_p=0.0)
     with pytest.raises(ValueError, match="temperature"):
         SamplingConfig(temperature=0.0)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("devices", [1, 8])
+def test_decode_loop_never_copies_the_kv_cache(scan, devices):
+    """The compiled decode loop writes each new token's K/V into the [L, B, S, K, D] stack in
+    place: no copy of the stack, nor of one layer of it, anywhere in the program (before, the
+    one-layer slice written then the stack written made XLA copy the cache every step: 4 stack
+    copies unrolled, 2 layer copies per scanned step), and on a 2 x 2 x 2 mesh no gather of it
+    (rows over data x fsdp, KV heads over tensor)."""
+    cfg = Qwen3Config.tiny(scan_layers=scan)
+    mc = MeshConfig(data=2, fsdp=2, tensor=2) if devices == 8 else MeshConfig()
+    mesh = make_mesh(mc, devices=jax.devices()[:devices])
+    sc = SamplingConfig(max_new_tokens=16, greedy=True, eos_token_ids=(1,), pad_token_id=PAD)
+    sampler = JaxSampler(Qwen3ForCausalLM(cfg, rngs=nnx.Rngs(0)), sc, mesh=mesh, batch_size=8,
+                         max_prompt_len=8, min_prompt_bucket=8)
+    hlo = sampler.lower(8).compile().as_text()
+    assert " while(" in hlo  # the decode loop is in there
+    ways = 4 if devices == 8 else 1  # per-device rows and KV heads
+    rows, heads, slots = 8 // ways, cfg.num_key_value_heads // (devices // ways), 8 + 16
+    stack = f"{rows},{slots},{heads},{cfg.head_dim}"  # one layer's [B, S, K, D], per device
+    shapes = {f"{n},{stack}" for n in (cfg.num_hidden_layers, 1)} | {stack}
+    copied = [s for s in re.findall(r"= \w+\[([\d,]*)\]\S* copy\(", hlo) if s in shapes]
+    assert not copied, copied
+    gathered = re.findall(r"= \w+\[([\d,]*)\][^=]*? all-gather\(", hlo)
+    assert not [g for g in gathered if f",{slots}," in f",{g},"], gathered

@@ -182,14 +182,19 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, kv_valid: jax.Array,
                  kv_cache: tuple[jax.Array, jax.Array] | None = None,
-                 index: jax.Array | None = None, segment_ids: jax.Array | None = None):
+                 index: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                 layer: int | jax.Array = 0):
         """``x [B, T, H]`` -> ``([B, T, H], (k, v))``.
 
         Without ``kv_cache`` the keys/values are this chunk's (``kv_valid [B, T]``, causal
-        from slot 0); with it they are written at slot ``index`` of ``kv_cache`` (``[B, S, K,
-        D]`` each) and the attention runs over the ``S`` slots (``kv_valid [B, S]``, query
-        ``i`` at slot ``index + i``). The mask rule is ``models.attention``'s; ``segment_ids
-        [B, T]`` (no cache: packed sequences) keep each token to its own sequence.
+        from slot 0). With it, ``kv_cache`` is the whole ``[L, B, S, K, D]`` key and value
+        stack: this chunk is written at slot ``index`` of layer ``layer`` (``_write_chunk``,
+        in place), the attention runs over that layer's ``S`` slots (``kv_valid [B, S]``,
+        query ``i`` at slot ``index + i``), and ``(k, v)`` are the updated stacks. (Writing
+        into the stack first and reading the layer back lets XLA keep the stack in place; a
+        write into a slice of it read out before copied that layer's cache every step.) The
+        mask rule is ``models.attention``'s; ``segment_ids [B, T]`` (no cache: packed
+        sequences) keep each token to its own sequence.
         """
         dt = x.dtype
         q = dense(x, self.q_proj.kernel[...].astype(dt))  # [B, T, N, D]
@@ -199,9 +204,9 @@ class Attention(nnx.Module):
         k = apply_rope(self.k_norm(k), cos, sin)
         q = shard_activation(q, ("batch", "seq", "heads", "head_dim"))
         if kv_cache is not None:
-            ck, cv = kv_cache
-            k = write_slots(ck, k, index)
-            v = write_slots(cv, v, index)
+            ks = _write_chunk(kv_cache[0], k, layer, index)
+            vs = _write_chunk(kv_cache[1], v, layer, index)
+            k, v = ks[layer], vs[layer]
         k = shard_activation(k, ("batch", "seq", "kv_heads", "head_dim"))
         v = shard_activation(v, ("batch", "seq", "kv_heads", "head_dim"))
         # A per-row index [B] comes with one query per row, whose visible keys are exactly
@@ -214,7 +219,7 @@ class Attention(nnx.Module):
             block_q=self.block_q, block_kv=self.block_kv,
         )
         y = dense(out, self.o_proj.kernel[...].astype(dt), in_dims=2)
-        return y, (k, v)
+        return y, ((ks, vs) if kv_cache is not None else (k, v))
 
 
 class MLP(nnx.Module):
@@ -247,10 +252,11 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, "norm", pdt)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, cos, sin, kv_valid, kv_cache=None, index=None, segment_ids=None):
+    def __call__(self, x, cos, sin, kv_valid, kv_cache=None, index=None, segment_ids=None,
+                 layer=0):
         """``x [B, T, H]`` -> ``([B, T, H], (k, v))``; see ``Attention``."""
         attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, kv_valid, kv_cache, index,
-                                  segment_ids)
+                                  segment_ids, layer)
         x = x + attn
         x = x + self.mlp(self.post_attention_layernorm(x))
         return shard_activation(x, ("batch", "seq", "act_embed")), kv
@@ -310,23 +316,22 @@ def write_slots(x: jax.Array, update: jax.Array, index: jax.Array) -> jax.Array:
         x, update, index)
 
 
-def _write_chunk(stack: jax.Array, layer_kv: jax.Array, layer: Any, index: jax.Array,
-                 length: int) -> jax.Array:
-    """Write slots ``[index, index + length)`` of one layer's ``[B, S, K, D]`` keys (or values)
-    into the ``[L, B, S, K, D]`` cache at ``layer``; only the new chunk is written (per row
-    for an ``[B]`` index)."""
-    if index.ndim:
-        # One scatter of the B new [K, D] entries at (layer, b, index[b]): in place. (A vmap
-        # of dynamic_update_slice over the stack's batch axis lowered to transposes of the
-        # whole [L, B, S, K, D] stack, copied every decode step.)
-        if length != 1:
-            raise ValueError(f"a per-row cache index writes one token per row, got {length}")
-        rows = jnp.arange(layer_kv.shape[0])
-        new = layer_kv[rows, index].astype(stack.dtype)  # [B, K, D]
-        return stack.at[layer, rows, index].set(new, unique_indices=True)
-    chunk = jax.lax.dynamic_slice_in_dim(layer_kv, index, length, axis=1)
-    return jax.lax.dynamic_update_slice(stack, chunk[None].astype(stack.dtype),
-                                        (layer, 0, index, 0, 0))
+def _write_chunk(stack: jax.Array, chunk: jax.Array, layer: Any, index: jax.Array) -> jax.Array:
+    """Write a chunk of keys (or values) ``[B, T, K, D]`` at slots ``[index, index + T)`` of
+    layer ``layer`` of the ``[L, B, S, K, D]`` cache (row ``b`` at ``index[b]`` for an ``[B]``
+    index, one token per row). Both forms are updated in place as long as nothing reads the
+    stack's old value afterwards (``Attention`` reads its layer back from the new stack)."""
+    chunk = chunk.astype(stack.dtype)
+    if not index.ndim:
+        return jax.lax.dynamic_update_slice(stack, chunk[None], (layer, 0, index, 0, 0))
+    # One scatter of the B new [K, D] entries at (layer, b, index[b]). (A vmap of
+    # dynamic_update_slice over the stack's batch axis lowered to transposes of the whole
+    # [L, B, S, K, D] stack, copied every decode step.)
+    b, t = chunk.shape[:2]
+    if t != 1:
+        raise ValueError(f"a per-row cache index writes one token per row, got {t}")
+    rows = jnp.arange(b)
+    return stack.at[layer, rows, index].set(chunk[:, 0], unique_indices=True)
 
 
 def _stacked_layers(cfg: Qwen3Config, rngs: nnx.Rngs) -> DecoderLayer:
@@ -423,12 +428,10 @@ class Qwen3Model(nnx.Module):
             for layer in self.layers:
                 x = step(layer, x)
             return x, None
-        ks, vs, t = cache.k, cache.v, x.shape[1]
+        kv = (cache.k, cache.v)
         for i, layer in enumerate(self.layers):
-            x, (k, v) = layer(x, cos, sin, kv_valid, (ks[i], vs[i]), cache.index)
-            ks = _write_chunk(ks, k, i, cache.index, t)
-            vs = _write_chunk(vs, v, i, cache.index, t)
-        return x, (ks, vs)
+            x, kv = layer(x, cos, sin, kv_valid, kv, cache.index, layer=i)
+        return x, kv
 
     def _scanned(self, x, cos, sin, kv_valid, cache, segment_ids=None):
         """The stacked layers under one ``jax.lax.scan``: ``(x, (k, v) or None)``.
@@ -443,9 +446,9 @@ class Qwen3Model(nnx.Module):
         graphdef, stacked = nnx.split(self.layers)
         index = None if cache is None else cache.index
 
-        def apply(layer_state, x, kv=None):
+        def apply(layer_state, x, kv=None, layer=0):
             return nnx.merge(graphdef, layer_state)(x, cos, sin, kv_valid, kv, index,
-                                                    segment_ids)
+                                                    segment_ids, layer)
 
         if cache is None:
             def body(x, layer_state):
@@ -457,13 +460,12 @@ class Qwen3Model(nnx.Module):
                 body = jax.checkpoint(body, policy=_remat_policy(self.cfg), prevent_cse=False)
             x, _ = jax.lax.scan(body, x, stacked)
             return x, None
-        t = x.shape[1]
 
         def body_cached(carry, xs):
             x, ks, vs = carry
             layer_state, i = xs
-            x, (k, v) = apply(layer_state, x, (ks[i], vs[i]))
-            return (x, _write_chunk(ks, k, i, index, t), _write_chunk(vs, v, i, index, t)), None
+            x, (ks, vs) = apply(layer_state, x, (ks, vs), i)
+            return (x, ks, vs), None
 
         layer_ids = jnp.arange(self.cfg.num_hidden_layers)
         (x, ks, vs), _ = jax.lax.scan(body_cached, (x, cache.k, cache.v), (stacked, layer_ids))
