@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from multihost_util import wait_all
 from safetensors.numpy import load_file
 
 from codescaler_jax.data.pairs import Pair, write_pairs_jsonl
@@ -98,27 +99,8 @@ def _launch(record: Path, argv: list[str], env: dict[str, str], log: Path) -> su
     )
 
 
-def _wait_all(procs: list[tuple[subprocess.Popen, Path]]) -> None:
-    """Wait for every process (one shared deadline); kill all and fail on timeout or error."""
-    import time
-
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        for p, _ in procs:
-            p.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        for p, _ in procs:
-            p.kill()
-        for p, _ in procs:
-            p.wait()
-        tails = "\n".join(f"--- {log}\n{log.read_text()[-3000:]}" for _, log in procs)
-        pytest.fail(f"multi-host run timed out after {TIMEOUT_S} s\n{tails}")
-    bad = [(p, log) for p, log in procs if p.returncode != 0]
-    if bad:
-        tails = "\n".join(
-            f"--- {log} (rc {p.returncode})\n{log.read_text()[-4000:]}" for p, log in bad
-        )
-        pytest.fail(f"a training process failed\n{tails}")
+def _wait_all(procs: list[tuple[subprocess.Popen, Path]], *, ok: bool = True) -> None:
+    wait_all(procs, TIMEOUT_S, ok=ok)
 
 
 def _tb_scalars(tb_dir: Path, tag: str) -> dict[int, float]:

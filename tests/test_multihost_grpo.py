@@ -17,11 +17,11 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from multihost_util import wait_all
 from safetensors.numpy import load_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,24 +101,7 @@ def _launch(root: Path, name: str, argv: list[str], processes: int, devices: int
 
 
 def _wait_all(procs: list[tuple[subprocess.Popen, Path]], *, ok: bool = True) -> None:
-    """Wait for every process (one shared deadline); kill all and fail on timeout, or (``ok``)
-    on a failed process."""
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        for p, _ in procs:
-            p.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        for p, _ in procs:
-            p.kill()
-        for p, _ in procs:
-            p.wait()
-        tails = "\n".join(f"--- {log}\n{log.read_text()[-3000:]}" for _, log in procs)
-        pytest.fail(f"multi-host run timed out after {TIMEOUT_S} s\n{tails}")
-    bad = [(p, log) for p, log in procs if p.returncode != 0]
-    if ok and bad:
-        tails = "\n".join(f"--- {log} (rc {p.returncode})\n{log.read_text()[-4000:]}"
-                          for p, log in bad)
-        pytest.fail(f"a training process failed\n{tails}")
+    wait_all(procs, TIMEOUT_S, ok=ok)
 
 
 def _records(rec_dir: Path) -> list[dict]:
