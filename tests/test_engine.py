@@ -42,10 +42,11 @@ def _model(path, devices=1, mesh_cfg=None):
     return load_hf_model(path, Qwen3ForCausalLM, mesh=mesh), mesh
 
 
-def _engines(path, cfg, slots=2, devices=1, mesh_cfg=None, static_batch=4):
+def _engines(path, cfg, slots=2, devices=1, mesh_cfg=None, static_batch=4, refill_batch=1):
     model, mesh = _model(path, devices, mesh_cfg)
     kw = dict(mesh=mesh, max_prompt_len=16, min_prompt_bucket=16)
-    return (ContinuousSampler(model, cfg, batch_size=slots, chunk=4, **kw),
+    return (ContinuousSampler(model, cfg, batch_size=slots, chunk=4, refill_batch=refill_batch,
+                              min_free=refill_batch, **kw),
             JaxSampler(model, cfg, batch_size=static_batch, **kw))
 
 
@@ -123,8 +124,9 @@ def test_sharded_slots_sample_the_same_as_one_device(hf_lm):
     cfg = SamplingConfig(max_new_tokens=12, temperature=1.0, pad_token_id=PAD)
     prompts = _prompts(2)
     one, _ = _engines(path, cfg, slots=4)
+    # Sharded slots, prompts prefilled two at a time (the one-hot row writes).
     eight, _ = _engines(path, cfg, slots=4, devices=8,
-                        mesh_cfg=MeshConfig(data=2, fsdp=2, tensor=2))
+                        mesh_cfg=MeshConfig(data=2, fsdp=2, tensor=2), refill_batch=2)
     a = one.generate(prompts, jax.random.key(1))
     b = eight.generate(prompts, jax.random.key(1))
     np.testing.assert_array_equal(a.tokens, b.tokens)
@@ -231,19 +233,20 @@ def test_rollout_program_never_copies_the_kv_cache_per_step():
     assert " while(" in hlo  # the loops are in there, on device
 
 
-def test_min_free_and_scanned_layers_give_the_same_rows():
-    """Refilling only once 3 slots are free changes the schedule, not the rows; the scanned
-    layer layout writes the per-row cache the same way."""
+def test_min_free_refill_batch_and_scanned_layers_give_the_same_rows():
+    """Refilling only once 3 slots are free, 3 prompts prefilled together (their chunk counts
+    differ), changes the schedule, not the rows; so does the scanned layer layout."""
     lengths = np.array([9, 2, 14, 5, 3, 11, 1, 7, 4, 6])
     outs = []
-    for scan, min_free in ((False, 1), (False, 3), (True, 1)):
+    for scan, min_free in ((False, 1), (False, 3), (True, 2)):
         cfg = Qwen3Config.tiny(scan_layers=scan)
         model = counting_lm(cfg)
         mesh = make_mesh(MeshConfig(), devices=jax.devices()[:1])
         prompts = forced_prompts(lengths, cfg.vocab_size, 1, [3, 8, 5, 1, 7, 2, 6, 4, 8, 5])
         sc = SamplingConfig(max_new_tokens=12, greedy=True, eos_token_ids=(1,), pad_token_id=PAD)
         engine = ContinuousSampler(model, sc, mesh=mesh, batch_size=4, max_prompt_len=8,
-                                   min_prompt_bucket=8, chunk=4, min_free=min_free)
+                                   min_prompt_bucket=8, chunk=4, min_free=min_free,
+                                   refill_batch=min_free)
         out = engine.generate(prompts, jax.random.key(0))
         np.testing.assert_array_equal(out.lengths, np.minimum(lengths, 12))
         np.testing.assert_array_equal(out.stopped, lengths <= 12)  # 14: cut at the budget
@@ -254,3 +257,6 @@ def test_min_free_and_scanned_layers_give_the_same_rows():
     np.testing.assert_array_equal(a.tokens, c.tokens)  # (other random layer weights)
     assert sb["decode_steps"] > sa["decode_steps"] and sb["slot_utilisation"] < sa[
         "slot_utilisation"]
+    # One prefill step per chunk of each group, not per prompt: fewer steps than one at a time.
+    assert sb["prefill_chunks"] < sa["prefill_chunks"] == sum(-(-n // 4) for n in
+                                                              [3, 8, 5, 1, 7, 2, 6, 4, 8, 5])

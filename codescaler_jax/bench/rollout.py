@@ -2,6 +2,7 @@
 a skewed-length workload.
 
     python -m codescaler_jax.bench.rollout [--slots 8] [--rows 64] [--median 24] [--repeat 2]
+                                           [--min-free 1] [--refill-batch 1]
                                            [--part rollout,update] [--out FILE.json]
 
 Workload: response lengths drawn log-normal (median ``--median``, sigma 0.8), clipped to
@@ -131,7 +132,7 @@ def _rollout(args: argparse.Namespace) -> dict[str, Any]:
               min_prompt_bucket=args.prompt_len)
     sides = {"static": JaxSampler(model, sc, **kw),
              "continuous": ContinuousSampler(model, sc, chunk=args.chunk, min_free=args.min_free,
-                                             **kw)}
+                                             refill_batch=args.refill_batch, **kw)}
     key = jax.random.key(0)
     for name, s in sides.items():  # warm-up: compile, and check the forced lengths
         out = s.generate(prompts, key)
@@ -148,7 +149,8 @@ def _rollout(args: argparse.Namespace) -> dict[str, Any]:
                          chunk=sides["continuous"].chunk, model=dict(
                              vocab=vocab, hidden=args.hidden, layers=args.layers)),
         "static": dict(decode_steps=st_steps, slot_utilisation=st_util),
-        "continuous": dict(min_free=args.min_free, **sides["continuous"].last_stats),
+        "continuous": dict(min_free=args.min_free, refill_batch=args.refill_batch,
+                           **sides["continuous"].last_stats),
     }
     for name in sides:
         t = timing["sides"][name]
@@ -173,6 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--chunk", type=int, default=32)
     p.add_argument("--min-free", type=int, default=1, help="ContinuousSampler min_free")
+    p.add_argument("--refill-batch", type=int, default=1,
+                   help="ContinuousSampler refill_batch: prompts prefilled together")
     p.add_argument("--vocab", type=int, default=512)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)

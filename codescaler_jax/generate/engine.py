@@ -11,10 +11,12 @@ The whole ``generate`` call is one compiled program (``run``), with no host roun
 refill: the prompts go to the device as a queue (left-padded to whole chunks; ``slots x 2^k``
 rows, so one program per queue bucket, ``queue_bucket``), and a ``lax.while_loop`` alternates
 
-- refill: an inner loop of prefill-chunk steps (``prefill``, one chunk of one slot, at traced
-  slot and chunk indices): the next waiting request takes the first free slot (its finished
-  row goes to the output first), its all-padding leading chunks are skipped, and its last
-  chunk draws the row's first token; every free slot is refilled (once ``min_free`` are free);
+- refill: the next ``refill_batch`` waiting requests (or fewer) take the first free slots
+  (their finished rows go to the output first) and are prefilled together (``refill``), one
+  ``[refill_batch, chunk]`` prefill step per chunk at a traced chunk index, from the group's
+  first chunk that is not all padding; the last chunk draws each row's first token; repeated
+  until every free slot is refilled (once ``min_free`` are free). ``refill_batch = 1`` is one
+  slot at a time, its all-padding leading chunks skipped;
 - decode: an inner loop of one-token steps over all slots (``decode``, each row writing its own
   next cache slot, ``KVCache.index`` per row) until a slot frees while prompts wait, or every
   row is done.
@@ -29,18 +31,19 @@ split once per token, one row at a time (greedy: no key at all). That is exactly
 ``JaxSampler`` with ``batch_size=1`` does for row ``r`` (chunk ``c`` = row ``c``), so for the
 same per-row RNG both engines give the same tokens, up to float rounding between batch shapes.
 
-Cache layout per slot: the prompt's first real chunk is left-padded (the padding slots stay
-invalid) and written from slot 0, so the last chunk ends on the prompt's last token; generated
-tokens follow. A refill reads and attends only the prompt region (the first
-``n_chunks x chunk`` slots). Slot order does not matter to attention (positions come from
-``next_pos``), only validity. The cache is sharded like the static sampler's: slots over
-``data``/``fsdp``, KV heads over ``tensor``. With sharded slots a refill reads one slot's row
-with a one-hot select (local, then one all-reduce of that row) and writes back only its
-chunk's positions, so no device ever holds more than its shard of the cache plus one row;
-with unsharded slots (one data x fsdp way) it slices the row directly.
+Cache layout per slot: the group's first chunk is written from slot 0 (a row's padding, and
+the all-padding chunks of a shorter prompt in the group, stay invalid), so the last chunk ends
+on the prompt's last token; generated tokens follow. A refill writes and attends only the
+prompt region (the first ``n_chunks x chunk`` slots). Slot order does not matter to attention
+(positions come from ``next_pos``), only validity. The cache is sharded like the static
+sampler's: slots over ``data``/``fsdp``, KV heads over ``tensor``. A refill builds its rows'
+prompt caches in a fresh ``[layers, refill_batch, queue_len, ...]`` buffer and then writes
+each row into its slot: with sharded slots by a one-hot select over the slot axis (local to
+each device), so no device ever holds more than its shard of the cache plus the group's
+prompt rows; with unsharded slots (one data x fsdp way) by a scatter.
 
-``last_stats`` after each ``generate``: decode steps, prefill chunks, the decode slot
-utilisation (live slot-steps / (decode steps x slots)) and the queue bucket.
+``last_stats`` after each ``generate``: decode steps, prefill steps (``prefill_chunks``), the
+decode slot utilisation (live slot-steps / (decode steps x slots)) and the queue bucket.
 """
 
 from __future__ import annotations
@@ -156,6 +159,31 @@ def _put_rows(tree: Any, rows: Any, slot: jax.Array, local: bool = False) -> Any
     return jax.tree.map(lambda x, r: _put(x, r, slot, local=local), tree, rows)
 
 
+def _gather(x: jax.Array, slots: jax.Array, axis: int = 0, local: bool = False) -> jax.Array:
+    """Rows ``slots [R]`` of ``x`` along ``axis`` (``R`` in place of that axis)."""
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(_gather(jax.random.key_data(x), slots, axis, local),
+                                        impl=jax.random.key_impl(x))
+    if local:
+        return jnp.take(x, slots, axis=axis)
+    return jnp.concatenate([_row(x, slots[i], axis) for i in range(slots.shape[0])], axis=axis)
+
+
+def _scatter(x: jax.Array, rows: jax.Array, slots: jax.Array, axis: int = 0,
+             local: bool = False) -> jax.Array:
+    """``x`` with rows ``slots [R]`` (along ``axis``) replaced by ``rows``; a slot index
+    ``>= x.shape[axis]`` writes nothing (the slots written must be distinct)."""
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        data = _scatter(jax.random.key_data(x), jax.random.key_data(rows), slots, axis, local)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    rows = rows.astype(x.dtype)
+    if local:
+        return x.at[(slice(None),) * axis + (slots,)].set(rows, mode="drop")
+    for i in range(slots.shape[0]):
+        x = _put(x, jax.lax.slice_in_dim(rows, i, i + 1, axis=axis), slots[i], axis)
+    return x
+
+
 def queue_bucket(n_rows: int, slots: int) -> int:
     """Queue capacity of a ``generate`` call of ``n_rows`` prompts: ``slots x 2^k``, the
     smallest that holds them (one compiled program per bucket)."""
@@ -174,6 +202,9 @@ class ContinuousSampler(JaxSampler):
         min_free: refilling starts once this many slots are free (or fewer, when fewer
             prompts wait) and then fills every free slot before decoding resumes; 1 keeps
             the slots fullest.
+        refill_batch: prompts prefilled together, ``[refill_batch, chunk]`` tokens per
+            prefill step (1: one slot at a time). With ``min_free = refill_batch`` the slots
+            refill in groups: fewer, fuller prefill steps for a little slot idle time.
     """
 
     def __init__(
@@ -187,6 +218,7 @@ class ContinuousSampler(JaxSampler):
         min_prompt_bucket: int = 64,
         chunk: int | None = None,
         min_free: int = 1,
+        refill_batch: int = 1,
     ):
         super().__init__(model, config, mesh=mesh, batch_size=batch_size,
                          max_prompt_len=max_prompt_len, min_prompt_bucket=min_prompt_bucket)
@@ -194,6 +226,9 @@ class ContinuousSampler(JaxSampler):
         if not 1 <= min_free <= batch_size:
             raise ValueError(f"min_free={min_free} must be in [1, batch_size={batch_size}]")
         self.min_free = min_free
+        if not 1 <= refill_batch <= batch_size:
+            raise ValueError(f"refill_batch={refill_batch} must be in [1, batch_size={batch_size}]")
+        self.refill_batch = r_batch = refill_batch
         n, b, c = config.max_new_tokens, batch_size, self.chunk
         # Every prompt is queued left-padded to `n_chunks` whole chunks; its all-padding
         # leading chunks are skipped. A slot holds the prompt's chunks (the first one
@@ -242,53 +277,62 @@ class ContinuousSampler(JaxSampler):
         ql = self.queue_len
         local = mesh.shape["data"] * mesh.shape["fsdp"] == 1  # the slot axis is not sharded
 
-        def prefill(lm, s, slot, ids, mask, first, last, key):
-            """Write chunk ``ids [C]`` (``mask [C]``) into ``slot``; on the first chunk the
-            slot starts a new row with key ``key``; on the last it draws the first token.
-
-            Only the slot's prompt region (its first ``queue_len`` cache slots) is read and
-            attended: a prompt never sees the previous row's generated tokens."""
-            self.traces["prefill"] += 1
-            per_slot = {k: s[k] for k in per_slot_keys}
-            row = _rows(per_slot, slot, local)
+        def refill(lm, s, slots, active, reqs, j0, q_ids, q_mask, rng):
+            """Start requests ``reqs [R]`` in ``slots [R]`` (distinct; rows where ``active`` is
+            False write nothing) and prefill their prompts together, chunk ``j0`` to the last,
+            ``C`` tokens per row per step; the last chunk draws each row's first token. A row
+            whose prompt has fewer chunks than ``n_chunks - j0`` reads all-padding chunks first
+            (invalid cache slots). Only the prompt region (the first ``queue_len`` cache slots)
+            is written and attended: a prompt never sees the previous row's tokens."""
             cache = s["cache"]
-            k_row = _row(cache.k[:, :, :ql], slot, 1, local)
-            v_row = _row(cache.v[:, :, :ql], slot, 1, local)
-            c_row = _rows(dict(mask=cache.mask, next_pos=cache.next_pos, index=cache.index),
-                          slot, local)
-            # The first chunk starts a new request: forget the slot's old cache and row.
-            c_row = jax.tree.map(lambda x: jnp.where(first, jnp.zeros_like(x), x), c_row)
-            fresh = dict(
-                tok=jnp.zeros_like(row["tok"]), done=jnp.ones_like(row["done"]),
-                stopped=jnp.zeros_like(row["stopped"]), count=jnp.zeros_like(row["count"]),
-                tail=jnp.full_like(row["tail"], -1), keys=key[None],
-                tokens=jnp.full_like(row["tokens"], config.pad_token_id),
-                logprobs=jnp.zeros_like(row["logprobs"]),
-            )
-            row = jax.tree.map(lambda new, old: jnp.where(first, new, old), fresh, row)
-            start = c_row["index"][0]
-            row_cache = KVCache(k=k_row, v=v_row, mask=c_row["mask"][:, :ql],
-                                next_pos=c_row["next_pos"], index=start)
-            hidden, row_cache = lm.model(ids[None], mask[None], row_cache)
-            # Write back only the chunk's C cache positions (a slice along the unsharded
-            # sequence axis, then the slot selected in it).
-            def put(big: jax.Array, new: jax.Array) -> jax.Array:
-                region = jax.lax.dynamic_slice_in_dim(big, start, c, axis=2)
-                chunk = jax.lax.dynamic_slice_in_dim(new, start, c, axis=2)
-                return jax.lax.dynamic_update_slice_in_dim(
-                    big, _put(region, chunk, slot, 1, local), start, axis=2)
+            n_l, _, _, n_kv, d = cache.k.shape
+            rc = KVCache(k=jnp.zeros((n_l, r_batch, ql, n_kv, d), cache.k.dtype),
+                         v=jnp.zeros((n_l, r_batch, ql, n_kv, d), cache.v.dtype),
+                         mask=jnp.zeros((r_batch, ql), cache.mask.dtype),
+                         next_pos=jnp.zeros((r_batch,), cache.next_pos.dtype),
+                         index=jnp.zeros((), jnp.int32))
+            q_ids, q_mask = q_ids[reqs], q_mask[reqs]
 
-            mask_row = jnp.concatenate([row_cache.mask, c_row["mask"][:, ql:]], axis=1)
-            cache = KVCache(
-                k=put(cache.k, row_cache.k), v=put(cache.v, row_cache.v),
-                mask=_put(cache.mask, mask_row, slot, local=local),
-                next_pos=_put(cache.next_pos, row_cache.next_pos, slot, local=local),
-                index=_put(cache.index, row_cache.index[None], slot, local=local),
+            def chunk_step(carry):
+                self.traces["prefill"] += 1
+                j, rc, _ = carry
+                ids = jax.lax.dynamic_slice_in_dim(q_ids, j * c_len, c_len, axis=1)
+                mask = jax.lax.dynamic_slice_in_dim(q_mask, j * c_len, c_len, axis=1)
+                mask = jnp.where(active[:, None], mask, jnp.zeros((), mask.dtype))
+                hidden, rc = lm.model(ids, mask, rc)
+                return j + 1, rc, lm.logits(hidden[:, -1]).astype(jnp.float32)
+
+            logits0 = jnp.zeros((r_batch, lm.cfg.vocab_size), jnp.float32)
+            _, rc, logits = jax.lax.while_loop(lambda c: c[0] < self.n_chunks, chunk_step,
+                                               (j0, rc, logits0))
+            row = dict(
+                tok=jnp.zeros((r_batch,), jnp.int32), done=~active,
+                stopped=jnp.zeros((r_batch,), bool), count=jnp.zeros((r_batch,), jnp.int32),
+                tail=jnp.full((r_batch, tail_len), -1, jnp.int32),
+                keys=jax.vmap(lambda r: jax.random.fold_in(rng, r))(reqs),
+                tokens=jnp.full((r_batch, n), config.pad_token_id, jnp.int32),
+                logprobs=jnp.zeros((r_batch, n), jnp.float32),
             )
-            logits = lm.logits(hidden[:, -1])  # [1, V]: after the prompt's last token
-            row = dict(row, done=jnp.where(last, False, row["done"]))
-            row = _record(row, logits, last[None], config)
-            return dict(s, **_put_rows(per_slot, row, slot, local), cache=cache)
+            row = _record(row, logits, active, config)
+            at = jnp.where(active, slots, b)  # inactive rows: out of range, nothing written
+
+            def put_region(big: jax.Array, new: jax.Array) -> jax.Array:
+                if local:
+                    return big.at[:, at, :ql].set(new, mode="drop")
+                region = _scatter(big[:, :, :ql], new, at, 1)
+                return jax.lax.dynamic_update_slice_in_dim(big, region, 0, axis=2)
+
+            mask_rows = jnp.concatenate(
+                [rc.mask, jnp.zeros((r_batch, self.cache_len - ql), rc.mask.dtype)], axis=1)
+            cache = KVCache(
+                k=put_region(cache.k, rc.k), v=put_region(cache.v, rc.v),
+                mask=_scatter(cache.mask, mask_rows, at, local=local),
+                next_pos=_scatter(cache.next_pos, rc.next_pos, at, local=local),
+                index=_scatter(cache.index, jnp.broadcast_to(rc.index, (r_batch,)), at,
+                               local=local),
+            )
+            rows = {k: _scatter(s[k], row[k], at, local=local) for k in per_slot_keys}
+            return dict(s, **rows, cache=cache)
 
         def decode(lm, s):
             """One token for every live slot, each row writing its own next cache slot."""
@@ -313,62 +357,53 @@ class ContinuousSampler(JaxSampler):
                        logprobs=jnp.zeros((q, n), jnp.float32),
                        count=jnp.zeros((q,), jnp.int32), stopped=jnp.zeros((q,), bool))
             sched = dict(next_req=jnp.zeros((), jnp.int32),  # the next waiting request
-                         pf_slot=jnp.full((), -1, jnp.int32),  # the slot being prefilled
-                         pf_chunk=jnp.zeros((), jnp.int32),  # its next chunk
                          refilling=jnp.zeros((), bool),
                          steps=jnp.zeros((), jnp.int32), live_steps=jnp.zeros((), jnp.int32),
                          chunks=jnp.zeros((), jnp.int32))
             carry = dict(s=jax.lax.with_sharding_constraint(init(), state_sh), out=out,
                          **sched)
 
-            def free_slots(c):
-                return c["s"]["done"] & (slot_ids != c["pf_slot"])
-
             def may_start(c):
-                """A new request may take a free slot now (``min_free`` rule)."""
+                """New requests may take the free slots now (``min_free`` rule)."""
                 waiting = n_req - c["next_req"]
-                n_free = jnp.sum(free_slots(c).astype(jnp.int32))
+                n_free = jnp.sum(c["s"]["done"].astype(jnp.int32))
                 enough = c["refilling"] | (n_free >= jnp.minimum(min_free, waiting))
-                return (waiting > 0) & (n_free > 0) & enough & (c["pf_slot"] < 0)
+                return (waiting > 0) & (n_free > 0) & enough
 
             def cond(c):
-                return (~jnp.all(c["s"]["done"]) | (c["pf_slot"] >= 0)
-                        | (c["next_req"] < n_req))
+                return ~jnp.all(c["s"]["done"]) | (c["next_req"] < n_req)
 
-            def prefill_step(c):
-                """One prompt chunk. With no prefill under way, the next request first takes
-                the first free slot, whose finished row goes to ``out`` (branch-free: the
-                scatters drop a row that is not there)."""
-                starting = c["pf_slot"] < 0
-                slot = jnp.where(starting, jnp.argmax(free_slots(c)), c["pf_slot"])
-                slot = slot.astype(jnp.int32)
+            def refill_step(c):
+                """Up to ``refill_batch`` waiting requests take the first free slots (their
+                finished rows go to ``out`` first: branch-free, the scatters drop a row that is
+                not there) and are prefilled together."""
                 s = c["s"]
-                old = _row(s["owner"], slot, local=local)[0]
-                row = _rows({k: s[k] for k in out_keys}, slot, local)
-                at = jnp.where(starting & (old >= 0), old, q)
-                out = {k: c["out"][k].at[at].set(row[k][0], mode="drop") for k in out_keys}
-                r = jnp.where(starting, c["next_req"], old)
-                s = dict(s, owner=_put(s["owner"], r[None], slot, local=local))
-                j = jnp.where(starting, first_chunk[r], c["pf_chunk"])
-                ids = jax.lax.dynamic_slice_in_dim(queue_ids[r], j * c_len, c_len)
-                mask = jax.lax.dynamic_slice_in_dim(queue_mask[r], j * c_len, c_len)
-                last = j == self.n_chunks - 1
-                s = prefill(lm, s, slot, ids, mask, j == first_chunk[r], last,
-                            jax.random.fold_in(rng, r))
-                return dict(c, s=s, out=out, next_req=c["next_req"] + starting.astype(jnp.int32),
-                            pf_slot=jnp.where(last, -1, slot), pf_chunk=j + 1, refilling=True,
-                            chunks=c["chunks"] + 1)
+                free = s["done"]
+                n_free = jnp.sum(free.astype(jnp.int32))
+                k = jnp.minimum(jnp.minimum(n_free, n_req - c["next_req"]), r_batch)
+                # The free slots first, in slot order, then the others (never written).
+                slots = jnp.argsort(jnp.where(free, slot_ids, b + slot_ids))[:r_batch]
+                slots = slots.astype(jnp.int32)
+                active = jnp.arange(r_batch) < k
+                reqs = jnp.minimum(c["next_req"] + jnp.arange(r_batch, dtype=jnp.int32), q - 1)
+                old = _gather(s["owner"], slots, local=local)
+                rows = {key: _gather(s[key], slots, local=local) for key in out_keys}
+                at = jnp.where(active & (old >= 0), old, q)
+                out = {key: c["out"][key].at[at].set(rows[key], mode="drop") for key in out_keys}
+                s = dict(s, owner=_scatter(s["owner"], reqs, jnp.where(active, slots, b),
+                                           local=local))
+                j0 = jnp.min(jnp.where(active, first_chunk[reqs], self.n_chunks - 1))
+                s = refill(lm, s, slots, active, reqs, j0, queue_ids, queue_mask, rng)
+                return dict(c, s=s, out=out, next_req=c["next_req"] + k, refilling=True,
+                            chunks=c["chunks"] + self.n_chunks - j0)
 
             def decode_step(c):
                 live = jnp.sum((~c["s"]["done"]).astype(jnp.int32))
                 return dict(c, s=decode(lm, c["s"]), steps=c["steps"] + 1,
                             live_steps=c["live_steps"] + live)
 
-            def prefilling(c):
-                return may_start(c) | (c["pf_slot"] >= 0)
-
             def decoding(c):
-                return ~prefilling(c) & ~jnp.all(c["s"]["done"])
+                return ~may_start(c) & ~jnp.all(c["s"]["done"])
 
             # Refill (every free slot, chunk by chunk), then decode until a refill is due:
             # two while loops in a while loop, not a lax.cond per step, because XLA copies
@@ -376,7 +411,7 @@ class ContinuousSampler(JaxSampler):
             # compiled program: 2 copies of each of K and V per step); a loop carry is
             # updated in place.
             def body(c):
-                c = jax.lax.while_loop(prefilling, prefill_step, c)
+                c = jax.lax.while_loop(may_start, refill_step, c)
                 return jax.lax.while_loop(decoding, decode_step, dict(c, refilling=False))
 
             c = jax.lax.while_loop(cond, body, carry)
