@@ -198,6 +198,8 @@ def test_demo_config_sizes_every_stage():
     rm = load_config(RMTrainConfig, d.rm_config, d.rm_overrides)
     assert rm.train.num_epochs == 1 and rm.data.max_pairs_per_problem == 8
     assert rm.data.pairs_recipe == "augmented" and rm.data.validation_fraction > 0
+    # rm_tiny's own recipe (README): mean pooling, validated every 15 steps, best kept
+    assert (rm.model.pooling, rm.train.eval_every, rm.train.select_best) == ("mean", 15, True)
     sft = load_config(SFTConfig, d.sft_config, d.sft_overrides)
     assert (sft.train.steps, sft.data.max_problems, sft.optim.learning_rate) == (200, 12, 1e-2)
     g = load_config(GRPOConfig, d.grpo_config, d.grpo_overrides)
