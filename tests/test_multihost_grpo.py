@@ -231,9 +231,32 @@ def test_two_process_kill_and_resume_continues_exactly(runs):
     assert sorted(_tb_scalars(dst / "tb", "train/reward/mean")) == list(range(1, STEPS + 1))
 
 
+@pytest.mark.slow  # two more GRPO runs (3 processes); the same trainer path as the test above
+def test_continuous_engine_two_processes_match_one_process(tmp_path, tiny_rm):
+    """``rollout.engine=continuous`` multi-host: one queue of both processes' prompts through
+    4 global decode slots (so slots are refilled), each process keeping its own rows: the same
+    samples, rewards, advantages, losses and parameters as one process x 8 devices."""
+    extra = ["rollout.engine=continuous", "rollout.batch_size=4", "train.steps=2",
+             "pass_rate_eval.every=2"]
+    procs = _launch(tmp_path, "two", _argv(tmp_path / "two", tiny_rm, extra), 2, 4)
+    procs += _launch(tmp_path, "one", _argv(tmp_path / "one", tiny_rm, extra), 1, 8)
+    _wait_all(procs)
+    two, one = _records(tmp_path / "two_rec"), _records(tmp_path / "one_rec")
+    assert [len(r["steps"][0]["tokens"]) for r in two] == [4, 4]
+    steps2, steps1 = _whole_steps(two), _whole_steps(one)
+    assert len(steps2) == len(steps1) == 2
+    for a, b in zip(steps2, steps1, strict=True):
+        _assert_steps_match(a, b)
+    p2, p1 = _params(tmp_path / "two"), _params(tmp_path / "one")
+    worst = max(float(np.max(np.abs(p2[k] - p1[k]))) for k in p1)
+    assert worst < TOL, worst
+    e2 = _tb_scalars(tmp_path / "two" / "tb", "eval/train/pass_rate")
+    e1 = _tb_scalars(tmp_path / "one" / "tb", "eval/train/pass_rate")
+    assert sorted(e2) == sorted(e1) == [0, 2] and all(abs(e2[s] - e1[s]) < TOL for s in e1)
+
+
 REFUSED = {
     "rollout.num_prompts=3": "rollout.num_prompts=3 is not divisible by the 2 processes",
-    "rollout.engine=continuous": "rollout.engine=continuous does not run multi-host",
     "reward.rm_batch_size=5": "reward.rm_batch_size=5 is not divisible by the 2 processes",
 }
 

@@ -42,6 +42,12 @@ each row into its slot: with sharded slots by a one-hot select over the slot axi
 each device), so no device ever holds more than its shard of the cache plus the group's
 prompt rows; with unsharded slots (one data x fsdp way) by a scatter.
 
+Multi-host (``jax.distributed``): each process passes ``generate`` its own prompts, the same
+number on every process; the queue is every process's prompts in process order (gathered,
+then replicated), decoded through the global slots, and each process gets back its own rows.
+Request ``r`` of that queue draws with ``fold_in(rng, r)``, so the tokens equal one process
+sampling all the rows in that order, on any number of processes.
+
 ``last_stats`` after each ``generate``: decode steps, prefill steps (``prefill_chunks``), the
 decode slot utilisation (live slot-steps / (decode steps x slots)) and the queue bucket.
 """
@@ -59,13 +65,13 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from codescaler_jax.distributed import gather_rows, global_max
 from codescaler_jax.generate.sampler import (
     SAMPLERS,
     JaxSampler,
     SampleOutput,
     SamplingConfig,
     _ends_with_stop,
-    _host,
     choose_tokens,
     left_pad,
 )
@@ -433,13 +439,16 @@ class ContinuousSampler(JaxSampler):
     def _queue(self, prompts: Sequence[Sequence[int]]):
         """``(ids [Q, L], mask [Q, L], first_chunk [Q])``: each prompt left-padded to the
         queue length ``L = n_chunks x chunk``; ``first_chunk`` is its first chunk that is not
-        all padding. Rows past ``len(prompts)`` are never read."""
-        q = queue_bucket(len(prompts), self.batch_size)
+        all padding. Multi-host: every process's prompts, in process order (a collective).
+        Rows past the prompts are never read."""
         ids, mask = left_pad(prompts, self.queue_len, self.config.pad_token_id)
-        pad = ((0, q - len(prompts)), (0, 0))
         first = np.array([self.n_chunks - -(-len(p) // self.chunk) for p in prompts], np.int32)
+        if jax.process_count() > 1:
+            ids, mask, first = gather_rows(ids), gather_rows(mask), gather_rows(first)
+        q = queue_bucket(len(ids), self.batch_size)
+        pad = ((0, q - len(ids)), (0, 0))
         return (np.pad(ids, pad, constant_values=self.config.pad_token_id), np.pad(mask, pad),
-                np.pad(first, (0, q - len(prompts))))
+                np.pad(first, (0, q - len(first))))
 
     def lower_rollout(self, n_rows: int):
         """``jax.stages.Lowered`` of the rollout program for ``n_rows`` prompts (abstract
@@ -466,9 +475,20 @@ class ContinuousSampler(JaxSampler):
         if self._params is None:
             raise RuntimeError("ContinuousSampler: no parameters; call load_params first")
         n_rows = len(prompts)
+        procs, me = jax.process_count(), jax.process_index()
+        if procs > 1:  # the module docstring's multi-host contract: the same count everywhere
+            longest, most, fewest = (int(v) for v in global_max([longest, n_rows, -n_rows]))
+            if most != -fewest:
+                raise ValueError(f"generate: the processes hold between {-fewest} and {most} "
+                                 "prompts; multi-host sampling needs the same number on each")
         ids, mask, first = self._queue(prompts)
         with jax.set_mesh(self.mesh):
-            out, stats = self._run(self._params, ids, mask, first, np.int32(n_rows), rng)
+            args = (ids, mask, first, np.int32(n_rows * procs))
+            if procs > 1:  # the same queue on every process: replicated global arrays
+                rep = NamedSharding(self.mesh, PartitionSpec())
+                args = tuple(jax.make_array_from_process_local_data(rep, np.asarray(a))
+                             for a in args)
+            out, stats = self._run(self._params, *args, rng)
             out, stats = _host_tree((out, stats))
         steps, live = int(stats["steps"]), int(stats["live_steps"])
         self.last_stats = dict(
@@ -477,16 +497,18 @@ class ContinuousSampler(JaxSampler):
             queue=len(ids),
         )
         p_len = next(b for b in self.buckets if b >= longest)
-        return SampleOutput(out["tokens"][:n_rows], out["logprobs"][:n_rows],
-                            out["count"][:n_rows], out["stopped"][:n_rows], p_len)
+        mine = slice(me * n_rows, (me + 1) * n_rows)  # this process's rows of the queue
+        return SampleOutput(out["tokens"][mine], out["logprobs"][mine], out["count"][mine],
+                            out["stopped"][mine], p_len)
 
 
 def _host_tree(tree: Any) -> Any:
-    """``_host`` of every array, in one transfer when they are all on this host."""
-    leaves = jax.tree.leaves(tree)
-    if all(x.is_fully_addressable for x in leaves):
+    """The full value of every array on this host: one transfer when they are all on this
+    host, else (multi-host) each replicated array's local copy."""
+    if all(x.is_fully_addressable for x in jax.tree.leaves(tree)):
         return jax.tree.map(np.asarray, jax.device_get(tree))
-    return jax.tree.map(_host, tree)
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
 
 
+ContinuousSampler.multihost = True  # each process passes its own rows (module docstring)
 SAMPLERS.register("continuous")(ContinuousSampler)

@@ -34,8 +34,8 @@ and restores the Orbax checkpoints; process 0 alone writes TensorBoard (with its
 rows as the text samples), ``hf/`` and ``summary.json``; each process logs to
 ``log.p<process>.txt``. The pass-rate probes split their rows the same way (``rl.metrics``).
 With one decode loop per step (``rollout.batch_size`` >= the step's responses) the samples
-equal those of one process on the same mesh. Not multi-host: the ``continuous`` rollout
-engine (refused, naming ``rollout.engine``).
+equal those of one process on the same mesh; with the ``continuous`` rollout engine (one
+queue of every process's prompts through the global slots) they always do.
 """
 
 from __future__ import annotations
@@ -260,8 +260,8 @@ class GRPOTrainer:
         if rows % procs:
             raise ConfigError(f"rollout.batch_size={r.batch_size} ({rows} rows per decode "
                               f"loop) is not divisible by the {procs} processes")
-        # An engine says it runs multi-host on itself (not inherited: the continuous engine
-        # is a JaxSampler whose host-driven slot refills are per process).
+        # An engine says it runs multi-host on itself (``multihost``, not inherited: a
+        # subclass may drive its device work per process).
         if not vars(SAMPLERS.get(r.engine)).get("multihost", False):
             raise ConfigError(f"rollout.engine={r.engine} does not run multi-host ({procs} "
                               "processes); use rollout.engine=jax")
