@@ -260,3 +260,22 @@ def test_min_free_refill_batch_and_scanned_layers_give_the_same_rows():
     # One prefill step per chunk of each group, not per prompt: fewer steps than one at a time.
     assert sb["prefill_chunks"] < sa["prefill_chunks"] == sum(-(-n // 4) for n in
                                                               [3, 8, 5, 1, 7, 2, 6, 4, 8, 5])
+
+
+def test_engine_kwargs_are_checked_against_the_engine():
+    """``rollout.engine_kwargs`` (e.g. ``refill_batch``) are the engine's constructor
+    arguments (the trainer passes them: tests/test_packing.py, slow); a name the engine does
+    not take is refused, naming it, and so is a refill batch over the slots."""
+    from codescaler_jax.config import load_config
+    from codescaler_jax.rl.config import GRPOConfig, RolloutSection
+
+    cfg = load_config(GRPOConfig, "configs/grpo_tiny.yaml", [
+        "rollout.engine=continuous", "rollout.engine_kwargs={refill_batch: 2, min_free: 2}"])
+    assert cfg.rollout.engine_kwargs == {"refill_batch": 2, "min_free": 2}
+    with pytest.raises(ValueError, match=r"rollout.engine_kwargs: \['refill_batchh'\]"):
+        RolloutSection(engine="continuous", engine_kwargs={"refill_batchh": 2})
+    with pytest.raises(ValueError, match="refill_batch=9 must be in"):
+        cfg2 = Qwen3Config.tiny()
+        ContinuousSampler(counting_lm(cfg2), SamplingConfig(max_new_tokens=4, greedy=True),
+                          mesh=make_mesh(MeshConfig(), devices=jax.devices()[:1]),
+                          batch_size=4, max_prompt_len=8, refill_batch=9)

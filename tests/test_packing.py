@@ -2,6 +2,8 @@
 every aggregation mode, with mixed lengths and empty responses; packed sequences never see
 each other."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -159,19 +161,31 @@ def test_packed_sequences_never_see_each_other_and_restart_positions():
 
 
 @pytest.mark.slow
-def test_grpo_loop_packed_equals_padded_and_runs_continuous_rollouts(tmp_path):
+def test_grpo_loop_packed_equals_padded_and_runs_continuous_rollouts(tmp_path, monkeypatch):
     """The trainer hooks: ``algorithm.ppo_max_token_len_per_device`` gives the padded run's
-    metrics and parameters; ``rollout.engine=continuous`` trains too."""
+    metrics and parameters; ``rollout.engine=continuous`` (with ``rollout.engine_kwargs``)
+    trains too."""
     from test_grpo_train import _cfg, _loop_overrides  # registers the test reward too
     from tiny_rm import save_tiny_rm
 
+    from codescaler_jax.generate.engine import ContinuousSampler
     from codescaler_jax.rl.trainer import GRPOTrainer
 
+    built = []  # the refill_batch of every continuous engine the trainer builds
+    init = ContinuousSampler.__init__
+
+    @functools.wraps(init)  # the config checks engine_kwargs against this signature
+    def recording_init(self, *args, **kwargs):
+        built.append(kwargs.get("refill_batch"))
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(ContinuousSampler, "__init__", recording_init)
     rm_dir = save_tiny_rm(tmp_path / "rm")
     mesh = make_mesh(MeshConfig(), devices=jax.devices()[:1])
     runs = {}
     for name, extra in (("padded", []), ("packed", ["algorithm.ppo_max_token_len_per_device=600"]),
-                        ("continuous", ["rollout.engine=continuous"])):
+                        ("continuous", ["rollout.engine=continuous",
+                                        "rollout.engine_kwargs={refill_batch: 2, min_free: 2}"])):
         trainer = GRPOTrainer(_cfg(_loop_overrides(tmp_path / name, rm_dir, 2) + extra),
                               progress=False, mesh=mesh)
         runs[name] = (trainer.run(), jax.device_get(trainer.state["params"]))
@@ -190,6 +204,7 @@ def test_grpo_loop_packed_equals_padded_and_runs_continuous_rollouts(tmp_path):
     assert sum(int((d > 1e-5).sum()) for d in diffs) <= 10
     assert max(float(d.max()) for d in diffs) < 1e-3
     assert runs["continuous"][0]["steps_run"] == 2
+    assert built == [2]  # rollout.engine_kwargs reached the engine
 
 
 def test_bins_respect_the_budget_and_micro_batches_round_to_buckets():

@@ -62,7 +62,9 @@ class RolloutSection:
     ``generate.sampler.SAMPLERS`` (``jax``: the in-process decode loop). ``batch_size``: rows per
     decode loop on device. ``stop_strings``: extra stops besides EOS, matched as token
     sequences. ``prefill_chunk``: prefill prompts this many tokens at a time (bounds the
-    prefill's attention and activation memory for long prompts); None: in one pass."""
+    prefill's attention and activation memory for long prompts); None: in one pass.
+    ``engine_kwargs``: extra keyword arguments of the engine's constructor, e.g. for
+    ``continuous`` ``{min_free: 4, refill_batch: 4}`` (prompts prefilled four at a time)."""
 
     engine: str = "jax"
     num_prompts: int = 128
@@ -75,9 +77,18 @@ class RolloutSection:
     batch_size: int = 128
     min_response_bucket: int = 64
     prefill_chunk: int | None = None
+    engine_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         SAMPLERS.check(self.engine)
+        if self.engine_kwargs:
+            import inspect
+
+            accepted = inspect.signature(SAMPLERS.get(self.engine)).parameters
+            unknown = sorted(set(self.engine_kwargs) - set(accepted))
+            if unknown:
+                raise ValueError(f"rollout.engine_kwargs: {unknown} are not arguments of "
+                                 f"rollout.engine={self.engine}")
         if self.num_generations < 2:
             raise ValueError(f"rollout.num_generations must be >= 2, got {self.num_generations}")
         if self.num_prompts < 1:

@@ -348,6 +348,7 @@ class GRPOTrainer:
         sampler = SAMPLERS.get(r.engine)(
             model, scfg, mesh=mesh, batch_size=min(r.batch_size, r.num_prompts * r.num_generations),
             max_prompt_len=cfg.data.max_prompt_length, min_prompt_bucket=cfg.data.min_prompt_bucket,
+            **r.engine_kwargs,
         )
         # pass-rate probes in the sandbox: a metric of the run, never its reward (rl.metrics)
         self._probe = build_probe(
