@@ -7,7 +7,8 @@ The parent sets the environment (``JAX_PLATFORMS=cpu``, the fake device count in
 ``XLA_FLAGS``, and for multi-process runs ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` /
 ``JAX_PROCESS_ID``), so the CLI's own start-up path (``codescaler_jax.distributed``) joins the
 processes. ``RECORD_DIR/steps.p<process>.json`` holds, per step run: this process's prompt
-indices, response token ids, rewards and advantages, and the step's (global) metrics.
+indices, response token ids, rewards and advantages, the step's (global) metrics, and the rows
+each packed update of this process received (``packed_rows``).
 """
 
 from __future__ import annotations
@@ -42,8 +43,18 @@ def main() -> int:
 
         return fn
 
+    import codescaler_jax.rl.packing as packing_mod
+
     steps: list[dict] = []
     advantages: list[list[float]] = []
+    packed_rows: list[int] = []  # rows each packing call of this process received
+    original_pack = packing_mod.pack_update_batch
+
+    def pack(batch, **kw):
+        packed_rows.append(len(batch["response_mask"]))
+        return original_pack(batch, **kw)
+
+    packing_mod.pack_update_batch = pack
     original_call = trainer_mod.RolloutStep.__call__
     original_build = trainer_mod.GRPOTrainer.build_programs
 
@@ -71,7 +82,9 @@ def main() -> int:
             "rewards": [float(x) for x in res.rewards],
             "advantages": adv,
             "metrics": {k: float(v) for k, v in last.items()},
+            "packed_rows": list(packed_rows),
         })
+        packed_rows.clear()
         return state, last, rollout, res
 
     trainer_mod.GRPOTrainer.build_programs = build_programs

@@ -232,17 +232,26 @@ def test_two_process_kill_and_resume_continues_exactly(runs):
 
 
 @pytest.mark.slow  # two more GRPO runs (3 processes); the same trainer path as the test above
-def test_continuous_engine_two_processes_match_one_process(tmp_path, tiny_rm):
+def test_continuous_engine_and_packed_update_two_processes_match_one_process(tmp_path, tiny_rm):
     """``rollout.engine=continuous`` multi-host: one queue of both processes' prompts through
-    4 global decode slots (so slots are refilled), each process keeping its own rows: the same
-    samples, rewards, advantages, losses and parameters as one process x 8 devices."""
+    4 global decode slots (so slots are refilled), each process keeping its own rows; and the
+    packed update (``algorithm.ppo_max_token_len_per_device``), each process packing only its
+    own rows into its own bins: the same samples, rewards, advantages, losses and parameters
+    as one process x 8 devices (whose packing holds every row)."""
     extra = ["rollout.engine=continuous", "rollout.batch_size=4", "train.steps=2",
-             "pass_rate_eval.every=2"]
+             "pass_rate_eval.every=2", "algorithm.ppo_max_token_len_per_device=320"]
     procs = _launch(tmp_path, "two", _argv(tmp_path / "two", tiny_rm, extra), 2, 4)
     procs += _launch(tmp_path, "one", _argv(tmp_path / "one", tiny_rm, extra), 1, 8)
     _wait_all(procs)
     two, one = _records(tmp_path / "two_rec"), _records(tmp_path / "one_rec")
     assert [len(r["steps"][0]["tokens"]) for r in two] == [4, 4]
+    # each process packed its own 4 rows; the single process all 8
+    assert [s["packed_rows"] for r in two for s in r["steps"]] == [[4], [4], [4], [4]]
+    assert [s["packed_rows"] for s in one[0]["steps"]] == [[8], [8]]
+    # the packing figures are the whole step's on every process (here one bin per sequence)
+    for key in ("update/padding_fraction_padded", "update/padding_fraction_packed"):
+        seen = [[s["metrics"][key] for s in r["steps"]] for r in (*two, *one)]
+        assert seen[0] == seen[1] == seen[2] and all(0 < x < 1 for x in seen[0]), (key, seen)
     steps2, steps1 = _whole_steps(two), _whole_steps(one)
     assert len(steps2) == len(steps1) == 2
     for a, b in zip(steps2, steps1, strict=True):

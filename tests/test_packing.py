@@ -217,3 +217,34 @@ def test_bins_respect_the_budget_and_micro_batches_round_to_buckets():
     with pytest.raises(ValueError, match="token_budget=10"):
         first_fit(np.array([11]), 10)
     assert [micro_bucket(n) for n in (1, 2, 3, 4, 5, 7, 9, 13)] == [1, 2, 3, 4, 6, 8, 12, 16]
+
+
+@pytest.mark.parametrize("split", [4, 3])
+def test_packing_a_block_of_rows_keeps_the_global_mini_batches(split):
+    """Multi-host, a process packs only its block of rows (``row_offset`` = the block's first
+    global row): each mini-batch then holds the same sequences as in a packing of the whole
+    batch (row r in mini-batch r mod n by its global index, also for an odd block start),
+    and the blocks' denominators add up to the whole batch's."""
+    host = _batch(4)
+    cfg = PolicyLossConfig(loss_agg_mode="seq-mean-token-mean")
+    kw = dict(num_minibatches=2, token_budget=24, loss=cfg)
+    whole, _ = pack_update_batch(host, **kw)
+    blocks = [pack_update_batch({k: v[rows] for k, v in host.items()}, row_offset=rows.start,
+                                **kw)[0]
+              for rows in (slice(0, split), slice(split, len(host["advantages"])))]
+
+    def sequences(packed, j):  # mini-batch j's (tokens, advantage) of every packed sequence
+        out = []
+        for ids, seg, adv in zip(packed["input_ids"][j].reshape(-1, 24),
+                                 packed["segment_ids"][j].reshape(-1, 24),
+                                 packed["advantages"][j].reshape(-1, 24), strict=True):
+            for s in range(1, seg.max() + 1):
+                at = seg == s
+                out.append((tuple(ids[at]), round(float(adv[at].sum()), 5)))
+        return sorted(out)
+
+    for j in range(2):
+        assert sequences(whole, j) == sorted(sequences(blocks[0], j) + sequences(blocks[1], j))
+        assert sequences(whole, j)  # not vacuous
+    np.testing.assert_allclose(blocks[0]["denominator"] + blocks[1]["denominator"],
+                               whole["denominator"], rtol=1e-6)

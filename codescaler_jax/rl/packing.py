@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from codescaler_jax.distributed import gather_rows, global_max
 from codescaler_jax.rl.grpo import UpdateOptions, make_train_step
 from codescaler_jax.rl.losses import (
     PolicyLossConfig,
@@ -82,6 +83,8 @@ def pack_update_batch(
     token_budget: int,
     loss: PolicyLossConfig,
     rows_per_micro: int = 1,
+    row_offset: int = 0,
+    across_processes: bool = False,
 ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Pack a padded GRPO batch into token-budget bins.
 
@@ -93,6 +96,12 @@ def pack_update_batch(
         token_budget: tokens per bin.
         loss: gives the aggregation mode (the denominators and weights).
         rows_per_micro: bins per micro-batch.
+        row_offset: the global index of ``batch``'s first row (multi-host: this process's
+            rows are a block of the global batch; mini-batches follow the global index).
+        across_processes: ``batch`` is this process's rows only (a collective): the
+            micro-batch count is the largest any process needs and each denominator is the
+            sum of every process's, so every process packs its own rows into its own bins
+            and the global arrays are the processes' blocks side by side.
 
     Returns:
         ``(packed, stats)``: ``packed`` holds ``PACKED_KEYS`` (+ ``ref_logp``) as
@@ -116,12 +125,16 @@ def pack_update_batch(
     prompt_len = attn[:, :p].sum(1)
     resp_len = attn[:, p:].sum(1)
     seq_len = prompt_len + resp_len
-    minis = [np.arange(j, b, num_minibatches) for j in range(num_minibatches)]
+    minis = [np.flatnonzero((np.arange(b) + row_offset) % num_minibatches == j)
+             for j in range(num_minibatches)]
     bins_of = []
     for rows in minis:
         keep = rows[resp[rows].any(1)]
         bins_of.append([keep[i] for i in first_fit(seq_len[keep], token_budget)])
-    u = micro_bucket(max(-(-len(bins) // rows_per_micro) for bins in bins_of))
+    needed = max(-(-len(bins) // rows_per_micro) for bins in bins_of)
+    if across_processes:
+        needed = int(global_max(needed))
+    u = micro_bucket(needed)
     shape = (num_minibatches, u * rows_per_micro, token_budget)
     out = {k: np.zeros(shape, np.float32 if k in ("old_logp", "advantages", "weight",
                                                      "den_weight", "ref_logp") else np.int32)
@@ -147,17 +160,26 @@ def pack_update_batch(
                 at += pl + rl
     packed = {k: v.reshape(num_minibatches, u, rows_per_micro, token_budget)
               for k, v in out.items()}
-    packed["denominator"] = np.asarray(
+    den = np.asarray(
         [float(loss_denominator(jnp.asarray(resp[rows]), mode, norm_constant=const))
          for rows in minis], np.float32)
-    real = int(seq_len[resp.any(1)].sum())
+    # (padded tokens, packed tokens, real tokens, tokens of the padded rows, rows)
+    counts = np.asarray([b * (p + n), np.prod(shape), seq_len[resp.any(1)].sum(), attn.sum(), b],
+                        np.float64)
+    if across_processes:  # denominators add over rows, so over processes
+        den = gather_rows(den[None]).sum(0).astype(np.float32)
+        counts = gather_rows(counts[None]).sum(0)
+    packed["denominator"] = den
+    padded, packed_tokens, real, used, rows = (float(x) for x in counts)
     stats = {
-        "padded_tokens": float(b * (p + n)),
-        "packed_tokens": float(np.prod(shape)),
-        "real_tokens": float(real),
-        "padding_fraction_padded": 1.0 - float(attn.sum()) / (b * (p + n)),
-        "padding_fraction_packed": 1.0 - real / float(np.prod(shape)),
+        "padded_tokens": padded,
+        "packed_tokens": packed_tokens,
+        "real_tokens": real,
+        "padding_fraction_padded": 1.0 - used / padded,
+        "padding_fraction_packed": 1.0 - real / packed_tokens,
         "micro_batches": float(u),
+        "rows": rows,
+        "rows_packed_here": float(b),
     }
     return packed, stats
 
@@ -166,25 +188,72 @@ def pack_on_mesh(batch: Mapping[str, jax.Array], mesh: Any, *, num_minibatches: 
                  token_budget: int, loss: PolicyLossConfig) -> tuple[dict[str, jax.Array],
                                                                  dict[str, float]]:
     """``pack_update_batch`` of a global (device) batch, put back on ``mesh``: one bin per
-    data x fsdp shard in each micro-batch, the bins split over ``('data', 'fsdp')``."""
-    from jax.experimental import multihost_utils
+    data x fsdp shard in each micro-batch, the bins split over ``('data', 'fsdp')``.
+
+    Multi-host, every process packs only the rows its own devices hold (a block of the
+    global batch: ``rows_of_this_process``) into the bins its devices hold: no process
+    gathers another's rows. The bins differ from a one-process packing of the same batch,
+    but loss and gradients do not (each denominator is global, counted before packing)."""
     from jax.sharding import NamedSharding, PartitionSpec
 
-    def host(x: jax.Array) -> np.ndarray:
-        if not x.is_fully_addressable:
-            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-        return np.asarray(jax.device_get(x))
-
-    ways = mesh.shape["data"] * mesh.shape["fsdp"]
-    packed, stats = pack_update_batch({k: host(v) for k, v in batch.items()},
-                                      num_minibatches=num_minibatches, token_budget=token_budget,
-                                      loss=loss, rows_per_micro=ways)
     bins = NamedSharding(mesh, PartitionSpec(None, None, ("data", "fsdp")))
     whole = NamedSharding(mesh, PartitionSpec())
-    out = {k: jax.make_array_from_callback(v.shape, whole if v.ndim == 1 else bins,
-                                           lambda i, v=v: v[i])
-           for k, v in packed.items()}
+    ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    if jax.process_count() == 1:
+        packed, stats = pack_update_batch({k: np.asarray(jax.device_get(v))
+                                           for k, v in batch.items()},
+                                          num_minibatches=num_minibatches,
+                                          token_budget=token_budget, loss=loss,
+                                          rows_per_micro=ways)
+        return {k: jax.make_array_from_callback(v.shape, whole if v.ndim == 1 else bins,
+                                                lambda i, v=v: v[i])
+                for k, v in packed.items()}, stats
+    local = {k: rows_of_this_process(v) for k, v in batch.items()}
+    offsets = {off for off, _ in local.values()}
+    if len(offsets) != 1:
+        raise ValueError(f"the update batch's arrays are not sharded alike: row offsets {offsets}")
+    here = local_bin_count(mesh)
+    packed, stats = pack_update_batch({k: v for k, (_, v) in local.items()},
+                                      num_minibatches=num_minibatches,
+                                      token_budget=token_budget, loss=loss,
+                                      rows_per_micro=here, row_offset=offsets.pop(),
+                                      across_processes=True)
+    out = {}
+    for k, v in packed.items():
+        if v.ndim == 1:  # the denominators: the same on every process
+            out[k] = jax.make_array_from_process_local_data(whole, v, v.shape)
+        else:
+            shape = (*v.shape[:2], ways, *v.shape[3:])
+            out[k] = jax.make_array_from_process_local_data(bins, v, shape)
     return out, stats
+
+
+def rows_of_this_process(x: jax.Array) -> tuple[int, np.ndarray]:
+    """``(first row, rows)`` of the block of dimension 0 that this process's devices hold
+    (each row once, however many devices replicate it); the block must be contiguous."""
+    shards: dict[int, np.ndarray] = {}
+    for s in x.addressable_shards:
+        start = (s.index[0].start or 0) if s.index else 0
+        shards.setdefault(start, s.data)
+    starts = sorted(shards)
+    parts = [np.asarray(shards[i]) for i in starts]
+    at = starts[0]
+    for i, part in zip(starts, parts, strict=True):
+        if i != at:
+            raise ValueError(f"this process's rows of a {x.shape} array are not one block "
+                             f"(a gap at row {at})")
+        at += len(part)
+    return starts[0], np.concatenate(parts)
+
+
+def local_bin_count(mesh: Any) -> int:
+    """How many of the ``data x fsdp`` positions of ``mesh`` this process's devices hold
+    (its devices along ``tensor`` replicate the same bins)."""
+    names = list(mesh.axis_names)
+    keep = [names.index("data"), names.index("fsdp")]
+    me = jax.process_index()
+    return len({tuple(c[keep]) for c in np.argwhere(np.ones(mesh.devices.shape, bool))
+                if mesh.devices[tuple(c)].process_index == me})
 
 
 def packed_logprobs(model: Any, mb: Mapping[str, jax.Array], temperature: float = 1.0,

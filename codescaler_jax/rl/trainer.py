@@ -537,16 +537,21 @@ class RolloutStep:
                                        else (res, out, mask, np.asarray(adv)))
         ent = (None if entropy is None
                else float(jnp.sum(entropy * batch["response_mask"])) / max(m_mask.sum(), 1))
+        packing = {}
         if a.ppo_max_token_len_per_device is not None:  # the padded rows, packed (rl.packing)
-            batch, _ = pack_on_mesh(batch, prog.data_sharding.mesh,
-                                    num_minibatches=a.num_minibatches,
-                                    token_budget=a.ppo_max_token_len_per_device,
-                                    loss=a.loss_config())
+            # multi-host: each process packs its own rows (the stats are the whole step's)
+            batch, stats = pack_on_mesh(batch, prog.data_sharding.mesh,
+                                        num_minibatches=a.num_minibatches,
+                                        token_budget=a.ppo_max_token_len_per_device,
+                                        loss=a.loss_config())
+            packing = {f"update/{k}": stats[k] for k in (
+                "padding_fraction_padded", "padding_fraction_packed", "micro_batches")}
         state, metrics = prog.train_step(state, batch)
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         t3 = time.perf_counter()
         last = step_metrics(m_res, m_out, m_mask, metrics, ent, m_adv, (t0, t1, t2, t3))
         last.update(drift)
+        last.update(packing)
         return state, last, rollout, res
 
 
