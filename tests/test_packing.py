@@ -149,7 +149,8 @@ def test_packed_sequences_never_see_each_other_and_restart_positions():
     stats = nnx.jit(lambda m, ids, mask: response_token_stats(m, ids, mask, N)[0])
     want = np.asarray(stats(model, jnp.asarray(host["input_ids"]),
                             jnp.asarray(host["attention_mask"])))
-    flat = {k: jnp.asarray(v[0].reshape(-1, 40)) for k, v in packed.items() if k != "denominator"}
+    flat = {k: jnp.asarray(v[0].reshape(-1, v.shape[-1])) for k, v in packed.items()
+            if k != "denominator"}
     all_logp = np.asarray(jax.jit(packed_logprobs)(model, flat))
     all_mask = np.asarray(flat["loss_mask"]) > 0
     old = np.asarray(flat["old_logp"])[all_mask]

@@ -22,7 +22,10 @@ mask is empty contribute nothing in either layout and are left out of the bins.
 Static shapes: the bins of a mini-batch are grouped ``rows_per_micro`` at a time (a multiple
 of the mesh's data x fsdp size, so micro-batches shard like padded rows) into micro-batches;
 their count is rounded up to a bucket (``micro_bucket``: 1, 2, 3, 4, 6, 8, 12, ...), so the
-jitted step compiles once per bucket, not per batch.
+jitted step compiles once per bucket, not per batch. ``pred_index [.., R]`` lists each bin's
+positions that predict a response token (``R`` rounded up the same way, ``pred_bucket``): the
+LM head runs on those alone, as the padded update runs it on the response slice only (with a
+large vocabulary the head dominates, and a bin's prompt positions would otherwise pay for it).
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from codescaler_jax.rl.losses import (
 )
 
 PACKED_KEYS = ("input_ids", "valid", "segment_ids", "positions", "targets", "loss_mask",
-               "old_logp", "advantages", "weight", "den_weight")
+               "old_logp", "advantages", "weight", "den_weight", "pred_index")
 
 
 def first_fit(lengths: np.ndarray, budget: int) -> list[list[int]]:
@@ -74,6 +77,12 @@ def micro_bucket(n: int) -> int:
     (a power of two alone would waste up to half)."""
     p = 1 << max(n - 1, 0).bit_length()
     return 3 * p // 4 if p >= 4 and 3 * p // 4 >= n else p
+
+
+def pred_bucket(n: int, budget: int) -> int:
+    """Prediction positions per bin, rounded up to 16 x ``micro_bucket`` (at most two
+    compiled shapes per doubling), at most ``budget``."""
+    return min(budget, 16 * micro_bucket(-(-max(n, 1) // 16)))
 
 
 def pack_update_batch(
@@ -135,13 +144,20 @@ def pack_update_batch(
     if across_processes:
         needed = int(global_max(needed))
     u = micro_bucket(needed)
+    # The positions that predict a response token, per bin (the LM head runs on these only).
+    preds = max((int(resp_len[m].sum()) for bins in bins_of for m in bins), default=1)
+    if across_processes:
+        preds = int(global_max(preds))
+    r_len = pred_bucket(preds, token_budget)
     shape = (num_minibatches, u * rows_per_micro, token_budget)
     out = {k: np.zeros(shape, np.float32 if k in ("old_logp", "advantages", "weight",
                                                      "den_weight", "ref_logp") else np.int32)
-           for k in (*PACKED_KEYS, *(("ref_logp",) if has_ref else ()))}
+           for k in (*PACKED_KEYS, *(("ref_logp",) if has_ref else ())) if k != "pred_index"}
+    # out of range (token_budget) marks an unused entry: gathered clamped, scattered dropped
+    out["pred_index"] = np.full((*shape[:2], r_len), token_budget, np.int32)
     for j, bins in enumerate(bins_of):
         for slot, members in enumerate(bins):
-            at = 0
+            at, n_pred = 0, 0
             for seg, r in enumerate(members):
                 pl, rl = int(prompt_len[r]), int(resp_len[r])
                 tokens = np.concatenate([ids[r, p - pl:p], ids[r, p:p + rl]])
@@ -157,8 +173,10 @@ def pack_update_batch(
                 out["advantages"][j, slot, pred] = adv[r]
                 for k, v in per_row.items():
                     out[k][j, slot, pred] = v[r, :rl]
+                out["pred_index"][j, slot, n_pred:n_pred + rl] = np.arange(pred.start, pred.stop)
+                n_pred += rl
                 at += pl + rl
-    packed = {k: v.reshape(num_minibatches, u, rows_per_micro, token_budget)
+    packed = {k: v.reshape(num_minibatches, u, rows_per_micro, v.shape[-1])
               for k, v in out.items()}
     den = np.asarray(
         [float(loss_denominator(jnp.asarray(resp[rows]), mode, norm_constant=const))
@@ -259,16 +277,35 @@ def local_bin_count(mesh: Any) -> int:
 def packed_logprobs(model: Any, mb: Mapping[str, jax.Array], temperature: float = 1.0,
                     chunk: int | None = None) -> jax.Array:
     """``log_softmax(logits / T)`` of each position's target, ``[k, T]`` for packed rows
-    (the padded path's ``grpo.response_token_stats``, on the packed layout)."""
+    (the padded path's ``grpo.response_token_stats``, on the packed layout).
+
+    With ``pred_index [k, R]`` (``pack_update_batch`` writes it) the LM head runs only on the
+    ``R`` positions that predict a response token, as the padded path runs it on the response
+    slice alone; every other position's value is 0 (the loss masks it)."""
     hidden = model.hidden_states(mb["input_ids"], mb["valid"], segment_ids=mb["segment_ids"],
                                  positions=mb["positions"])
+    targets = mb["targets"]
+    k, t = targets.shape
+    index = mb.get("pred_index")
+    if index is None:
+        return _target_logprobs(model, hidden, targets, temperature, chunk)
+    at = jnp.minimum(index, t - 1)  # unused entries (index t) read the last position
+    h = jnp.take_along_axis(hidden, at[..., None], axis=1)
+    lp = _target_logprobs(model, h, jnp.take_along_axis(targets, at, axis=1), temperature, chunk)
+    rows = jnp.arange(k)[:, None]
+    return jnp.zeros((k, t), lp.dtype).at[rows, index].set(lp, mode="drop")
+
+
+def _target_logprobs(model: Any, hidden: jax.Array, targets: jax.Array, temperature: float,
+                     chunk: int | None) -> jax.Array:
+    """``log_softmax(model.logits(hidden) / T)`` at ``targets`` (``[k, n]``), the LM head
+    over ``chunk`` positions at a time (rematerialised in the backward) when given."""
 
     def stats(h: jax.Array, tgt: jax.Array) -> jax.Array:
         logits = model.logits(h) / temperature
         picked = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
         return picked - jax.nn.logsumexp(logits, axis=-1)
 
-    targets = mb["targets"]
     k, t = targets.shape
     if chunk is None or chunk >= t:
         return stats(hidden, targets)
