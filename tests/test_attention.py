@@ -125,6 +125,39 @@ def test_segment_ids_restrict_attention_to_a_segment():
     assert np.abs(np.asarray(ref - _attend("xla", q, k, v, valid))).max() > 0.1
 
 
+@pytest.mark.parametrize("layout", ["packed", "unsorted"])
+def test_chunked_skips_other_segments_blocks_and_stays_exact(layout):
+    """Packed sequences (sorted segments, padding with segment 0 at the end): a query block's
+    KV loop starts at its segment's first block and the backward stops at the last query
+    block of the KV block's segments, with the same values and gradients as ``xla``; with
+    unsorted segment ids the range test skips less but stays exact."""
+    t, block = 48, 8
+    q, k, v = _qkv(2, t, t, 4, 2, 8, seed=11)
+    if layout == "packed":  # segments of 16, 8, 16 tokens, then 8 padding tokens
+        row = np.repeat([1, 2, 3, 0], [16, 8, 16, 8])
+        seg = np.stack([row, np.repeat([1, 2, 0], [24, 16, 8])])
+    else:
+        seg = np.random.RandomState(12).randint(1, 4, (2, t))
+    valid = jnp.asarray(seg > 0)
+    seg = jnp.asarray(seg, jnp.int32)
+    kw = dict(q_segment_ids=seg, kv_segment_ids=seg)
+    ref, ref_g = _value_and_grads("xla", q, k, v, valid, **kw)
+    out, g = _value_and_grads("chunked", q, k, v, valid, block_q=block, block_kv=block, **kw)
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0)
+    for a, b in zip(g, ref_g, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+    q_seg = seg.reshape(2, t // block, block).transpose(1, 0, 2)
+    j_lo, i_hi = (np.asarray(x) for x in A._segment_bounds(q_seg, seg, valid, block))
+    if layout == "packed":
+        # blocks of 8: row 0 holds segments 1 | 1 | 2 | 3 | 3 | pad, row 1 1 | 1 | 1 | 2 | 2 | pad.
+        # Query blocks 3 and 4 start at KV block 3; the padding block sees no key at all.
+        assert j_lo.tolist() == [0, 0, 0, 3, 3, 6]
+        # KV blocks 0-2 are seen by query blocks 0-2 only, 3-4 by 3-4, the padding by none
+        assert i_hi.tolist() == [3, 3, 3, 5, 5, 0]
+    else:
+        assert j_lo.tolist() == [0] * 6 and i_hi.tolist() == [6] * 6
+
+
 @pytest.mark.parametrize("mesh_shape", [None, (2, 1, 2)], ids=["one_device", "data2_tensor2"])
 def test_splash_interpret_equals_xla(mesh_shape):
     """The Pallas TPU kernel in interpret mode on CPU: right and left padding, GQA, T = 200

@@ -295,8 +295,39 @@ def chunked_attention(
     if q_segment_ids is not None:
         q_seg = jnp.pad(q_segment_ids, ((0, 0), (0, tp - t))).reshape(b, nq, bq).transpose(1, 0, 2)
     offset = jnp.asarray(q_offset, jnp.int32)
-    out = _flash(bk, qb, k, v, kv_valid.astype(bool), q_seg, kv_segment_ids, offset)
+    kv_valid = kv_valid.astype(bool)
+    bounds = _segment_bounds(q_seg, kv_segment_ids, kv_valid, bk)
+    out = _flash(bk, qb, k, v, kv_valid, q_seg, kv_segment_ids, offset, bounds)
     return out.transpose(1, 0, 3, 2, 4, 5).reshape(b, tp, n, d)[:, :t]
+
+
+def _segment_bounds(q_seg, kv_seg, kv_valid, bk: int) -> tuple[jax.Array, jax.Array] | None:
+    """With segment ids, the blocks no query of a block can see, skipped (packed sequences:
+    a query block's loop starts at its first segment's first KV block, not at key 0).
+
+    Returns ``(j_lo [nq], i_hi [nk])``: query block ``i`` starts its KV loop at block
+    ``j_lo[i]`` (every earlier KV block holds, in every batch row, no valid key of a segment
+    within the query block's range of segments), and KV block ``j``'s backward loop stops
+    before query block ``i_hi[j]`` (likewise for every later query block). Exact for any
+    segment ids (a range test, so it skips less when segments are not sorted); ``None``
+    without segment ids."""
+    if q_seg is None:
+        return None
+    nq = q_seg.shape[0]
+    s = kv_seg.shape[1]
+    nk = -(-s // bk)
+    starts = jnp.minimum(jnp.arange(nk) * bk, s - bk)
+    idx = starts[:, None] + jnp.arange(bk)[None, :]  # [nk, bk]
+    seg, ok = kv_seg[:, idx], kv_valid[:, idx]  # [B, nk, bk]
+    big = jnp.iinfo(jnp.int32).max
+    kv_min = jnp.where(ok, seg, big).min(-1)  # [B, nk]; a block without valid keys: (big, -big)
+    kv_max = jnp.where(ok, seg, -big).max(-1)
+    q_min, q_max = q_seg.min(-1).T, q_seg.max(-1).T  # [B, nq]
+    apart = ((kv_max[:, None, :] < q_min[:, :, None]) | (kv_min[:, None, :] > q_max[:, :, None]))
+    apart = apart.all(0)  # [nq, nk]: no batch row's queries of block i see block j
+    j_lo = jnp.cumprod(apart, axis=1).sum(1).astype(jnp.int32)
+    i_hi = (nq - jnp.cumprod(apart[::-1], axis=0).sum(0)).astype(jnp.int32)
+    return j_lo, i_hi
 
 
 def _even_block(n: int, block: int) -> int:
@@ -338,7 +369,7 @@ def _scores(qi, kj, mask, scale):
     return s.reshape(b, kh, bq * g, -1)
 
 
-def _flash_forward(bk, qb, k, v, kv_valid, q_seg, kv_seg, offset):
+def _flash_forward(bk, qb, k, v, kv_valid, q_seg, kv_seg, offset, bounds):
     nq, b, kh, bq, g, d = qb.shape
     s = k.shape[1]
     nk = -(-s // bk)
@@ -351,6 +382,7 @@ def _flash_forward(bk, qb, k, v, kv_valid, q_seg, kv_seg, offset):
         q_seg_i = None if q_seg is None else q_seg[i]
         # KV blocks holding a key <= the block's last query position; the rest are skipped.
         n_kv = jnp.minimum(nk, (offset + (i + 1) * bq - 1) // bk + 1)
+        j_lo = 0 if bounds is None else bounds[0][i]  # KV blocks of earlier segments: skipped
 
         def body(j, carry):
             m, norm, acc = carry
@@ -371,7 +403,7 @@ def _flash_forward(bk, qb, k, v, kv_valid, q_seg, kv_seg, offset):
         init = (jnp.full((b, kh, rows), _NEG_INF, jnp.float32),
                 jnp.zeros((b, kh, rows), jnp.float32),
                 jnp.zeros((b, kh, rows, d), jnp.float32))
-        m, norm, acc = jax.lax.fori_loop(0, n_kv, body, init)
+        m, norm, acc = jax.lax.fori_loop(j_lo, n_kv, body, init)
         seen = m > 0.5 * _NEG_INF  # False: the row saw no key at all (fully masked)
         out = jnp.where(seen[..., None], acc / jnp.where(seen, norm, 1.0)[..., None], 0.0)
         lse = jnp.where(seen, m + jnp.log(jnp.where(seen, norm, 1.0)), 0.0)
@@ -382,17 +414,17 @@ def _flash_forward(bk, qb, k, v, kv_valid, q_seg, kv_seg, offset):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(bk, qb, k, v, kv_valid, q_seg, kv_seg, offset):
-    return _flash_forward(bk, qb, k, v, kv_valid, q_seg, kv_seg, offset)[0]
+def _flash(bk, qb, k, v, kv_valid, q_seg, kv_seg, offset, bounds):
+    return _flash_forward(bk, qb, k, v, kv_valid, q_seg, kv_seg, offset, bounds)[0]
 
 
-def _flash_fwd(bk, qb, k, v, kv_valid, q_seg, kv_seg, offset):
-    out, lse = _flash_forward(bk, qb, k, v, kv_valid, q_seg, kv_seg, offset)
-    return out, (qb, k, v, kv_valid, q_seg, kv_seg, offset, out, lse)
+def _flash_fwd(bk, qb, k, v, kv_valid, q_seg, kv_seg, offset, bounds):
+    out, lse = _flash_forward(bk, qb, k, v, kv_valid, q_seg, kv_seg, offset, bounds)
+    return out, (qb, k, v, kv_valid, q_seg, kv_seg, offset, bounds, out, lse)
 
 
 def _flash_bwd(bk, res, d_out):
-    qb, k, v, kv_valid, q_seg, kv_seg, offset, out, lse = res
+    qb, k, v, kv_valid, q_seg, kv_seg, offset, bounds, out, lse = res
     nq, b, kh, bq, g, d = qb.shape
     s = k.shape[1]
     nk = -(-s // bk)
@@ -428,7 +460,8 @@ def _flash_bwd(bk, res, d_out):
             return dq, dk, dv
 
         zeros = jnp.zeros((b, kh, bk, d), jnp.float32)
-        dq, dk, dv = jax.lax.fori_loop(i0, nq, body, (dq, zeros, zeros))
+        i_hi = nq if bounds is None else bounds[1][j]  # query blocks of later segments
+        dq, dk, dv = jax.lax.fori_loop(i0, jnp.maximum(i0, i_hi), body, (dq, zeros, zeros))
         return dq, (dk, dv)
 
     dq0 = jnp.zeros((nq, b, kh, rows, d), jnp.float32)
@@ -441,7 +474,7 @@ def _flash_bwd(bk, res, d_out):
         return jnp.concatenate([head, x[:, -1, bk - tail:]], axis=1).astype(k.dtype)
 
     return (dq.reshape(qb.shape).astype(qb.dtype), unblock(dk), unblock(dv),
-            None, None, None, None)
+            None, None, None, None, None)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
