@@ -59,6 +59,10 @@ class DataSection:
     mutants_per_positive: int = 9
     train_mutant_kinds: list[str] | None = None  # None: every kind of FINE_MUTANT_KINDS
     cross_pairs_per_problem: int = 0
+    # Training pairs only, applied after the cached splits are read (data/debias.py): comment
+    # filler on one side so that "the longer input wins" is a fair coin in training.
+    train_length_debias: Literal["off", "replace", "add"] = "off"
+    train_length_debias_margin: int = 16  # the longer side leads by 1..margin tokens
     max_problems: int | None = None  # humaneval: only the first N problems (tests, quick runs)
     skip_bad: bool = False
     max_record_bytes: int = 1 << 20
@@ -74,6 +78,7 @@ class DataSection:
             max_pairs_per_problem=1, max_record_bytes=1, max_pairs=1, sandbox_workers=1,
             rewrites_per_problem=0, rewrite_candidates=1, mutants_per_positive=1,
             cross_pairs_per_problem=0, max_problems=1, buckets_per_octave=1,
+            train_length_debias_margin=1,
         )
         check_fraction("data", self, "line_mutant_fraction", "unaligned_fraction")
         if self.sandbox_time_limit_s <= 0:

@@ -28,6 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from codescaler_jax.config import ConfigError, to_dict
 from codescaler_jax.data.datasets import load_pair_splits
+from codescaler_jax.data.debias import length_debias_pairs
 from codescaler_jax.data.pairs import Pair
 from codescaler_jax.data.pipeline import (
     drop_identical,
@@ -162,6 +163,13 @@ class RMTrainer:
         cfg = self.cfg
         train_pairs, val_pairs, held_pairs, stats = self.load_pairs()
         max_len = cfg.data.max_length
+        if cfg.data.train_length_debias != "off":
+            # training pairs only: validation and held-out pairs stay as built
+            train_pairs, stats["train_length_debias"] = length_debias_pairs(
+                train_pairs, tokenizer, max_len, seed=cfg.train.seed,
+                mode=cfg.data.train_length_debias, margin=cfg.data.train_length_debias_margin,
+            )
+            log.info("length-debiased training pairs: %s", stats["train_length_debias"])
         buckets = make_buckets(
             max_len, min(cfg.data.min_bucket, max_len), cfg.data.buckets_per_octave
         )
