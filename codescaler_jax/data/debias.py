@@ -11,7 +11,8 @@ side of each training pair so that, in tokens after truncation:
 - the filler goes on that coin's side, always (at least one word), so it lies on the positive
   and on the negative equally often and its presence is no cue of the label;
 - the longer side leads by ``g`` tokens, ``g`` uniform in ``1..margin`` (or, when it was
-  already longer by more, by its own lead plus the filler's few tokens).
+  already longer by more, by its own lead plus the filler's few tokens); filler grows by whole
+  words, so the lead can pass ``g`` by a word's tokens.
 
 When the target cannot be reached under ``max_length`` (the other side is near the cap) the
 pair is left as it is and counted.
@@ -31,7 +32,7 @@ from typing import Any
 from codescaler_jax.data.pairs import Pair
 from codescaler_jax.data.tokenizer import encode_rm_inputs
 
-DEBIAS_MODES = ("off", "replace", "add")
+DEBIAS_MODES = ("none", "replace", "add")  # not "off": YAML reads that as false
 # Comment words: plain English, no identifiers or keywords of the solutions.
 _WORDS = ("note", "see", "the", "above", "this", "part", "end", "of", "here", "text", "comment",
           "for", "reader", "kept", "as", "is", "a", "line", "and", "so", "on")
@@ -99,15 +100,15 @@ def length_debias_pairs(
 ) -> tuple[list[Pair], dict[str, Any]]:
     """Training pairs with the filler of the module docstring. ``mode``: ``replace`` (each
     pair by its debiased copy), ``add`` (each pair and, after all of them, its debiased copy;
-    a copy equal to its pair is not added), ``off`` (unchanged). Returns the pairs and
+    a copy equal to its pair is not added), ``none`` (unchanged). Returns the pairs and
     statistics (P(chosen longer) before / after, filler counts, pairs out of reach)."""
     if mode not in DEBIAS_MODES:
         raise ValueError(f"length debias mode must be one of {DEBIAS_MODES}, got {mode!r}")
     if margin < 1:
         raise ValueError(f"length debias margin must be >= 1, got {margin}")
     pairs = list(pairs)
-    if mode == "off":
-        return pairs, {"mode": "off"}
+    if mode == "none":
+        return pairs, {"mode": "none"}
     out: list[Pair] = []
     n_c = n_r = unreachable = 0
     before, after = [], []

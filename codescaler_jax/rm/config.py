@@ -61,7 +61,7 @@ class DataSection:
     cross_pairs_per_problem: int = 0
     # Training pairs only, applied after the cached splits are read (data/debias.py): comment
     # filler on one side so that "the longer input wins" is a fair coin in training.
-    train_length_debias: Literal["off", "replace", "add"] = "off"
+    train_length_debias: Literal["none", "replace", "add"] = "none"
     train_length_debias_margin: int = 16  # the longer side leads by 1..margin tokens
     max_problems: int | None = None  # humaneval: only the first N problems (tests, quick runs)
     skip_bad: bool = False

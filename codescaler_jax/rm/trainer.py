@@ -163,7 +163,7 @@ class RMTrainer:
         cfg = self.cfg
         train_pairs, val_pairs, held_pairs, stats = self.load_pairs()
         max_len = cfg.data.max_length
-        if cfg.data.train_length_debias != "off":
+        if cfg.data.train_length_debias != "none":
             # training pairs only: validation and held-out pairs stay as built
             train_pairs, stats["train_length_debias"] = length_debias_pairs(
                 train_pairs, tokenizer, max_len, seed=cfg.train.seed,
