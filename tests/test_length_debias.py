@@ -138,3 +138,32 @@ def test_debias_keys_are_not_in_the_pairs_cache_key():
     a = load_config(RMTrainConfig, "configs/rm_tiny.yaml").data
     b = dataclasses.replace(a, train_length_debias="add", train_length_debias_margin=4)
     assert pairs_cache_key(a, 0)["sha256"] == pairs_cache_key(b, 0)["sha256"]
+
+
+def test_duplicate_line_is_a_training_only_longer_negative():
+    from codescaler_jax.data.augmented import AugmentOptions, build_split_pairs
+    from codescaler_jax.data.mutants import FINE_MUTANT_KINDS, TRAIN_ONLY_MUTANT_KINDS
+
+    p = humaneval_problems()[0]
+    lo, hi = body_range(p.solution, p.tests["entry_point"])
+    ms = make_mutants_by_kind(p.solution, n=3, kinds=("duplicate_line",), seed=0, lo=lo, hi=hi)
+    assert ms and all(k == "duplicate_line" for _, k in ms)
+    for m, _ in ms:  # one more line, a copy of the line above it
+        a, b = p.solution.splitlines(), m.splitlines()
+        assert len(b) == len(a) + 1
+        i = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+        assert b[i] == b[i - 1] and b[:i] + b[i + 1:] == a
+    # a training-only kind: the validation / held-out pairs are the same with it
+    probs = humaneval_problems()[:16]
+    opts = dict(rewrites_per_problem=1, rewrite_candidates=2, mutants_per_positive=4,
+                max_pairs_per_problem=8)
+    kw = dict(held_out_fraction=0.25, validation_fraction=0.125, seed=0, progress=False)
+    base, _ = build_split_pairs(probs, options=AugmentOptions(**opts), **kw)
+    more, st = build_split_pairs(probs, options=AugmentOptions(
+        **opts, train_mutant_kinds=FINE_MUTANT_KINDS + TRAIN_ONLY_MUTANT_KINDS), **kw)
+    assert base["validation"] == more["validation"] and base["held_out"] == more["held_out"]
+    assert base["train"] != more["train"]
+    assert "duplicate_line" not in st["pairs_by_kind"]["held_out"]
+    assert st["mutants"]["train"].get("duplicate_line/failing", 0) > 0
+    with pytest.raises(ValueError, match="unknown"):
+        load_config(RMTrainConfig, "configs/rm_tiny.yaml", ["data.train_mutant_kinds=[nope]"])

@@ -90,11 +90,12 @@ class DataSection:
                 f"data.validation_fraction must be in [0, 1 - data.eval_fraction), "
                 f"got {self.validation_fraction}"
             )
-        from codescaler_jax.data.mutants import FINE_MUTANT_KINDS
+        from codescaler_jax.data.mutants import FINE_MUTANT_KINDS, TRAIN_ONLY_MUTANT_KINDS
         from codescaler_jax.data.rewrites import TRANSFORMS
 
         for key, given, known in (
-            ("train_mutant_kinds", self.train_mutant_kinds, FINE_MUTANT_KINDS),
+            ("train_mutant_kinds", self.train_mutant_kinds,
+             FINE_MUTANT_KINDS + TRAIN_ONLY_MUTANT_KINDS),
             ("rewrite_transforms", self.rewrite_transforms, tuple(TRANSFORMS)),
         ):
             bad = [k for k in given or () if k not in known]
@@ -117,6 +118,10 @@ class TrainSection:
     early_stopping_patience: int | None = None  # stop after this many validation evaluations
     # without a better validation accuracy (needs data.validation_fraction > 0)
     select_best: bool = True  # with a validation split: keep the best-validation parameters
+    # An exponential moving average of the parameters (decay per step), evaluated and kept in
+    # place of the raw ones (validation, best selection, held-out, the exported model); None:
+    # off. Not checkpointed: a resumed run restarts it from the resumed parameters.
+    ema_decay: float | None = None
     save_every: int = 100
     keep_checkpoints: int = 2
     log_every: int = 1
@@ -131,6 +136,8 @@ class TrainSection:
             eval_every=0, eval_batch_size=1, save_every=0, keep_checkpoints=1, log_every=1,
             early_stopping_patience=1,
         )
+        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"train.ema_decay must be in [0, 1) or null, got {self.ema_decay}")
         if self.global_batch_size % self.grad_accum_steps:
             raise ValueError(
                 f"train.global_batch_size={self.global_batch_size} is not divisible by "
