@@ -167,3 +167,17 @@ def test_duplicate_line_is_a_training_only_longer_negative():
     assert st["mutants"]["train"].get("duplicate_line/failing", 0) > 0
     with pytest.raises(ValueError, match="unknown"):
         load_config(RMTrainConfig, "configs/rm_tiny.yaml", ["data.train_mutant_kinds=[nope]"])
+
+
+def test_ema_update_and_config_range():
+    import jax.numpy as jnp
+
+    from codescaler_jax.rm.trainer import _ema_update
+
+    ema = {"w": jnp.zeros(3), "b": {"c": jnp.ones(2)}}
+    new = _ema_update(ema, {"w": jnp.ones(3), "b": {"c": jnp.zeros(2)}}, 0.75)
+    np.testing.assert_allclose(new["w"], 0.25)
+    np.testing.assert_allclose(new["b"]["c"], 0.75)
+    assert load_config(RMTrainConfig, "configs/rm_tiny.yaml").train.ema_decay is None
+    with pytest.raises(Exception, match="ema_decay"):
+        load_config(RMTrainConfig, "configs/rm_tiny.yaml", ["train.ema_decay=1.5"])
