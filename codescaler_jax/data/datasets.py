@@ -24,8 +24,10 @@ from codescaler_jax.errors import InputError
 log = logging.getLogger("codescaler_jax")
 
 
-# Data keys that change only tokenization or speed, not which pairs are built.
-_NOT_PAIR_KEYS = ("tokenizer", "max_length", "min_bucket", "sandbox_workers")
+# Data keys that change only tokenization or speed, not which pairs are built and cached (the
+# length debiasing of the training pairs is applied by the trainer after the cache is read).
+_NOT_PAIR_KEYS = ("tokenizer", "max_length", "min_bucket", "sandbox_workers",
+                  "train_length_debias", "train_length_debias_margin")
 
 
 def _file_identity(value: str | None) -> dict[str, Any] | None:

@@ -206,6 +206,12 @@ FINE_MUTANT_KINDS = (
     "delete_line",
     "cut",
 )
+# Kinds for training pairs only (``data.train_mutant_kinds``): validation and held-out pairs
+# keep exactly FINE_MUTANT_KINDS. duplicate_line repeats a one-line simple statement (an
+# assignment, augmented assignment or expression such as ``out.append(x)``) right after
+# itself: a negative *longer* than its positive, against the "longer input wins" shortcut of
+# the deletion kinds (repeats that change nothing pass in the sandbox and are dropped).
+TRAIN_ONLY_MUTANT_KINDS = ("duplicate_line",)
 _NON_COMMUTATIVE = {
     ast.Sub: "-",
     ast.Div: "/",
@@ -346,9 +352,37 @@ def _ast_edits(code: str, lo: int, hi: int) -> dict[str, list[tuple[int, int, st
     return out
 
 
+def _duplicate_edits(code: str, lo: int, hi: int) -> list[tuple[int, int, str]]:
+    """Insertions ``(end, end, line)`` repeating a one-line simple statement inside
+    ``[lo, hi)`` on the next line (same indentation)."""
+    from codescaler_jax.data.source_edits import Positions, nodes_in, parse
+
+    tree = parse(code)
+    if tree is None:
+        return []
+    pos = Positions(code)
+    out = []
+    for n in nodes_in(tree, pos, lo, hi):
+        if not isinstance(n, ast.Assign | ast.AugAssign | ast.AnnAssign | ast.Expr):
+            continue
+        if n.lineno != n.end_lineno or (isinstance(n, ast.Expr) and isinstance(
+                n.value, ast.Constant)):
+            continue  # multi-line statements, docstrings
+        start, end = pos.line_start(n.lineno), pos.line_end(n.lineno)
+        line = code[start:end]
+        if code[start : pos.span(n)[0]].strip() or code[pos.span(n)[1] : end].strip(" \t\n;"):
+            continue  # not alone on its line
+        out.append((end, end, line if line.endswith("\n") else "\n" + line))
+    return out
+
+
 def mutant_edits_by_kind(code: str, lo: int, hi: int) -> dict[str, list[tuple[int, int, str]]]:
-    """Candidate edits ``(start, end, replacement)`` inside ``[lo, hi)``, by fine kind."""
-    pools: dict[str, list[tuple[int, int, str]]] = {k: [] for k in FINE_MUTANT_KINDS}
+    """Candidate edits ``(start, end, replacement)`` inside ``[lo, hi)``, by fine kind (and the
+    training-only kinds)."""
+    pools: dict[str, list[tuple[int, int, str]]] = {
+        k: [] for k in FINE_MUTANT_KINDS + TRAIN_ONLY_MUTANT_KINDS
+    }
+    pools["duplicate_line"] = _duplicate_edits(code, lo, hi)
     for edit in _edits(code, lo, hi):
         pools[_token_kind(code, edit)].append(edit)
     for kind, edits in _ast_edits(code, lo, hi).items():
@@ -371,9 +405,10 @@ def make_mutants_by_kind(
     """Up to ``n`` distinct, syntactically valid mutants ``(code, kind)`` spread evenly over
     ``kinds`` (round robin in a seeded order; a kind out of edits leaves its turn to the
     others). Only ``[lo, hi)`` is edited. Deterministic for a given seed."""
-    unknown = [k for k in kinds if k not in FINE_MUTANT_KINDS]
+    known = FINE_MUTANT_KINDS + TRAIN_ONLY_MUTANT_KINDS
+    unknown = [k for k in kinds if k not in known]
     if unknown:
-        raise ValueError(f"unknown mutant kind(s) {unknown}; known: {list(FINE_MUTANT_KINDS)}")
+        raise ValueError(f"unknown mutant kind(s) {unknown}; known: {list(known)}")
     hi = len(code) if hi is None else hi
     rng = random.Random(seed)
     pools = mutant_edits_by_kind(code, lo, hi)

@@ -59,6 +59,10 @@ class DataSection:
     mutants_per_positive: int = 9
     train_mutant_kinds: list[str] | None = None  # None: every kind of FINE_MUTANT_KINDS
     cross_pairs_per_problem: int = 0
+    # Training pairs only, applied after the cached splits are read (data/debias.py): comment
+    # filler on one side so that "the longer input wins" is a fair coin in training.
+    train_length_debias: Literal["none", "replace", "add"] = "none"
+    train_length_debias_margin: int = 16  # the longer side leads by 1..margin tokens
     max_problems: int | None = None  # humaneval: only the first N problems (tests, quick runs)
     skip_bad: bool = False
     max_record_bytes: int = 1 << 20
@@ -74,6 +78,7 @@ class DataSection:
             max_pairs_per_problem=1, max_record_bytes=1, max_pairs=1, sandbox_workers=1,
             rewrites_per_problem=0, rewrite_candidates=1, mutants_per_positive=1,
             cross_pairs_per_problem=0, max_problems=1, buckets_per_octave=1,
+            train_length_debias_margin=1,
         )
         check_fraction("data", self, "line_mutant_fraction", "unaligned_fraction")
         if self.sandbox_time_limit_s <= 0:
@@ -85,11 +90,12 @@ class DataSection:
                 f"data.validation_fraction must be in [0, 1 - data.eval_fraction), "
                 f"got {self.validation_fraction}"
             )
-        from codescaler_jax.data.mutants import FINE_MUTANT_KINDS
+        from codescaler_jax.data.mutants import FINE_MUTANT_KINDS, TRAIN_ONLY_MUTANT_KINDS
         from codescaler_jax.data.rewrites import TRANSFORMS
 
         for key, given, known in (
-            ("train_mutant_kinds", self.train_mutant_kinds, FINE_MUTANT_KINDS),
+            ("train_mutant_kinds", self.train_mutant_kinds,
+             FINE_MUTANT_KINDS + TRAIN_ONLY_MUTANT_KINDS),
             ("rewrite_transforms", self.rewrite_transforms, tuple(TRANSFORMS)),
         ):
             bad = [k for k in given or () if k not in known]
@@ -112,6 +118,10 @@ class TrainSection:
     early_stopping_patience: int | None = None  # stop after this many validation evaluations
     # without a better validation accuracy (needs data.validation_fraction > 0)
     select_best: bool = True  # with a validation split: keep the best-validation parameters
+    # An exponential moving average of the parameters (decay per step), evaluated and kept in
+    # place of the raw ones (validation, best selection, held-out, the exported model); None:
+    # off. Not checkpointed: a resumed run restarts it from the resumed parameters.
+    ema_decay: float | None = None
     save_every: int = 100
     keep_checkpoints: int = 2
     log_every: int = 1
@@ -126,6 +136,8 @@ class TrainSection:
             eval_every=0, eval_batch_size=1, save_every=0, keep_checkpoints=1, log_every=1,
             early_stopping_patience=1,
         )
+        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"train.ema_decay must be in [0, 1) or null, got {self.ema_decay}")
         if self.global_batch_size % self.grad_accum_steps:
             raise ValueError(
                 f"train.global_batch_size={self.global_batch_size} is not divisible by "

@@ -28,6 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from codescaler_jax.config import ConfigError, to_dict
 from codescaler_jax.data.datasets import load_pair_splits
+from codescaler_jax.data.debias import length_debias_pairs
 from codescaler_jax.data.pairs import Pair
 from codescaler_jax.data.pipeline import (
     drop_identical,
@@ -108,6 +109,7 @@ class RMTrainer:
         self.progress = progress
         self.run_dir = Path(cfg.run_dir)
         self._prepared = False
+        self._ema = None
 
     def prepare(self) -> None:
         """Check the input paths and the run directory before any work (refuse a used
@@ -162,6 +164,13 @@ class RMTrainer:
         cfg = self.cfg
         train_pairs, val_pairs, held_pairs, stats = self.load_pairs()
         max_len = cfg.data.max_length
+        if cfg.data.train_length_debias != "none":
+            # training pairs only: validation and held-out pairs stay as built
+            train_pairs, stats["train_length_debias"] = length_debias_pairs(
+                train_pairs, tokenizer, max_len, seed=cfg.train.seed,
+                mode=cfg.data.train_length_debias, margin=cfg.data.train_length_debias_margin,
+            )
+            log.info("length-debiased training pairs: %s", stats["train_length_debias"])
         buckets = make_buckets(
             max_len, min(cfg.data.min_bucket, max_len), cfg.data.buckets_per_octave
         )
@@ -308,9 +317,13 @@ class RMTrainer:
             best = BestValidation(t.select_best, t.early_stopping_patience)
             last: dict[str, float] = {}
             end = start
+            self._ema = None  # train.ema_decay: the average, restarted on resume
             for step in range(start, total):
                 state, last = train_one_step(prog, state, data.batches, t.global_batch_size, peak)
                 end = step + 1
+                if t.ema_decay is not None:
+                    self._ema = (jax.tree.map(jnp.copy, state["params"]) if self._ema is None
+                                 else _ema_update(self._ema, state["params"], t.ema_decay))
                 if due(t.log_every, end) or end == total:
                     writer.scalars(end, last, "train/")
                 bar.update(1)
@@ -342,14 +355,15 @@ class RMTrainer:
         """The periodic evaluation: validation (model selection and early stopping look at it
         only) when there is a validation split, else held-out."""
         t0 = time.perf_counter()
+        params = state["params"] if self._ema is None else self._ema  # ema_decay: the average
         if prog.evaluator.has_validation:
-            m = prog.evaluator(state["params"], validation=True)
+            m = prog.evaluator(params, validation=True)
             writer.scalars(step, {**m, "time_s": time.perf_counter() - t0}, "validation/")
             history["validation"].append({"step": step, **m})
             log.info("step %d validation: %s", step, _fmt(m))
-            best.update(step, m["accuracy"], state["params"])
+            best.update(step, m["accuracy"], params)
         else:
-            m = prog.evaluator(state["params"])
+            m = prog.evaluator(params)
             writer.scalars(step, {**m, "time_s": time.perf_counter() - t0}, "eval/")
             history["eval"].append({"step": step, **m})
             log.info("step %d held-out: %s", step, _fmt(m))
@@ -358,6 +372,8 @@ class RMTrainer:
                 best: BestValidation, step: int) -> tuple[dict, dict[str, float]]:
         """The last validation, the best-validation parameters kept (``select_best``), the
         final held-out evaluation: ``(state, final held-out metrics)``."""
+        if self._ema is not None:  # train.ema_decay: the average replaces the raw parameters
+            state = {**state, "params": self._ema}
         if prog.evaluator.has_validation:
             m = prog.evaluator(state["params"], validation=True)
             history["validation"].append({"step": step, **m})
@@ -518,6 +534,11 @@ class BestValidation:
 
     def summary(self) -> dict[str, Any] | None:
         return None if self.step is None else {"step": self.step, "accuracy": self.accuracy}
+
+
+@jax.jit
+def _ema_update(ema: Any, params: Any, decay: float) -> Any:
+    return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
 
 
 def train_one_step(prog: RMPrograms, state: dict, batches: Any, global_batch_size: int,
