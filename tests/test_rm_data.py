@@ -198,3 +198,28 @@ def test_eval_batches_pad_with_zero_weight():
     batches = list(eval_batches(data, batch_size=2, buckets=(8, 32), pad_id=0))
     assert [b["weight"].tolist() for b in batches] == [[1.0, 1.0], [1.0, 0.0]]
     assert batches[1]["chosen_ids"].shape == (2, 32)
+
+
+def test_a_timed_out_candidate_is_run_again_with_a_longer_limit():
+    """A correct but slow program (about 0.7 s of CPU against a 0.4 s limit) times out once;
+    the retry at 8x the limit labels it passing, so its label does not depend on the load.
+    A program that never ends still fails, and without retries the slow one fails."""
+    from codescaler_jax.data.problems import humaneval_problems
+    from codescaler_jax.data.verified import label_candidates
+
+    p = humaneval_problems()[0]
+    entry = p.tests["entry_point"]
+    slow = p.solution.replace(
+        f"def {entry}(", "import time as _t\n\n"
+        f"def _busy():\n    t = _t.process_time()\n    while _t.process_time() - t < 0.1:\n"
+        f"        pass\n\n\ndef {entry}(", 1)
+    slow = slow.replace("    for idx", "    _busy()\n    for idx", 1)
+    assert slow != p.solution and "_busy()\n    for idx" in slow
+    never = p.solution.replace("    for idx", "    while True:\n        pass\n    for idx", 1)
+    cands = [[(p.solution, "canonical"), (slow, "slow"), (never, "never")]]
+    got = [c.passed for c in label_candidates([p], cands, workers=2, progress=False,
+                                               time_limit_s=0.4, timeout_retry_factor=8.0)]
+    assert got == [True, True, False]
+    once = [c.passed for c in label_candidates([p], cands, workers=2, progress=False,
+                                                time_limit_s=0.4, timeout_retry_factor=1.0)]
+    assert once == [True, False, False]

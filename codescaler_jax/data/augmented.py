@@ -75,6 +75,7 @@ def build_split_pairs(
     workers: int = 2,
     time_limit_s: float = 5.0,
     progress: bool = True,
+    timeout_retry_factor: float = 4.0,
 ) -> tuple[dict[str, list[Pair]], dict[str, Any]]:
     """``({"train": pairs, "validation": pairs, "held_out": pairs}, statistics)``."""
     for p in problems:
@@ -105,6 +106,7 @@ def build_split_pairs(
         workers=workers,
         time_limit_s=time_limit_s,
         progress=progress,
+        timeout_retry_factor=timeout_retry_factor,
     )
     stats: dict[str, Any] = {"problems": {s: 0 for s in SPLITS}}
     counts: Counter[str] = Counter()
@@ -150,7 +152,8 @@ def build_split_pairs(
         mut_cands.append(cands)
         owners.append(own)
     mlabels = label_candidates(
-        problems, mut_cands, workers=workers, time_limit_s=time_limit_s, progress=progress
+        problems, mut_cands, workers=workers, time_limit_s=time_limit_s, progress=progress,
+        timeout_retry_factor=timeout_retry_factor,
     )
 
     # 3. pairs

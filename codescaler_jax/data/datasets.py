@@ -127,6 +127,7 @@ def load_pair_splits(
             seed=seed,
             workers=d.sandbox_workers,
             time_limit_s=d.sandbox_time_limit_s,
+            timeout_retry_factor=d.sandbox_timeout_retry_factor,
             progress=progress,
         )
         pairs, val, held = split["train"], split["validation"], split["held_out"]
@@ -143,6 +144,7 @@ def load_pair_splits(
             unaligned_fraction=d.unaligned_fraction,
             workers=d.sandbox_workers,
             time_limit_s=d.sandbox_time_limit_s,
+            timeout_retry_factor=d.sandbox_timeout_retry_factor,
             seed=seed,
             progress=progress,
         )

@@ -26,9 +26,15 @@ def label_candidates(
     workers: int = 2,
     time_limit_s: float = 5.0,
     progress: bool = True,
+    timeout_retry_factor: float = 4.0,
 ) -> list[Candidate]:
     """Run ``codes[i]`` (candidates of ``problems[i]``: code strings or ``(code, kind)``)
-    against that problem's tests."""
+    against that problem's tests.
+
+    A candidate that timed out is run once more with ``timeout_retry_factor`` times the
+    limit (1: never): a correct but slow program (e.g. a quadratic list build) near the limit
+    would otherwise pass or fail with the machine's load, and the same seed would build other
+    pairs; a program that never ends times out again."""
     from codescaler_jax.code.sandbox import Sandbox, SandboxConfig, tests_from_record
 
     items, owners = [], []
@@ -46,6 +52,13 @@ def label_candidates(
             results.extend(sandbox.run_many(items[start : start + 64]))
             bar.update(min(64, len(items) - start))
     bar.close()
+    retry = [i for i, r in enumerate(results) if not r.passed and r.status == "timeout"]
+    if retry and timeout_retry_factor > 1:
+        slow = SandboxConfig(time_limit_s=time_limit_s * timeout_retry_factor, workers=workers,
+                             stop_on_first_failure=True)
+        with Sandbox(slow) as sandbox:
+            for i, res in zip(retry, sandbox.run_many([items[i] for i in retry]), strict=True):
+                results[i] = res
     return [
         Candidate(prob.problem_id, prob.prompt, code, bool(res.passed), kind)
         for (prob, code, kind), res in zip(owners, results, strict=True)
@@ -110,6 +123,7 @@ def verified_pairs(
     time_limit_s: float = 5.0,
     seed: int = 0,
     progress: bool = True,
+    timeout_retry_factor: float = 4.0,
 ) -> tuple[list[Pair], PairStats]:
     """Candidates -> sandbox labels -> within-problem pairs, with statistics."""
     codes = humaneval_candidates_with_kinds(
@@ -119,7 +133,8 @@ def verified_pairs(
         line_fraction=line_mutant_fraction,
     )
     cands = label_candidates(
-        problems, codes, workers=workers, time_limit_s=time_limit_s, progress=progress
+        problems, codes, workers=workers, time_limit_s=time_limit_s, progress=progress,
+        timeout_retry_factor=timeout_retry_factor,
     )
     return build_pairs(
         cands,

@@ -69,6 +69,9 @@ class DataSection:
     max_pairs: int | None = None
     sandbox_workers: int = 2
     sandbox_time_limit_s: float = 5.0
+    # a candidate that timed out runs once more at this many times the limit (1: never), so
+    # that a slow but correct program's label does not depend on the machine's load
+    sandbox_timeout_retry_factor: float = 4.0
 
     def __post_init__(self):
         if not 0.0 <= self.eval_fraction < 1.0:
@@ -85,6 +88,9 @@ class DataSection:
             raise ValueError(
                 f"data.sandbox_time_limit_s must be > 0, got {self.sandbox_time_limit_s}"
             )
+        if self.sandbox_timeout_retry_factor < 1:
+            raise ValueError("data.sandbox_timeout_retry_factor must be >= 1, got "
+                             f"{self.sandbox_timeout_retry_factor}")
         if not 0.0 <= self.validation_fraction < 1.0 - self.eval_fraction:
             raise ValueError(
                 f"data.validation_fraction must be in [0, 1 - data.eval_fraction), "
