@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from codescaler_jax.distributed import gather_rows, global_max
+from codescaler_jax.distributed import gather_rows, global_max, local_rows
 from codescaler_jax.rl.grpo import UpdateOptions, make_train_step
 from codescaler_jax.rl.losses import (
     PolicyLossConfig,
@@ -182,14 +182,14 @@ def pack_update_batch(
     den = np.asarray(
         [float(loss_denominator(jnp.asarray(resp[rows]), mode, norm_constant=const))
          for rows in minis], np.float32)
-    # (padded tokens, packed tokens, real tokens, tokens of the padded rows, rows)
-    counts = np.asarray([b * (p + n), np.prod(shape), seq_len[resp.any(1)].sum(), attn.sum(), b],
+    # (padded tokens, packed tokens, real tokens, tokens of the padded rows)
+    counts = np.asarray([b * (p + n), np.prod(shape), seq_len[resp.any(1)].sum(), attn.sum()],
                         np.float64)
     if across_processes:  # denominators add over rows, so over processes
         den = gather_rows(den[None]).sum(0).astype(np.float32)
         counts = gather_rows(counts[None]).sum(0)
     packed["denominator"] = den
-    padded, packed_tokens, real, used, rows = (float(x) for x in counts)
+    padded, packed_tokens, real, used = (float(x) for x in counts)
     stats = {
         "padded_tokens": padded,
         "packed_tokens": packed_tokens,
@@ -197,8 +197,6 @@ def pack_update_batch(
         "padding_fraction_padded": 1.0 - used / padded,
         "padding_fraction_packed": 1.0 - real / packed_tokens,
         "micro_batches": float(u),
-        "rows": rows,
-        "rows_packed_here": float(b),
     }
     return packed, stats
 
@@ -209,8 +207,9 @@ def pack_on_mesh(batch: Mapping[str, jax.Array], mesh: Any, *, num_minibatches: 
     """``pack_update_batch`` of a global (device) batch, put back on ``mesh``: one bin per
     data x fsdp shard in each micro-batch, the bins split over ``('data', 'fsdp')``.
 
-    Multi-host, every process packs only the rows its own devices hold (a block of the
-    global batch: ``rows_of_this_process``) into the bins its devices hold: no process
+    Multi-host, every process packs only the rows its own devices hold (its block of the
+    global batch, ``distributed.local_rows``; process ``p``'s block is the ``p``-th, as
+    ``distributed.rows_to_global`` builds it) into the bins its devices hold: no process
     gathers another's rows. The bins differ from a one-process packing of the same batch,
     but loss and gradients do not (each denominator is global, counted before packing)."""
     from jax.sharding import NamedSharding, PartitionSpec
@@ -218,25 +217,13 @@ def pack_on_mesh(batch: Mapping[str, jax.Array], mesh: Any, *, num_minibatches: 
     bins = NamedSharding(mesh, PartitionSpec(None, None, ("data", "fsdp")))
     whole = NamedSharding(mesh, PartitionSpec())
     ways = mesh.shape["data"] * mesh.shape["fsdp"]
-    if jax.process_count() == 1:
-        packed, stats = pack_update_batch({k: np.asarray(jax.device_get(v))
-                                           for k, v in batch.items()},
-                                          num_minibatches=num_minibatches,
-                                          token_budget=token_budget, loss=loss,
-                                          rows_per_micro=ways)
-        return {k: jax.make_array_from_callback(v.shape, whole if v.ndim == 1 else bins,
-                                                lambda i, v=v: v[i])
-                for k, v in packed.items()}, stats
-    local = {k: rows_of_this_process(v) for k, v in batch.items()}
-    offsets = {off for off, _ in local.values()}
-    if len(offsets) != 1:
-        raise ValueError(f"the update batch's arrays are not sharded alike: row offsets {offsets}")
-    here = local_bin_count(mesh)
-    packed, stats = pack_update_batch({k: v for k, (_, v) in local.items()},
-                                      num_minibatches=num_minibatches,
+    local = {k: local_rows(v) for k, v in batch.items()}
+    rows = len(local["response_mask"])
+    packed, stats = pack_update_batch(local, num_minibatches=num_minibatches,
                                       token_budget=token_budget, loss=loss,
-                                      rows_per_micro=here, row_offset=offsets.pop(),
-                                      across_processes=True)
+                                      rows_per_micro=local_bin_count(mesh),
+                                      row_offset=jax.process_index() * rows,
+                                      across_processes=jax.process_count() > 1)
     out = {}
     for k, v in packed.items():
         if v.ndim == 1:  # the denominators: the same on every process
@@ -247,32 +234,14 @@ def pack_on_mesh(batch: Mapping[str, jax.Array], mesh: Any, *, num_minibatches: 
     return out, stats
 
 
-def rows_of_this_process(x: jax.Array) -> tuple[int, np.ndarray]:
-    """``(first row, rows)`` of the block of dimension 0 that this process's devices hold
-    (each row once, however many devices replicate it); the block must be contiguous."""
-    shards: dict[int, np.ndarray] = {}
-    for s in x.addressable_shards:
-        start = (s.index[0].start or 0) if s.index else 0
-        shards.setdefault(start, s.data)
-    starts = sorted(shards)
-    parts = [np.asarray(shards[i]) for i in starts]
-    at = starts[0]
-    for i, part in zip(starts, parts, strict=True):
-        if i != at:
-            raise ValueError(f"this process's rows of a {x.shape} array are not one block "
-                             f"(a gap at row {at})")
-        at += len(part)
-    return starts[0], np.concatenate(parts)
-
-
 def local_bin_count(mesh: Any) -> int:
     """How many of the ``data x fsdp`` positions of ``mesh`` this process's devices hold
     (its devices along ``tensor`` replicate the same bins)."""
     names = list(mesh.axis_names)
     keep = [names.index("data"), names.index("fsdp")]
     me = jax.process_index()
-    return len({tuple(c[keep]) for c in np.argwhere(np.ones(mesh.devices.shape, bool))
-                if mesh.devices[tuple(c)].process_index == me})
+    mine = np.vectorize(lambda d: d.process_index == me, otypes=[bool])(mesh.devices)
+    return len({tuple(c[keep]) for c in np.argwhere(mine)})
 
 
 def packed_logprobs(model: Any, mb: Mapping[str, jax.Array], temperature: float = 1.0,
