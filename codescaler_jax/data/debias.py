@@ -130,8 +130,10 @@ def length_debias_pairs(
                 q, n_r = dataclasses.replace(p, rejected=grown), n_r + 1
         if grown is None:
             unreachable += 1
-        lc2 = _length(tokenizer, q.problem, q.chosen, max_length)
-        lr2 = _length(tokenizer, q.problem, q.rejected, max_length)
+        # only a side that grew needs counting again
+        lc2 = lc if q.chosen is p.chosen else _length(tokenizer, q.problem, q.chosen, max_length)
+        lr2 = lr if q.rejected is p.rejected else _length(tokenizer, q.problem, q.rejected,
+                                                          max_length)
         after.append(1.0 if lc2 > lr2 else 0.5 if lc2 == lr2 else 0.0)
         out.append(q)
     stats = {
