@@ -25,9 +25,11 @@ log = logging.getLogger("codescaler_jax")
 
 
 # Data keys that change only tokenization or speed, not which pairs are built and cached (the
-# length debiasing of the training pairs is applied by the trainer after the cache is read).
+# length debiasing and the corpus pairs of the training split are applied by the trainer after
+# the cache is read).
 _NOT_PAIR_KEYS = ("tokenizer", "max_length", "min_bucket", "sandbox_workers",
-                  "train_length_debias", "train_length_debias_margin")
+                  "train_length_debias", "train_length_debias_margin",
+                  "corpus_functions", "corpus_mutants_per_function", "corpus_mutant_kinds")
 
 
 def _file_identity(value: str | None) -> dict[str, Any] | None:

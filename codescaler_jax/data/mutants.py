@@ -211,7 +211,9 @@ FINE_MUTANT_KINDS = (
 # assignment, augmented assignment or expression such as ``out.append(x)``) right after
 # itself: a negative *longer* than its positive, against the "longer input wins" shortcut of
 # the deletion kinds (repeats that change nothing pass in the sandbox and are dropped).
-TRAIN_ONLY_MUTANT_KINDS = ("duplicate_line",)
+# wrong_name uses another local variable or argument in place of one that is read (the
+# "variable misuse" bug of learned bug detectors), the slip a small policy makes most.
+TRAIN_ONLY_MUTANT_KINDS = ("duplicate_line", "wrong_name")
 _NON_COMMUTATIVE = {
     ast.Sub: "-",
     ast.Div: "/",
@@ -376,6 +378,25 @@ def _duplicate_edits(code: str, lo: int, hi: int) -> list[tuple[int, int, str]]:
     return out
 
 
+def _name_edits(code: str, lo: int, hi: int) -> list[tuple[int, int, str]]:
+    """A read of a local variable or argument inside ``[lo, hi)`` replaced by another one."""
+    from codescaler_jax.data.source_edits import Positions, nodes_in, parse
+
+    tree = parse(code)
+    if tree is None:
+        return []
+    pos = Positions(code)
+    local = sorted(
+        {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+        | {n.arg for n in ast.walk(tree) if isinstance(n, ast.arg)}
+    )
+    out = []
+    for n in nodes_in(tree, pos, lo, hi):
+        if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load) and n.id in local:
+            out.extend((*pos.span(n), other) for other in local if other != n.id)
+    return out
+
+
 def mutant_edits_by_kind(code: str, lo: int, hi: int) -> dict[str, list[tuple[int, int, str]]]:
     """Candidate edits ``(start, end, replacement)`` inside ``[lo, hi)``, by fine kind (and the
     training-only kinds)."""
@@ -383,6 +404,7 @@ def mutant_edits_by_kind(code: str, lo: int, hi: int) -> dict[str, list[tuple[in
         k: [] for k in FINE_MUTANT_KINDS + TRAIN_ONLY_MUTANT_KINDS
     }
     pools["duplicate_line"] = _duplicate_edits(code, lo, hi)
+    pools["wrong_name"] = _name_edits(code, lo, hi)
     for edit in _edits(code, lo, hi):
         pools[_token_kind(code, edit)].append(edit)
     for kind, edits in _ast_edits(code, lo, hi).items():

@@ -63,6 +63,11 @@ class DataSection:
     # filler on one side so that "the longer input wins" is a fair coin in training.
     train_length_debias: Literal["none", "replace", "add"] = "none"
     train_length_debias_margin: int = 16  # the longer side leads by 1..margin tokens
+    # Training pairs only (data/corpus.py): unverified "naturalness" pairs, functions of the
+    # interpreter's standard library vs mutants of them, added to the training pairs. 0: none.
+    corpus_functions: int = 0
+    corpus_mutants_per_function: int = 2
+    corpus_mutant_kinds: list[str] | None = None  # None: every kind of FINE_MUTANT_KINDS
     max_problems: int | None = None  # humaneval: only the first N problems (tests, quick runs)
     skip_bad: bool = False
     max_record_bytes: int = 1 << 20
@@ -82,6 +87,7 @@ class DataSection:
             rewrites_per_problem=0, rewrite_candidates=1, mutants_per_positive=1,
             cross_pairs_per_problem=0, max_problems=1, buckets_per_octave=1,
             train_length_debias_margin=1,
+            corpus_functions=0, corpus_mutants_per_function=1,
         )
         check_fraction("data", self, "line_mutant_fraction", "unaligned_fraction")
         if self.sandbox_time_limit_s <= 0:
@@ -101,6 +107,8 @@ class DataSection:
 
         for key, given, known in (
             ("train_mutant_kinds", self.train_mutant_kinds,
+             FINE_MUTANT_KINDS + TRAIN_ONLY_MUTANT_KINDS),
+            ("corpus_mutant_kinds", self.corpus_mutant_kinds,
              FINE_MUTANT_KINDS + TRAIN_ONLY_MUTANT_KINDS),
             ("rewrite_transforms", self.rewrite_transforms, tuple(TRANSFORMS)),
         ):

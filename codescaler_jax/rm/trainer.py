@@ -171,6 +171,18 @@ class RMTrainer:
                 mode=cfg.data.train_length_debias, margin=cfg.data.train_length_debias_margin,
             )
             log.info("length-debiased training pairs: %s", stats["train_length_debias"])
+        if cfg.data.corpus_functions:
+            # training pairs only, never cached with the verified ones (no sandbox involved)
+            from codescaler_jax.data.corpus import corpus_pairs
+            from codescaler_jax.data.mutants import FINE_MUTANT_KINDS
+
+            extra, stats["corpus"] = corpus_pairs(
+                n_functions=cfg.data.corpus_functions,
+                mutants_per_function=cfg.data.corpus_mutants_per_function,
+                kinds=tuple(cfg.data.corpus_mutant_kinds or FINE_MUTANT_KINDS),
+                seed=cfg.train.seed,
+            )
+            train_pairs = train_pairs + extra
         buckets = make_buckets(
             max_len, min(cfg.data.min_bucket, max_len), cfg.data.buckets_per_octave
         )
