@@ -149,3 +149,22 @@ def test_trainer_adds_corpus_pairs_to_training_only(tmp_path):
     # 2 epochs of batch 4: the training steps grow with the corpus pairs
     assert on.stats["corpus"]["pairs"] > 30
     assert on.total_steps >= off.total_steps + 20  # (66 pairs: 30 steps; 6 pairs: 2)
+
+
+def test_undefined_name_reads_a_name_nothing_defines():
+    import builtins
+
+    p = humaneval_problems()[8]
+    lo, hi = body_range(p.solution, p.tests["entry_point"])
+    ms = make_mutants_by_kind(p.solution, n=8, kinds=("undefined_name",), seed=0, lo=lo, hi=hi)
+    assert len(ms) == 8 and all(k == "undefined_name" for _, k in ms)
+    defined = {n.id for n in ast.walk(ast.parse(p.solution)) if isinstance(n, ast.Name)}
+    defined |= {n.arg for n in ast.walk(ast.parse(p.solution)) if isinstance(n, ast.arg)}
+    for m, _ in ms:
+        assert m[:lo] == p.solution[:lo]  # the signature and docstring are untouched
+        new = {n.id for n in ast.walk(ast.parse(m)) if isinstance(n, ast.Name)} - defined
+        assert len(new) == 1 and not hasattr(builtins, next(iter(new)))
+        stores = {n.id for n in ast.walk(ast.parse(m))
+                  if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+        assert not new & stores
+    assert "undefined_name" in TRAIN_ONLY_MUTANT_KINDS

@@ -212,8 +212,10 @@ FINE_MUTANT_KINDS = (
 # itself: a negative *longer* than its positive, against the "longer input wins" shortcut of
 # the deletion kinds (repeats that change nothing pass in the sandbox and are dropped).
 # wrong_name uses another local variable or argument in place of one that is read (the
-# "variable misuse" bug of learned bug detectors), the slip a small policy makes most.
-TRAIN_ONLY_MUTANT_KINDS = ("duplicate_line", "wrong_name")
+# "variable misuse" bug of learned bug detectors); undefined_name reads a name that nothing
+# defines (a NameError, drawn from the identifiers the rewrites rename to: the slip a small
+# policy trained on several renamings of a solution makes most).
+TRAIN_ONLY_MUTANT_KINDS = ("duplicate_line", "wrong_name", "undefined_name")
 _NON_COMMUTATIVE = {
     ast.Sub: "-",
     ast.Div: "/",
@@ -397,6 +399,31 @@ def _name_edits(code: str, lo: int, hi: int) -> list[tuple[int, int, str]]:
     return out
 
 
+def _undefined_name_edits(code: str, lo: int, hi: int) -> list[tuple[int, int, str]]:
+    """A read of a local variable or argument inside ``[lo, hi)`` replaced by a name that the
+    code does not define (nor uses, nor is a builtin)."""
+    import builtins
+
+    from codescaler_jax.data.rewrites import _NAME_POOL
+    from codescaler_jax.data.source_edits import Positions, nodes_in, parse
+
+    tree = parse(code)
+    if tree is None:
+        return []
+    pos = Positions(code)
+    used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    used |= {n.arg for n in ast.walk(tree) if isinstance(n, ast.arg)}
+    used |= {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    local = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+    local |= {n.arg for n in ast.walk(tree) if isinstance(n, ast.arg)}
+    fresh = [n for n in _NAME_POOL if n not in used and not hasattr(builtins, n)]
+    out = []
+    for n in nodes_in(tree, pos, lo, hi):
+        if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load) and n.id in local:
+            out.extend((*pos.span(n), other) for other in fresh)
+    return out
+
+
 def mutant_edits_by_kind(code: str, lo: int, hi: int) -> dict[str, list[tuple[int, int, str]]]:
     """Candidate edits ``(start, end, replacement)`` inside ``[lo, hi)``, by fine kind (and the
     training-only kinds)."""
@@ -405,6 +432,7 @@ def mutant_edits_by_kind(code: str, lo: int, hi: int) -> dict[str, list[tuple[in
     }
     pools["duplicate_line"] = _duplicate_edits(code, lo, hi)
     pools["wrong_name"] = _name_edits(code, lo, hi)
+    pools["undefined_name"] = _undefined_name_edits(code, lo, hi)
     for edit in _edits(code, lo, hi):
         pools[_token_kind(code, edit)].append(edit)
     for kind, edits in _ast_edits(code, lo, hi).items():
