@@ -25,7 +25,7 @@ def funcs():
 
 @pytest.fixture(scope="module")
 def pairs():
-    return corpus_pairs(n_functions=400, mutants_per_function=2, seed=0)
+    return corpus_pairs(n_functions=200, mutants_per_function=2, seed=0)
 
 
 def test_functions_come_from_the_standard_library_only(funcs):
@@ -61,10 +61,10 @@ def test_a_directory_of_our_own_is_read_with_the_same_rules(tmp_path):
 
 def test_pairs_are_deterministic_unique_and_labelled(pairs):
     ps, stats = pairs
-    again, _ = corpus_pairs(n_functions=400, mutants_per_function=2, seed=0)
-    other, _ = corpus_pairs(n_functions=400, mutants_per_function=2, seed=1)
+    again, _ = corpus_pairs(n_functions=200, mutants_per_function=2, seed=0)
+    other, _ = corpus_pairs(n_functions=200, mutants_per_function=2, seed=1)
     assert ps == again and ps != other
-    assert stats["functions_drawn"] == 400 and stats["pairs"] == len(ps) > 600
+    assert stats["functions_drawn"] == 200 and stats["pairs"] == len(ps) > 300
     assert stats["root"] == str(stdlib_root())
     assert sum(stats["pairs_by_kind"].values()) == len(ps)
     assert len(stats["pairs_by_kind"]) >= 8  # most of the 9 kinds occur
@@ -74,7 +74,7 @@ def test_pairs_are_deterministic_unique_and_labelled(pairs):
         # the header of the chosen function is the problem, and the mutant keeps it
         head = p.problem.split("```python\n", 1)[1].rsplit("\n```", 1)[0]
         assert p.chosen.startswith(head) and p.rejected.startswith(head)
-    only, st = corpus_pairs(n_functions=200, seed=0, kinds=("operator", "comparison"))
+    only, st = corpus_pairs(n_functions=100, seed=0, kinds=("operator", "comparison"))
     assert set(st["pairs_by_kind"]) <= {"operator", "comparison"} and only
 
 

@@ -22,6 +22,7 @@ version and seed.
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import logging
 import random
@@ -65,8 +66,17 @@ def corpus_functions(
 ) -> list[tuple[str, str, str]]:
     """``(function id, header, code)`` of every function (top-level, or a method, dedented)
     with a docstring and a body of ``min_body_lines..max_body_lines`` lines, in a fixed order.
-    ``header`` is its signature and docstring (the "problem"), ``code`` the whole function."""
+    ``header`` is its signature and docstring (the "problem"), ``code`` the whole function.
+    A directory is read once per process (about 4 s for the standard library)."""
     root = stdlib_root() if root is None else Path(root)
+    return list(_read_functions(str(root.resolve()), min_body_lines, max_body_lines, max_chars))
+
+
+@functools.lru_cache(maxsize=4)
+def _read_functions(
+    root_s: str, min_body_lines: int, max_body_lines: int, max_chars: int
+) -> tuple[tuple[str, str, str], ...]:
+    root = Path(root_s)
     out: list[tuple[str, str, str]] = []
     seen: set[str] = set()
     for path in _files(root):
@@ -104,7 +114,7 @@ def corpus_functions(
                 seen.add(code.strip())
                 out.append((f"stdlib:{module}:{prefix}{child.name}", header, code))
     out.sort(key=lambda t: t[0])
-    return out
+    return tuple(out)
 
 
 def corpus_pairs(
