@@ -36,15 +36,15 @@ from typing import Any
 from codescaler_jax.data.mutants import FINE_MUTANT_KINDS, make_mutants_by_kind
 from codescaler_jax.data.pairs import Pair
 from codescaler_jax.data.problems import HUMANEVAL_INSTRUCTION
-from codescaler_jax.data.source_edits import body_range
+from codescaler_jax.data.source_edits import body_range, is_docstring, parse
 
 log = logging.getLogger("codescaler_jax")
 
 # directories of the standard library that are not library code (or not the library at all)
 _SKIP_DIRS = frozenset({
     "site-packages", "dist-packages", "test", "tests", "idle_test", "idlelib", "turtledemo",
-    "ensurepip", "lib2to3", "__pycache__", "pydoc_data", "config-3.11", "tkinter",
-})
+    "ensurepip", "lib2to3", "__pycache__", "pydoc_data", "tkinter",
+})  # and config-* (the build's Makefile directory)
 
 
 def stdlib_root() -> Path:
@@ -82,8 +82,10 @@ def _read_functions(
     for path in _files(root):
         try:
             text = path.read_text(encoding="utf-8")
-            tree = ast.parse(text)
-        except (OSError, UnicodeDecodeError, SyntaxError, ValueError):
+        except (OSError, UnicodeDecodeError):
+            continue
+        tree = parse(text)
+        if tree is None:
             continue
         lines = text.splitlines(keepends=True)
         module = ".".join(path.relative_to(root).with_suffix("").parts)
@@ -96,20 +98,15 @@ def _read_functions(
                 if not isinstance(child, ast.FunctionDef) or child.decorator_list:
                     continue
                 body = child.body
-                if not (body and isinstance(body[0], ast.Expr)
-                        and isinstance(body[0].value, ast.Constant)
-                        and isinstance(body[0].value.value, str)) or len(body) < 2:
+                if len(body) < 2 or not is_docstring(body[0]):
                     continue
                 n_body = child.end_lineno - body[1].lineno + 1
                 if not min_body_lines <= n_body <= max_body_lines:
                     continue
                 code = textwrap.dedent("".join(lines[child.lineno - 1 : child.end_lineno]))
                 header = textwrap.dedent("".join(lines[child.lineno - 1 : body[0].end_lineno]))
-                if len(code) > max_chars or not code.isascii() or code.strip() in seen:
-                    continue
-                try:
-                    ast.parse(code)
-                except SyntaxError:
+                if (len(code) > max_chars or not code.isascii() or code.strip() in seen
+                        or parse(code) is None):
                     continue
                 seen.add(code.strip())
                 out.append((f"stdlib:{module}:{prefix}{child.name}", header, code))

@@ -380,28 +380,12 @@ def _duplicate_edits(code: str, lo: int, hi: int) -> list[tuple[int, int, str]]:
     return out
 
 
-def _name_edits(code: str, lo: int, hi: int) -> list[tuple[int, int, str]]:
-    """A read of a local variable or argument inside ``[lo, hi)`` replaced by another one."""
-    from codescaler_jax.data.source_edits import Positions, nodes_in, parse
-
-    tree = parse(code)
-    if tree is None:
-        return []
-    pos = Positions(code)
-    local = sorted(
-        {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
-        | {n.arg for n in ast.walk(tree) if isinstance(n, ast.arg)}
-    )
-    out = []
-    for n in nodes_in(tree, pos, lo, hi):
-        if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load) and n.id in local:
-            out.extend((*pos.span(n), other) for other in local if other != n.id)
-    return out
-
-
-def _undefined_name_edits(code: str, lo: int, hi: int) -> list[tuple[int, int, str]]:
-    """A read of a local variable or argument inside ``[lo, hi)`` replaced by a name that the
-    code does not define (nor uses, nor is a builtin)."""
+def _name_misuse_edits(
+    code: str, lo: int, hi: int
+) -> tuple[list[tuple[int, int, str]], list[tuple[int, int, str]]]:
+    """Edits of each read of a local variable or argument inside ``[lo, hi)``: ``wrong_name``
+    (another local in its place) and ``undefined_name`` (a name that the code does not use,
+    nor a builtin, in its place)."""
     import builtins
 
     from codescaler_jax.data.rewrites import _NAME_POOL
@@ -409,20 +393,22 @@ def _undefined_name_edits(code: str, lo: int, hi: int) -> list[tuple[int, int, s
 
     tree = parse(code)
     if tree is None:
-        return []
+        return [], []
     pos = Positions(code)
-    used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
-    used |= {n.arg for n in ast.walk(tree) if isinstance(n, ast.arg)}
-    used |= {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
-    local = {n.id for n in ast.walk(tree)
-             if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
-    local |= {n.arg for n in ast.walk(tree) if isinstance(n, ast.arg)}
+    nodes = list(ast.walk(tree))
+    stores = {n.id for n in nodes if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+    args = {n.arg for n in nodes if isinstance(n, ast.arg)}
+    local = sorted(stores | args)
+    used = {n.id for n in nodes if isinstance(n, ast.Name)} | args
+    used |= {n.attr for n in nodes if isinstance(n, ast.Attribute)}
     fresh = [n for n in _NAME_POOL if n not in used and not hasattr(builtins, n)]
-    out = []
+    wrong, undefined = [], []
     for n in nodes_in(tree, pos, lo, hi):
         if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load) and n.id in local:
-            out.extend((*pos.span(n), other) for other in fresh)
-    return out
+            span = pos.span(n)
+            wrong.extend((*span, other) for other in local if other != n.id)
+            undefined.extend((*span, other) for other in fresh)
+    return wrong, undefined
 
 
 def mutant_edits_by_kind(code: str, lo: int, hi: int) -> dict[str, list[tuple[int, int, str]]]:
@@ -432,8 +418,7 @@ def mutant_edits_by_kind(code: str, lo: int, hi: int) -> dict[str, list[tuple[in
         k: [] for k in FINE_MUTANT_KINDS + TRAIN_ONLY_MUTANT_KINDS
     }
     pools["duplicate_line"] = _duplicate_edits(code, lo, hi)
-    pools["wrong_name"] = _name_edits(code, lo, hi)
-    pools["undefined_name"] = _undefined_name_edits(code, lo, hi)
+    pools["wrong_name"], pools["undefined_name"] = _name_misuse_edits(code, lo, hi)
     for edit in _edits(code, lo, hi):
         pools[_token_kind(code, edit)].append(edit)
     for kind, edits in _ast_edits(code, lo, hi).items():
