@@ -168,3 +168,22 @@ def test_undefined_name_reads_a_name_nothing_defines():
                   if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
         assert not new & stores
     assert "undefined_name" in TRAIN_ONLY_MUTANT_KINDS
+
+
+def test_undefined_name_never_picks_a_defined_function_or_import():
+    # HumanEval/131 is `def digits(n)`; `digits` is also in the rename pool: a read replaced
+    # by it would call the function, not raise a NameError
+    code = ("import math as mm\nfrom os import path\n\ndef digits(n):\n    x = n\n"
+            "    for i in range(x):\n        x = x + i\n    return x\n")
+    lo = code.index("    x = n")
+    ms = make_mutants_by_kind(code, n=200, kinds=("undefined_name",), seed=0, lo=lo)
+    assert ms
+    picked = set()
+    for m, _ in ms:
+        picked |= {n.id for n in ast.walk(ast.parse(m)) if isinstance(n, ast.Name)}
+    assert not picked & {"digits", "mm", "path", "math"}
+    real = next(p for p in humaneval_problems() if p.problem_id == "HumanEval/131")
+    lo, hi = body_range(real.solution, real.tests["entry_point"])
+    for m, _ in make_mutants_by_kind(real.solution, n=200, kinds=("undefined_name",),
+                                     seed=0, lo=lo, hi=hi):
+        assert "digits" not in {n.id for n in ast.walk(ast.parse(m)) if isinstance(n, ast.Name)}

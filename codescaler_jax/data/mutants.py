@@ -384,8 +384,9 @@ def _name_misuse_edits(
     code: str, lo: int, hi: int
 ) -> tuple[list[tuple[int, int, str]], list[tuple[int, int, str]]]:
     """Edits of each read of a local variable or argument inside ``[lo, hi)``: ``wrong_name``
-    (another local in its place) and ``undefined_name`` (a name that the code does not use,
-    nor a builtin, in its place)."""
+    (another local in its place) and ``undefined_name`` (a name that the code neither uses nor
+    defines, by assignment, argument, ``def``, ``class`` or import, nor a builtin, in its
+    place)."""
     import builtins
 
     from codescaler_jax.data.rewrites import _NAME_POOL
@@ -401,6 +402,12 @@ def _name_misuse_edits(
     local = sorted(stores | args)
     used = {n.id for n in nodes if isinstance(n, ast.Name)} | args
     used |= {n.attr for n in nodes if isinstance(n, ast.Attribute)}
+    # names bound without an ast.Name: functions, classes and imports (a helper `digits` of
+    # the solution is defined: using it is no NameError)
+    used |= {n.name for n in nodes
+             if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+    used |= {(a.asname or a.name).split(".")[0] for n in nodes
+             if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
     fresh = [n for n in _NAME_POOL if n not in used and not hasattr(builtins, n)]
     wrong, undefined = [], []
     for n in nodes_in(tree, pos, lo, hi):
