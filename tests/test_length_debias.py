@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from codescaler_jax.config import load_config
+from codescaler_jax.data.datasets import pairs_cache_key
 from codescaler_jax.data.debias import length_debias_pairs, with_filler
 from codescaler_jax.data.mutants import make_mutants_by_kind
 from codescaler_jax.data.pairs import Pair
@@ -133,7 +134,6 @@ def test_trainer_debiases_training_pairs_only(tmp_path, tok, biased_pairs):
 
 
 def test_debias_keys_are_not_in_the_pairs_cache_key():
-    from codescaler_jax.data.datasets import pairs_cache_key
 
     a = load_config(RMTrainConfig, "configs/rm_tiny.yaml").data
     b = dataclasses.replace(a, train_length_debias="add", train_length_debias_margin=4)
@@ -167,6 +167,30 @@ def test_duplicate_line_is_a_training_only_longer_negative():
     assert st["mutants"]["train"].get("duplicate_line/failing", 0) > 0
     with pytest.raises(ValueError, match="unknown"):
         load_config(RMTrainConfig, "configs/rm_tiny.yaml", ["data.train_mutant_kinds=[nope]"])
+
+
+def test_train_mutants_per_positive_moves_only_the_training_pairs():
+    from codescaler_jax.data.augmented import AugmentOptions, build_split_pairs
+
+    probs = humaneval_problems()[:16]
+    opts = dict(rewrites_per_problem=1, rewrite_candidates=2, mutants_per_positive=3,
+                max_pairs_per_problem=40)
+    kw = dict(held_out_fraction=0.25, validation_fraction=0.125, seed=0, progress=False)
+    base, st0 = build_split_pairs(probs, options=AugmentOptions(**opts), **kw)
+    more, st = build_split_pairs(
+        probs, options=AugmentOptions(**opts, train_mutants_per_positive=8), **kw)
+    assert base["validation"] == more["validation"] and base["held_out"] == more["held_out"]
+    assert len(more["train"]) > 1.5 * len(base["train"])
+    # a superset: the first mutants of each positive are the same draws
+    assert {(p.chosen, p.rejected) for p in base["train"]} <= {
+        (p.chosen, p.rejected) for p in more["train"]}
+    # None leaves the pairs cache key as it was before the option existed
+    cfg = load_config(RMTrainConfig, "configs/rm_tiny.yaml")
+    assert "train_mutants_per_positive" not in pairs_cache_key(cfg.data, 0)["data"]
+    on = load_config(RMTrainConfig, "configs/rm_tiny.yaml", ["data.train_mutants_per_positive=9"])
+    assert pairs_cache_key(on.data, 0)["sha256"] != pairs_cache_key(cfg.data, 0)["sha256"]
+    with pytest.raises(ValueError, match="train_mutants_per_positive"):
+        load_config(RMTrainConfig, "configs/rm_tiny.yaml", ["data.train_mutants_per_positive=0"])
 
 
 def test_ema_update_and_config_range():

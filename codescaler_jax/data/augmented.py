@@ -15,9 +15,10 @@ in training in any form. Per problem:
    capped at ``max_pairs_per_problem`` (training problems) or ``eval_max_pairs_per_problem``
    (validation and held-out problems) by a seeded draw.
 
-Training problems use ``train_mutant_kinds`` (a recipe choice); validation and held-out
-problems always use every kind in ``FINE_MUTANT_KINDS``, so the measured mix is fixed and
-tuning the training mix cannot change what it is measured on. Deterministic for a seed.
+Training problems use ``train_mutant_kinds`` and ``train_mutants_per_positive`` (recipe
+choices); validation and held-out problems always use every kind in ``FINE_MUTANT_KINDS`` and
+``mutants_per_positive``, so the measured mix is fixed and tuning the training mix cannot
+change what it is measured on. Deterministic for a seed.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class AugmentOptions:
     rewrite_candidates: int = 6  # rewrites tried per problem (sandbox-checked; best kept)
     rewrite_transforms: tuple[str, ...] = tuple(TRANSFORMS)
     mutants_per_positive: int = 9
+    train_mutants_per_positive: int | None = None  # training problems (None: the same)
     train_mutant_kinds: tuple[str, ...] = FINE_MUTANT_KINDS
     max_pairs_per_problem: int = 40  # training problems
     cross_pairs_per_problem: int = 0
@@ -132,16 +134,18 @@ def build_split_pairs(
     # 2. negatives: mutants of every positive
     mut_cands, owners = [], []
     for p, kept in zip(problems, positives):
-        kinds = (
-            options.train_mutant_kinds if split_of[p.problem_id] == "train" else FINE_MUTANT_KINDS
-        )
+        train = split_of[p.problem_id] == "train"
+        kinds = options.train_mutant_kinds if train else FINE_MUTANT_KINDS
+        n_mutants = options.mutants_per_positive
+        if train and options.train_mutants_per_positive is not None:
+            n_mutants = options.train_mutants_per_positive
         cands, own = [], []
         for i, pos in enumerate(kept):
             rng = body_range(pos.code, p.tests["entry_point"])
             lo, hi = rng if rng is not None else (0, len(pos.code))
             for m, kind in make_mutants_by_kind(
                 pos.code,
-                n=options.mutants_per_positive,
+                n=n_mutants,
                 kinds=kinds,
                 seed=_problem_seed(seed, p.problem_id, f"mutants{i}"),
                 lo=lo,

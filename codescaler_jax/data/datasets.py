@@ -31,6 +31,10 @@ _NOT_PAIR_KEYS = ("tokenizer", "max_length", "min_bucket", "sandbox_workers",
                   "train_length_debias", "train_length_debias_margin",
                   "corpus_functions", "corpus_mutants_per_function", "corpus_mutant_kinds")
 
+# Keys added after caches existed whose None builds the same pairs as before: left out of the
+# key when None, so that the caches built before them stay valid.
+_PAIR_KEYS_OFF_WHEN_NONE = ("train_mutants_per_positive",)
+
 
 def _file_identity(value: str | None) -> dict[str, Any] | None:
     """Path, size and modification time of a local data file (of each file in a dataset
@@ -50,7 +54,8 @@ def pairs_cache_key(data: Any, seed: int) -> dict[str, Any]:
     """What the cached pairs of a run depend on: the data section (less its tokenization and
     speed keys), the seed (split and shuffles) and the identity of the source files; with its
     ``sha256``."""
-    section = {k: v for k, v in to_dict(data).items() if k not in _NOT_PAIR_KEYS}
+    section = {k: v for k, v in to_dict(data).items() if k not in _NOT_PAIR_KEYS
+               and not (k in _PAIR_KEYS_OFF_WHEN_NONE and v is None)}
     key: dict[str, Any] = {
         "data": section,
         "seed": seed,
@@ -122,6 +127,7 @@ def load_pair_splits(
                 rewrite_candidates=d.rewrite_candidates,
                 rewrite_transforms=tuple(d.rewrite_transforms or TRANSFORMS),
                 mutants_per_positive=d.mutants_per_positive,
+                train_mutants_per_positive=d.train_mutants_per_positive,
                 train_mutant_kinds=tuple(d.train_mutant_kinds or FINE_MUTANT_KINDS),
                 max_pairs_per_problem=d.max_pairs_per_problem,
                 cross_pairs_per_problem=d.cross_pairs_per_problem,

@@ -57,6 +57,9 @@ class DataSection:
     rewrite_candidates: int = 6
     rewrite_transforms: list[str] | None = None  # None: every transform of data/rewrites.py
     mutants_per_positive: int = 9
+    # training problems only: mutants per positive there (None: mutants_per_positive); the
+    # validation and held-out problems keep mutants_per_positive, so their pairs do not move
+    train_mutants_per_positive: int | None = None
     train_mutant_kinds: list[str] | None = None  # None: every kind of FINE_MUTANT_KINDS
     cross_pairs_per_problem: int = 0
     # Training pairs only, applied after the cached splits are read (data/debias.py): comment
@@ -85,6 +88,7 @@ class DataSection:
             "data", self, max_length=8, min_bucket=1, mutants_per_problem=1,
             max_pairs_per_problem=1, max_record_bytes=1, max_pairs=1, sandbox_workers=1,
             rewrites_per_problem=0, rewrite_candidates=1, mutants_per_positive=1,
+            train_mutants_per_positive=1,
             cross_pairs_per_problem=0, max_problems=1, buckets_per_octave=1,
             train_length_debias_margin=1,
             corpus_functions=0, corpus_mutants_per_function=1,
