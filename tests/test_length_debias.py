@@ -134,7 +134,6 @@ def test_trainer_debiases_training_pairs_only(tmp_path, tok, biased_pairs):
 
 
 def test_debias_keys_are_not_in_the_pairs_cache_key():
-
     a = load_config(RMTrainConfig, "configs/rm_tiny.yaml").data
     b = dataclasses.replace(a, train_length_debias="add", train_length_debias_margin=4)
     assert pairs_cache_key(a, 0)["sha256"] == pairs_cache_key(b, 0)["sha256"]
@@ -176,8 +175,8 @@ def test_train_mutants_per_positive_moves_only_the_training_pairs():
     opts = dict(rewrites_per_problem=1, rewrite_candidates=2, mutants_per_positive=3,
                 max_pairs_per_problem=40)
     kw = dict(held_out_fraction=0.25, validation_fraction=0.125, seed=0, progress=False)
-    base, st0 = build_split_pairs(probs, options=AugmentOptions(**opts), **kw)
-    more, st = build_split_pairs(
+    base, _ = build_split_pairs(probs, options=AugmentOptions(**opts), **kw)
+    more, _ = build_split_pairs(
         probs, options=AugmentOptions(**opts, train_mutants_per_positive=8), **kw)
     assert base["validation"] == more["validation"] and base["held_out"] == more["held_out"]
     assert len(more["train"]) > 1.5 * len(base["train"])
